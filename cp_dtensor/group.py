@@ -1,0 +1,227 @@
+"""The context-parallel group: a named ``DeviceMesh`` and the sequence layout it shards with.
+
+Usage under ``torchrun --standalone --nproc-per-node 4 script.py``::
+
+    cp_group = init_context_parallel_group(cp_size=2)       # mesh ("dp", "cp") = (2, 2)
+    x_local = cp_group.partition_sequence(x, seq_dim=1)      # this rank's zigzag shard
+    pos = cp_group.position_ids(x.shape[1])                  # global positions, for RoPE
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+
+from cp_dtensor.layout import Run, check_layout, check_seq_len, shard_positions, shard_runs
+
+__all__ = ["ContextParallelGroup", "init_context_parallel_group"]
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    return value
+
+
+def _as_timedelta(timeout: float | datetime.timedelta | None) -> datetime.timedelta | None:
+    if timeout is None or isinstance(timeout, datetime.timedelta):
+        return timeout
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
+        return datetime.timedelta(seconds=timeout)
+    raise ValueError(f"timeout must be a positive number of seconds or a timedelta, got {timeout!r}.")
+
+
+def _init_default_process_group(device_type: str, backend: str | None, timeout) -> None:
+    """Start the default process group from the torchrun environment, or a one-process world."""
+    backend = backend or ("nccl" if device_type == "cuda" else "gloo")
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend, **kwargs)
+    else:  # plain `python script.py`: a world of one, so the same code runs unchanged
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+
+
+@dataclass
+class ContextParallelGroup:
+    """A device mesh with a context-parallel axis ``"cp"`` and the layout used to shard sequences.
+
+    Attributes:
+        mesh: The whole mesh, axes named ``("dp", "cp")``.
+        layout: ``"zigzag"`` (default, balances causal work) or ``"contiguous"``.
+    """
+
+    mesh: DeviceMesh
+    layout: str = "zigzag"
+
+    @property
+    def cp_mesh(self) -> DeviceMesh:
+        """The 1-D sub-mesh of the context-parallel axis."""
+        return self.mesh["cp"]
+
+    @property
+    def dp_mesh(self) -> DeviceMesh:
+        """The 1-D sub-mesh of the data-parallel axis."""
+        return self.mesh["dp"]
+
+    @property
+    def process_group(self) -> dist.ProcessGroup:
+        """The process group of the cp axis (the ring)."""
+        return self.cp_mesh.get_group()
+
+    @property
+    def rank(self) -> int:
+        """This process's index along the cp axis."""
+        return self.cp_mesh.get_local_rank()
+
+    @property
+    def size(self) -> int:
+        """Number of ranks along the cp axis (``P``)."""
+        return self.cp_mesh.size()
+
+    @property
+    def device_type(self) -> str:
+        """``"cpu"`` or ``"cuda"``."""
+        return self.mesh.device_type
+
+    def runs(self, seq_len: int, rank: int | None = None) -> list[Run]:
+        """Runs ``(start, length)`` of global positions held by ``rank`` (default: this rank)."""
+        return shard_runs(seq_len, self.size, self.rank if rank is None else rank, self.layout)
+
+    def position_ids(self, seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Global positions of this rank's tokens, a ``(seq_len // P,)`` long tensor (for RoPE, labels)."""
+        return shard_positions(seq_len, self.size, self.rank, self.layout).to(device or "cpu")
+
+    def partition_sequence(self, x: torch.Tensor, seq_dim: int = 1) -> torch.Tensor:
+        """This rank's shard of a full sequence, in the group's layout.
+
+        Args:
+            x: The full tensor, identical on every rank of the cp axis; its ``seq_dim`` has length
+                ``L``, a multiple of ``P`` (contiguous) or ``2P`` (zigzag).
+            seq_dim: The sequence dimension.
+
+        Returns:
+            The local shard, ``L // P`` long on ``seq_dim``. Differentiable.
+
+        Raises:
+            ValueError: ``L`` does not split evenly (the message names the multiple and the fix).
+        """
+        seq_dim = _check_seq_dim(x, seq_dim)
+        runs = self.runs(_seq_len(x, seq_dim))
+        return torch.cat([x.narrow(seq_dim, start, length) for start, length in runs], dim=seq_dim)
+
+    def gather_sequence(self, x_local: torch.Tensor, seq_dim: int = 1) -> torch.Tensor:
+        """The full sequence in global order on every rank: the inverse of :meth:`partition_sequence`.
+
+        Args:
+            x_local: This rank's shard.
+            seq_dim: The sequence dimension.
+
+        Returns:
+            The full tensor, ``P`` times longer on ``seq_dim``. Differentiable (all-gather backward).
+        """
+        seq_dim = _check_seq_dim(x_local, seq_dim)
+        if self.size == 1:
+            return x_local
+        from torch.distributed._functional_collectives import all_gather_tensor_autograd
+
+        stacked = all_gather_tensor_autograd(x_local.movedim(seq_dim, 0).contiguous(), 0, self.process_group)
+        shards = stacked.chunk(self.size, dim=0)  # rank r's shard, sequence first
+        seq_len = stacked.shape[0]
+        pieces: list[tuple[int, torch.Tensor]] = []
+        for rank, shard in enumerate(shards):
+            offset = 0
+            for start, length in self.runs(seq_len, rank):
+                pieces.append((start, shard[offset : offset + length]))
+                offset += length
+        full = torch.cat([piece for _, piece in sorted(pieces, key=lambda p: p[0])], dim=0)
+        return full.movedim(0, seq_dim)
+
+    def distribute_sequence(self, x: torch.Tensor, seq_dim: int = 1) -> DTensor:
+        """A ``DTensor`` of ``x`` placed ``Shard(seq_dim)`` on the cp axis.
+
+        Under the zigzag layout the DTensor's logical tensor is the load-balanced *permutation* of
+        the sequence (rank 0's two chunks, then rank 1's, ...), not ``x`` in its original order:
+        ``full_tensor()`` returns that permutation; use :meth:`gather_sequence` on ``to_local()`` for
+        the original order.
+        """
+        seq_dim = _check_seq_dim(x, seq_dim)
+        local = self.partition_sequence(x, seq_dim)
+        return DTensor.from_local(local, self.cp_mesh, [Shard(seq_dim)], run_check=False)
+
+
+def _check_seq_dim(x: torch.Tensor, seq_dim: int) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"Expected a torch.Tensor, got {type(x).__name__}.")
+    if not isinstance(seq_dim, int) or not -x.dim() <= seq_dim < x.dim():
+        raise ValueError(f"seq_dim={seq_dim!r} is out of range for a tensor with {x.dim()} dims.")
+    return seq_dim % x.dim()
+
+
+def _seq_len(x: torch.Tensor, seq_dim: int) -> int:
+    return x.shape[seq_dim]
+
+
+def init_context_parallel_group(
+    cp_size: int,
+    *,
+    dp_size: int | None = None,
+    layout: str = "zigzag",
+    device_type: str | None = None,
+    backend: str | None = None,
+    timeout: float | datetime.timedelta | None = None,
+) -> ContextParallelGroup:
+    """Build the ``("dp", "cp")`` device mesh for context parallelism.
+
+    Initialises the default process group first if needed: from the torchrun environment (NCCL when
+    CUDA is available, gloo on CPU), or as a one-process world under plain ``python``.
+
+    Args:
+        cp_size: Ranks that share one sequence (``P``).
+        dp_size: Data-parallel replicas; default ``world_size // cp_size``.
+        layout: How sequences are sharded: ``"zigzag"`` (balanced causal work) or ``"contiguous"``.
+        device_type: ``"cuda"`` or ``"cpu"``; default ``"cuda"`` when available.
+        backend: Process-group backend; default ``"nccl"`` on CUDA, ``"gloo"`` on CPU.
+        timeout: Seconds (or a timedelta) after which a collective that never completes raises.
+
+    Returns:
+        The :class:`ContextParallelGroup`.
+
+    Raises:
+        ValueError: A size is not a positive int, ``dp_size * cp_size`` is not the world size, or the
+            layout is unknown.
+    """
+    _positive_int("cp_size", cp_size)
+    check_layout(layout)
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"Invalid device_type {device_type!r}. Must be one of: 'cpu', 'cuda'.")
+    timeout = _as_timedelta(timeout)
+    if not dist.is_initialized():
+        _init_default_process_group(device_type, backend, timeout)
+    world_size = dist.get_world_size()
+    if dp_size is None:
+        if world_size % cp_size:
+            raise ValueError(f"cp_size={cp_size} does not divide the world size {world_size}.")
+        dp_size = world_size // cp_size
+    _positive_int("dp_size", dp_size)
+    if dp_size * cp_size != world_size:
+        raise ValueError(
+            f"dp_size * cp_size = {dp_size} * {cp_size} = {dp_size * cp_size} must equal the world size "
+            f"{world_size}."
+        )
+    mesh = init_device_mesh(device_type, (dp_size, cp_size), mesh_dim_names=("dp", "cp"))
+    return ContextParallelGroup(mesh=mesh, layout=layout)
+
+
+def check_partitionable(seq_len: int, group: ContextParallelGroup) -> None:
+    """Raise ``ValueError`` unless ``seq_len`` splits evenly over ``group``'s layout."""
+    check_seq_len(seq_len, group.size, group.layout)

@@ -1,0 +1,45 @@
+"""Merging partial attention results with their log-sum-exp (the online softmax).
+
+Note [LSE merge]
+----------------
+Attention of a query row over keys split into blocks ``A`` and ``B`` is
+
+.. math::
+    o = \\frac{e^{l_A} o_A + e^{l_B} o_B}{e^{l_A} + e^{l_B}}, \\qquad l = \\log(e^{l_A} + e^{l_B}),
+
+where ``o_X`` is the softmax-normalised output over block ``X`` alone and ``l_X`` its log-sum-exp.
+Written with ``sigmoid(x) = 1 / (1 + e^{-x})`` this never exponentiates a large number:
+
+.. math::
+    o = o_A - \\sigma(l_B - l_A)(o_A - o_B), \\qquad l = l_A - \\log\\sigma(l_A - l_B).
+
+(The form used by ring-flash-attention PR #34 and PyTorch's own CP.) The seed's ``output += attn``
+drops both weights and is only right for a single block.
+
+A block a row cannot see at all has ``l_B = -inf``: then ``sigma(l_B - l_A) = 0`` and the row is left
+unchanged. A row whose running ``l_A`` is still ``-inf`` takes the block's values as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["merge_into"]
+
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Merge one block's result into the running ``(out, lse)``, in place. See Note [LSE merge].
+
+    Args:
+        out: Running output (fp32, or fp64) ``(B, H, S, D)``, updated in place.
+        lse: Running log-sum-exp (dtype of ``out``) ``(B, H, S)``, updated in place; ``-inf`` where nothing seen yet.
+        block_out: The block's output ``(B, H, S, D)`` (any float dtype).
+        block_lse: The block's log-sum-exp ``(B, H, S)``; ``-inf`` where the row saw no key.
+    """
+    # Rows that saw nothing so far (lse == -inf) would give sigmoid(nan); give them the block outright.
+    empty = torch.isneginf(lse)
+    diff = (block_lse - lse).masked_fill(empty, float("inf"))  # sigmoid(+inf) = 1: take the block
+    out.sub_(torch.sigmoid(diff).unsqueeze(-1) * (out - block_out.to(out.dtype)))
+    new_lse = lse - F.logsigmoid(-diff)
+    lse.copy_(torch.where(empty, block_lse, new_lse))

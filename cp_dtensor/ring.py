@@ -1,0 +1,223 @@
+"""Ring attention: exact attention over a sequence sharded across the cp axis.
+
+Each rank keeps its queries and passes its K/V block around the ring; after ``P`` steps every query
+has met every key block. Per step a rank attends its queries to the visiting block with a fused
+kernel (:mod:`cp_dtensor.kernels`), planned by :func:`cp_dtensor.blocks.plan_blocks` so that causal
+masking skips hidden work (see Note [Causal load balance] there), and merges the partial result with
+its log-sum-exp (see Note [LSE merge] in :mod:`cp_dtensor.merge`).
+
+Backward (a custom autograd function): K/V rotate again; each rank adds its share of ``dK``/``dV``
+to an fp32 accumulator that travels *with* the block and arrives home after ``P`` hops; ``dQ``
+stays local. The per-block backward uses the saved final output and log-sum-exp; nothing global is
+recomputed.
+
+Legend: ``B`` batch, ``H`` query heads, ``H_kv`` K/V heads, ``S`` local sequence length, ``D`` head
+dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.profiler import record_function
+
+from cp_dtensor.blocks import plan_blocks
+from cp_dtensor.comm import RingAttentionCommunicator
+from cp_dtensor.group import ContextParallelGroup
+from cp_dtensor.kernels import accum_dtype, block_backward, block_forward
+from cp_dtensor.layout import Run
+from cp_dtensor.merge import merge_into
+from cp_dtensor.sharding import from_local_like, to_local_checked
+from cp_dtensor.validate import check_qkv, resolve_scale
+
+__all__ = ["ring_attention", "RingPlan", "ring_forward", "ring_backward"]
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """What a ring needs to know besides the tensors.
+
+    Attributes:
+        group: Process group of the ring (``None`` for a ring of one rank).
+        rank: This rank's position in the ring.
+        size: Number of ranks in the ring.
+        q_runs: Global-position runs of the local queries.
+        kv_runs: ``kv_runs(src)`` gives the runs of the K/V block that ring rank ``src`` starts with.
+        causal: Causal masking on global positions.
+        scale: Softmax scale.
+    """
+
+    group: object
+    rank: int
+    size: int
+    q_runs: list[Run]
+    kv_runs: Callable[[int], list[Run]]
+    causal: bool
+    scale: float
+
+    def blocks(self, step: int):
+        """The kernel calls of ``step``: local queries against the block of rank ``rank - step``."""
+        return plan_blocks(self.q_runs, self.kv_runs((self.rank - step) % self.size), self.causal)
+
+
+def ring_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward ring on local tensors.
+
+    Args:
+        q: Local queries ``(B, H, S, D)``.
+        k: Local keys ``(B, H_kv, S_kv, D)``.
+        v: Local values ``(B, H_kv, S_kv, D)``.
+        plan: The ring's ranks and layout.
+
+    Returns:
+        ``(out, lse)``: ``out`` ``(B, H, S, D)`` in ``q``'s dtype and ``lse`` ``(B, H, S)`` in fp32
+        (fp64 for fp64 inputs).
+    """
+    comm = RingAttentionCommunicator(plan.group, "ring_send")
+    acc = accum_dtype(q.dtype)  # fp32, or fp64 for fp64 inputs
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, S, D)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)  # (B, H, S)
+    kv = [k.contiguous(), v.contiguous()]
+    for step in range(plan.size):
+        if step + 1 < plan.size:
+            comm.ring_forward(kv)  # the next block travels while we compute on this one
+        for blk in plan.blocks(step):
+            with record_function("cp_dtensor.ring.attn_block"):
+                block_out, block_lse = block_forward(
+                    q[:, :, blk.q], kv[0][:, :, blk.kv], kv[1][:, :, blk.kv], causal=blk.causal, scale=plan.scale
+                )
+            with record_function("cp_dtensor.ring.merge"):
+                merge_into(out[:, :, blk.q], lse[:, :, blk.q], block_out, block_lse)
+        if step + 1 < plan.size:
+            kv = comm.wait()
+    return out.to(q.dtype), lse
+
+
+def ring_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    plan: RingPlan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward ring: gradients of the local ``q``, ``k``, ``v`` shards.
+
+    Args:
+        dout: Gradient of the local output ``(B, H, S, D)``.
+        q: Local queries ``(B, H, S, D)``.
+        k: Local keys ``(B, H_kv, S_kv, D)``.
+        v: Local values ``(B, H_kv, S_kv, D)``.
+        out: Saved forward output ``(B, H, S, D)``.
+        lse: Saved fp32 log-sum-exp ``(B, H, S)``.
+        plan: The ring's ranks and layout.
+
+    Returns:
+        ``(dq, dk, dv)`` in the dtypes of ``q``, ``k``, ``v``.
+    """
+    kv_comm = RingAttentionCommunicator(plan.group, "ring_send")
+    grad_comm = RingAttentionCommunicator(plan.group, "ring_send_grad")
+    dout = dout.contiguous()
+    acc = accum_dtype(q.dtype)  # fp32, or fp64 for fp64 inputs
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, S, D), stays home
+    kv = [k.contiguous(), v.contiguous()]
+    for step in range(plan.size):
+        if step + 1 < plan.size:
+            kv_comm.ring_forward(kv)
+        dk_blk = torch.zeros(k.shape, dtype=acc, device=k.device)  # (B, H_kv, S_kv, D)
+        dv_blk = torch.zeros(v.shape, dtype=acc, device=v.device)
+        for blk in plan.blocks(step):
+            with record_function("cp_dtensor.ring.attn_block_backward"):
+                dq_b, dk_b, dv_b = block_backward(
+                    dout[:, :, blk.q], q[:, :, blk.q], kv[0][:, :, blk.kv], kv[1][:, :, blk.kv],
+                    out[:, :, blk.q], lse[:, :, blk.q], causal=blk.causal, scale=plan.scale,
+                )
+            dq[:, :, blk.q] += dq_b
+            dk_blk[:, :, blk.kv] += dk_b
+            dv_blk[:, :, blk.kv] += dv_b
+        if step > 0:  # the accumulator of this block, filled by the ranks it visited before
+            dk_in, dv_in = grad_comm.wait()
+            dk_blk += dk_in
+            dv_blk += dv_in
+        if plan.size > 1:
+            grad_comm.ring_forward([dk_blk, dv_blk])  # at the last step: the final hop home
+        if step + 1 < plan.size:
+            kv = kv_comm.wait()
+    if plan.size > 1:
+        dk_blk, dv_blk = grad_comm.wait()
+    return dq.to(q.dtype), dk_blk.to(k.dtype), dv_blk.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: RingPlan):
+        with record_function("cp_dtensor.ring.forward"):
+            out, lse = ring_forward(q, k, v, plan)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        with record_function("cp_dtensor.ring.backward"):
+            dq, dk, dv = ring_backward(dout, *ctx.saved_tensors, ctx.plan)
+        return dq, dk, dv, None
+
+
+def make_plan(cp_group: ContextParallelGroup, seq_len_local: int, causal: bool, scale: float) -> RingPlan:
+    """The :class:`RingPlan` of ``cp_group`` for local shards of ``seq_len_local`` tokens."""
+    seq_len = seq_len_local * cp_group.size
+    cp_group.runs(seq_len)  # raises ValueError if the local length does not fit the layout
+    return RingPlan(
+        group=cp_group.process_group if cp_group.size > 1 else None,
+        rank=cp_group.rank,
+        size=cp_group.size,
+        q_runs=cp_group.runs(seq_len),
+        kv_runs=lambda src: cp_group.runs(seq_len, src),
+        causal=causal,
+        scale=scale,
+    )
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cp_group: ContextParallelGroup,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact attention over the whole sequence, from this rank's shards, by passing K/V around a ring.
+
+    Args:
+        q: Local queries ``(B, H, S_local, D)``, as ``cp_group.partition_sequence(q, seq_dim=2)``
+            makes them; or a DTensor sharded ``Shard(2)`` on the cp mesh.
+        k: Local keys ``(B, H_kv, S_local, D)``; ``H_kv`` divides ``H`` (GQA). Rotated un-expanded.
+        v: Local values, same shape as ``k``.
+        cp_group: The group from :func:`~cp_dtensor.init_context_parallel_group`.
+        causal: Causal masking on GLOBAL positions (the layout is taken into account).
+        scale: Softmax scale; default ``D ** -0.5``.
+
+    Returns:
+        The local output ``(B, H, S_local, D)`` in ``q``'s dtype (a DTensor if ``q`` was one).
+        Differentiable with respect to ``q``, ``k`` and ``v``.
+
+    Raises:
+        ValueError: Bad shapes, dtypes, devices, head counts, a local length that does not fit the
+            layout (zigzag needs an even local length), or DTensors not sharded on the sequence dim.
+    """
+    local, like = to_local_checked((q, k, v), cp_group, seq_dim=2)
+    q_l, k_l, v_l = local
+    check_qkv(q_l, k_l, v_l)
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}.")
+    plan = make_plan(cp_group, q_l.shape[2], causal, resolve_scale(scale, q_l.shape[-1]))
+    out = _RingAttention.apply(q_l, k_l, v_l, plan)
+    return from_local_like(out, like)

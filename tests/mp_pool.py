@@ -1,0 +1,157 @@
+"""A pool of real gloo ranks kept alive for the whole test session.
+
+Starting a process group costs seconds, so each world size gets one pool of ``P`` spawned processes
+with ``torch.distributed`` initialised once. A test sends a task (a module-level function and its
+arguments, identical on every rank) and receives every rank's return value. Every task runs under a
+timeout: a hang fails the test instead of blocking CI, and a pool that timed out or failed is torn
+down and replaced, so one broken case never poisons the next.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import io
+import os
+import queue
+import socket
+import traceback
+from dataclasses import replace
+from functools import lru_cache
+
+import torch
+import torch.multiprocessing as mp
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("CP_TEST_TIMEOUT", "120"))
+
+
+def _dumps(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _loads(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        name, args, kwargs = _loads(item)
+        module, _, qualname = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), qualname)
+            results.put((rank, True, _dumps(fn(*args, **kwargs))))
+        except BaseException:  # report everything, including assertion errors, to the test
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class RankPool:
+    """``world_size`` spawned gloo ranks that run tasks on request."""
+
+    def __init__(self, world_size: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        self._results = ctx.Queue()
+        port = _free_port()
+        self._procs = [
+            ctx.Process(target=_worker, args=(r, world_size, port, self._tasks[r], self._results), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn, *args, timeout: float = DEFAULT_TIMEOUT_S, **kwargs) -> list:
+        """Run ``fn(*args, **kwargs)`` on every rank; return the per-rank results in rank order.
+
+        Raises:
+            RuntimeError: A rank raised (its traceback is in the message).
+            TimeoutError: Not every rank answered within ``timeout`` seconds.
+        """
+        payload = _dumps((f"{fn.__module__}:{fn.__qualname__}", args, kwargs))
+        for q in self._tasks:
+            q.put(payload)
+        answers: dict[int, tuple[bool, object]] = {}
+        try:
+            while len(answers) < self.world_size:
+                rank, ok, data = self._results.get(timeout=timeout)
+                answers[rank] = (ok, data)
+        except queue.Empty:
+            raise TimeoutError(
+                f"{fn.__qualname__} did not finish on ranks "
+                f"{sorted(set(range(self.world_size)) - set(answers))} within {timeout} s"
+            ) from None
+        failures = {r: data for r, (ok, data) in answers.items() if not ok}
+        if failures:
+            raise RuntimeError("\n".join(f"rank {r} failed:\n{tb}" for r, tb in sorted(failures.items())))
+        return [_loads(answers[r][1]) for r in range(self.world_size)]
+
+    def close(self) -> None:
+        """Stop the workers (kill them if they do not stop in a few seconds)."""
+        for q in self._tasks:
+            try:
+                q.put(None)
+            except Exception:
+                pass
+        for p in self._procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+
+
+_POOLS: dict[int, RankPool] = {}
+
+
+def run_on_ranks(world_size: int, fn, *args, timeout: float = DEFAULT_TIMEOUT_S, **kwargs) -> list:
+    """Run ``fn`` on a (cached) pool of ``world_size`` gloo ranks; replace the pool if the task fails."""
+    pool = _POOLS.get(world_size)
+    if pool is None:
+        pool = _POOLS[world_size] = RankPool(world_size)
+    try:
+        return pool.run(fn, *args, timeout=timeout, **kwargs)
+    except BaseException:
+        # A failed or hung task may leave ranks out of step: start afresh next time.
+        _POOLS.pop(world_size, None)
+        pool.close()
+        raise
+
+
+def close_all() -> None:
+    """Stop every pool (called at the end of the test session)."""
+    for pool in _POOLS.values():
+        pool.close()
+    _POOLS.clear()
+
+
+# ---- helpers for code running INSIDE a worker -------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _cached_group(cp_size: int, dp_size: int | None, extra: tuple):
+    from cp_dtensor import init_context_parallel_group
+
+    return init_context_parallel_group(cp_size, dp_size=dp_size, **dict(extra))
+
+
+def group(cp_size: int, *, layout: str = "zigzag", dp_size: int | None = None, **extra):
+    """A cached ``ContextParallelGroup`` for this worker (meshes are built once per shape)."""
+    return replace(_cached_group(cp_size, dp_size, tuple(sorted(extra.items()))), layout=layout)
