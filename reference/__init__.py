@@ -1,0 +1,44 @@
+"""Single-process reference for context parallelism: the oracle and the ring, written to be read.
+
+Pure PyTorch, one process, no `torch.distributed`. It is what the production package
+(`cp_dtensor`) is checked against, and never imports it.
+
+* `full_attention`: textbook attention, the oracle (`reference.attention`).
+* `shard_indices`, `shard`, `unshard`: how a sequence is split over ranks (`reference.layouts`).
+* `simulate_ring_attention`: ring attention on P virtual ranks, forward and backward, with an
+  optional trace of its schedule (`reference.ring`, `reference.trace`).
+
+Example:
+    >>> import torch
+    >>> from reference import full_attention, simulate_ring_attention
+    >>> q, k, v = (torch.randn(1, 2, 16, 8, dtype=torch.float64) for _ in range(3))
+    >>> out = simulate_ring_attention(q, k, v, world_size=4, causal=True, layout="zigzag")
+    >>> torch.allclose(out, full_attention(q, k, v, causal=True))
+    True
+"""
+
+from reference.attention import full_attention
+from reference.layouts import LAYOUTS, num_chunks, shard, shard_indices, unshard
+from reference.ring import (
+    merge,
+    simulate_ring_attention,
+    simulate_ring_attention_backward,
+    simulate_ring_attention_forward,
+)
+from reference.trace import BLOCK_KINDS, TraceEntry, trace_work_per_rank
+
+__all__ = [
+    "BLOCK_KINDS",
+    "LAYOUTS",
+    "TraceEntry",
+    "full_attention",
+    "merge",
+    "num_chunks",
+    "shard",
+    "shard_indices",
+    "simulate_ring_attention",
+    "simulate_ring_attention_backward",
+    "simulate_ring_attention_forward",
+    "trace_work_per_rank",
+    "unshard",
+]
