@@ -170,9 +170,10 @@ def simulate_ring_attention_forward(
         layout: How the sequence is sharded, one of `reference.layouts.LAYOUTS`.
 
     Returns:
-        ``(out, lse, trace)``: the output (B, H, S, D) in q's dtype and global order; the
-        log-sum-exp of every query row (B, H, S) in at least float32; and the schedule, one
-        `TraceEntry` per (rank, step), in the order computed.
+        ``(out, lse, trace)``: the output (B, H, S, D) and the log-sum-exp of every query row
+        (B, H, S), both in global order and in the compute dtype (q's dtype, but at least
+        float32, as flash-attention kernels accumulate), and the schedule: one `TraceEntry` per
+        (rank, step), in the order computed.
 
     Raises:
         ValueError: If the shapes do not fit, ``world_size < 1``, the layout is unknown, or S is
@@ -204,7 +205,7 @@ def simulate_ring_attention_forward(
             outs[rank], lses[rank] = merge(outs[rank], lses[rank], block_out, block_lse)
         if step < world_size - 1:
             buffers = send_to_next_rank(buffers)
-    out = unshard(outs, world_size, layout, dim=2).to(q.dtype)  # (B, H, S, D)
+    out = unshard(outs, world_size, layout, dim=2)  # (B, H, S, D)
     return out, unshard(lses, world_size, layout, dim=2), trace
 
 
@@ -291,9 +292,9 @@ class _RingAttention(torch.autograd.Function):
             q, k, v, world_size, causal=causal, scale=scale, layout=layout
         )
         trace_sink.extend(trace)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse)  # out unrounded: bf16 rounds only once, at the end
         ctx.options = {"world_size": world_size, "causal": causal, "scale": scale, "layout": layout}
-        return out
+        return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):  # noqa: D102
