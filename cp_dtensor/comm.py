@@ -88,14 +88,14 @@ class RingAttentionCommunicator:
         self.op_name = op_name
         self.size = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
-        if self.size > 1:
-            self._next = dist.get_global_rank(group, (self.rank + 1) % self.size)
-            self._prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
         self._pending: list[dist.Work] = []
         self._sending: list[torch.Tensor] = []
         self._received: list[torch.Tensor] = []
 
-    def ring_forward(self, tensors: Sequence[torch.Tensor]) -> None:
+    def _peer(self, offset: int) -> int:
+        return dist.get_global_rank(self.group, (self.rank + offset) % self.size)
+
+    def ring_forward(self, tensors: Sequence[torch.Tensor], offset: int = 1) -> None:
         """Start sending ``tensors`` to the next rank and receiving their peers from the previous one.
 
         Set a breakpoint here to watch the ring: every rank calls this once per step with the block it
@@ -103,6 +103,8 @@ class RingAttentionCommunicator:
 
         Args:
             tensors: Contiguous tensors to pass on; the received ones have the same shapes and dtypes.
+            offset: Send to rank ``r + offset`` and receive from ``r - offset`` (1: the ring's next hop;
+                a ring that stops early sends gradients home with a longer jump).
         """
         assert not self._pending, "wait() for the previous rotation first"
         assert self.size > 1, "a ring of one rank has nothing to send"
@@ -110,8 +112,8 @@ class RingAttentionCommunicator:
         self._sending = [t.contiguous() for t in tensors]  # keep alive until the sends complete
         for send, recv in zip(self._sending, self._received):
             # Post the receive first; ranks then never wait on each other to start.
-            self._pending.append(dist.irecv(recv, self._prev, group=self.group))
-            self._pending.append(dist.isend(send, self._next, group=self.group))
+            self._pending.append(dist.irecv(recv, self._peer(-offset), group=self.group))
+            self._pending.append(dist.isend(send, self._peer(offset), group=self.group))
         record_comm(self.op_name, _nbytes(tensors))
 
     def wait(self) -> list[torch.Tensor]:

@@ -18,17 +18,18 @@ dim.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.tensor import DTensor
 from torch.profiler import record_function
 
-from cp_dtensor.blocks import plan_blocks
+from cp_dtensor.blocks import Block, plan_blocks
 from cp_dtensor.comm import RingAttentionCommunicator
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.kernels import accum_dtype, block_backward, block_forward
 from cp_dtensor.layout import Run
+from cp_dtensor.masks import MaskSpec, mask_spec, positions, refine_block, window_hides_block
 from cp_dtensor.merge import merge_into
 from cp_dtensor.sharding import from_local_like, to_local_checked
 from cp_dtensor.validate import check_qkv, resolve_scale
@@ -36,7 +37,10 @@ from cp_dtensor.validate import check_qkv, resolve_scale
 __all__ = ["ring_attention", "RingPlan", "ring_forward", "ring_backward"]
 
 
-@dataclass(frozen=True)
+Call = tuple[Block, "torch.Tensor | None"]  # a kernel call and its mask (None: all visible)
+
+
+@dataclass
 class RingPlan:
     """What a ring needs to know besides the tensors.
 
@@ -45,9 +49,11 @@ class RingPlan:
         rank: This rank's position in the ring.
         size: Number of ranks in the ring.
         q_runs: Global-position runs of the local queries.
-        kv_runs: ``kv_runs(src)`` gives the runs of the K/V block that ring rank ``src`` starts with.
+        kv_runs: ``kv_runs(src)`` gives the runs of the K/V block that ring rank ``src`` starts with
+            (for ring attention also the runs of that rank's queries).
         causal: Causal masking on global positions.
         scale: Softmax scale.
+        mask: Windows, documents and padding (see :mod:`cp_dtensor.masks`); ``None`` for none.
     """
 
     group: object
@@ -57,10 +63,42 @@ class RingPlan:
     kv_runs: Callable[[int], list[Run]]
     causal: bool
     scale: float
+    mask: MaskSpec | None = None
+    _calls: dict[int, list[Call]] = field(default_factory=dict, repr=False)
 
-    def blocks(self, step: int):
-        """The kernel calls of ``step``: local queries against the block of rank ``rank - step``."""
+    def blocks(self, step: int) -> list[Block]:
+        """The causal plan of ``step``: local queries against the block of rank ``rank - step``."""
         return plan_blocks(self.q_runs, self.kv_runs((self.rank - step) % self.size), self.causal)
+
+    def calls(self, step: int) -> list[Call]:
+        """The kernel calls of ``step`` with their masks (computed once, reused by the backward)."""
+        if step not in self._calls:
+            kv_runs = self.kv_runs((self.rank - step) % self.size)
+            if self.mask is None or self.mask.only_causal:
+                calls = [(blk, None) for blk in self.blocks(step)]
+            elif window_hides_block(self.q_runs, kv_runs, self.mask):
+                calls = []
+            else:
+                q_pos, kv_pos = positions(self.q_runs), positions(kv_runs)
+                calls = [c for blk in self.blocks(step) for c in refine_block(blk, q_pos, kv_pos, self.mask)]
+            self._calls[step] = calls
+        return self._calls[step]
+
+    @property
+    def num_steps(self) -> int:
+        """Steps the ring must run: ``size``, fewer when a window hides every later block from every rank.
+
+        Every rank evaluates this for all ranks (pure arithmetic on runs), so all agree.
+        """
+        if self.mask is None or self.mask.window is None:
+            return self.size
+        needed = [
+            step
+            for step in range(self.size)
+            for rank in range(self.size)
+            if not window_hides_block(self.kv_runs(rank), self.kv_runs((rank - step) % self.size), self.mask)
+        ]
+        return max(needed, default=0) + 1
 
 
 def ring_forward(
@@ -83,17 +121,19 @@ def ring_forward(
     out = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, S, D)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)  # (B, H, S)
     kv = [k.contiguous(), v.contiguous()]
-    for step in range(plan.size):
-        if step + 1 < plan.size:
+    num_steps = plan.num_steps
+    for step in range(num_steps):
+        if step + 1 < num_steps:
             comm.ring_forward(kv)  # the next block travels while we compute on this one
-        for blk in plan.blocks(step):
+        for blk, mask in plan.calls(step):
             with record_function("cp_dtensor.ring.attn_block"):
                 block_out, block_lse = block_forward(
-                    q[:, :, blk.q], kv[0][:, :, blk.kv], kv[1][:, :, blk.kv], causal=blk.causal, scale=plan.scale
+                    q[:, :, blk.q], kv[0][:, :, blk.kv], kv[1][:, :, blk.kv],
+                    causal=blk.causal, scale=plan.scale, mask=mask,
                 )
             with record_function("cp_dtensor.ring.merge"):
                 merge_into(out[:, :, blk.q], lse[:, :, blk.q], block_out, block_lse)
-        if step + 1 < plan.size:
+        if step + 1 < num_steps:
             kv = comm.wait()
     return out.to(q.dtype), lse
 
@@ -127,16 +167,17 @@ def ring_backward(
     acc = accum_dtype(q.dtype)  # fp32, or fp64 for fp64 inputs
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, S, D), stays home
     kv = [k.contiguous(), v.contiguous()]
-    for step in range(plan.size):
-        if step + 1 < plan.size:
+    num_steps = plan.num_steps
+    for step in range(num_steps):
+        if step + 1 < num_steps:
             kv_comm.ring_forward(kv)
         dk_blk = torch.zeros(k.shape, dtype=acc, device=k.device)  # (B, H_kv, S_kv, D)
         dv_blk = torch.zeros(v.shape, dtype=acc, device=v.device)
-        for blk in plan.blocks(step):
+        for blk, mask in plan.calls(step):
             with record_function("cp_dtensor.ring.attn_block_backward"):
                 dq_b, dk_b, dv_b = block_backward(
                     dout[:, :, blk.q], q[:, :, blk.q], kv[0][:, :, blk.kv], kv[1][:, :, blk.kv],
-                    out[:, :, blk.q], lse[:, :, blk.q], causal=blk.causal, scale=plan.scale,
+                    out[:, :, blk.q], lse[:, :, blk.q], causal=blk.causal, scale=plan.scale, mask=mask,
                 )
             dq[:, :, blk.q] += dq_b
             dk_blk[:, :, blk.kv] += dk_b
@@ -145,11 +186,14 @@ def ring_backward(
             dk_in, dv_in = grad_comm.wait()
             dk_blk += dk_in
             dv_blk += dv_in
-        if plan.size > 1:
-            grad_comm.ring_forward([dk_blk, dv_blk])  # at the last step: the final hop home
-        if step + 1 < plan.size:
+        if plan.size > 1 and num_steps > 1:
+            # Pass the accumulator on with its block; after the last step, send it home (the block
+            # of rank r - step lives there: one hop forward when the ring ran all P steps).
+            last = step + 1 == num_steps
+            grad_comm.ring_forward([dk_blk, dv_blk], offset=(plan.size - step) if last else 1)
+        if step + 1 < num_steps:
             kv = kv_comm.wait()
-    if plan.size > 1:
+    if plan.size > 1 and num_steps > 1:
         dk_blk, dv_blk = grad_comm.wait()
     return dq.to(q.dtype), dk_blk.to(k.dtype), dv_blk.to(v.dtype)
 
@@ -170,7 +214,9 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def make_plan(cp_group: ContextParallelGroup, seq_len_local: int, causal: bool, scale: float) -> RingPlan:
+def make_plan(
+    cp_group: ContextParallelGroup, seq_len_local: int, causal: bool, scale: float, mask: MaskSpec | None = None
+) -> RingPlan:
     """The :class:`RingPlan` of ``cp_group`` for local shards of ``seq_len_local`` tokens."""
     seq_len = seq_len_local * cp_group.size
     cp_group.runs(seq_len)  # raises ValueError if the local length does not fit the layout
@@ -182,6 +228,7 @@ def make_plan(cp_group: ContextParallelGroup, seq_len_local: int, causal: bool, 
         kv_runs=lambda src: cp_group.runs(seq_len, src),
         causal=causal,
         scale=scale,
+        mask=mask,
     )
 
 
@@ -193,6 +240,9 @@ def ring_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    seq_len: int | None = None,
 ) -> torch.Tensor:
     """Exact attention over the whole sequence, from this rank's shards, by passing K/V around a ring.
 
@@ -204,6 +254,13 @@ def ring_attention(
         cp_group: The group from :func:`~cp_dtensor.init_context_parallel_group`.
         causal: Causal masking on GLOBAL positions (the layout is taken into account).
         scale: Softmax scale; default ``D ** -0.5``.
+        document_ids: Packed documents: integer ids ``(B, L)`` in global order, or this rank's shard
+            ``(B, S_local)`` (``cp_group.partition_sequence(ids, seq_dim=1)``); a query sees only keys
+            of its own document; negative ids are padding. See :mod:`cp_dtensor.masks`.
+        window: ``(left, right)``: a query at ``i`` sees keys in ``[i - left, i + right]``; ``None``
+            for an unbounded side.
+        seq_len: Number of real tokens when the sequence was padded (``partition_sequence(...,
+            pad=True)``); later positions are masked out as keys and produce zero output.
 
     Returns:
         The local output ``(B, H, S_local, D)`` in ``q``'s dtype (a DTensor if ``q`` was one).
@@ -211,13 +268,13 @@ def ring_attention(
 
     Raises:
         ValueError: Bad shapes, dtypes, devices, head counts, a local length that does not fit the
-            layout (zigzag needs an even local length), or DTensors not sharded on the sequence dim.
+            layout (zigzag needs an even local length), DTensors not sharded on the sequence dim, or a
+            malformed mask argument.
     """
     local, like = to_local_checked((q, k, v), cp_group, seq_dim=2)
     q_l, k_l, v_l = local
     check_qkv(q_l, k_l, v_l)
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {causal!r}.")
-    plan = make_plan(cp_group, q_l.shape[2], causal, resolve_scale(scale, q_l.shape[-1]))
+    mask = mask_spec(cp_group, q_l, causal=causal, document_ids=document_ids, window=window, seq_len=seq_len)
+    plan = make_plan(cp_group, q_l.shape[2], causal, resolve_scale(scale, q_l.shape[-1]), mask)
     out = _RingAttention.apply(q_l, k_l, v_l, plan)
     return from_local_like(out, like)

@@ -1,0 +1,262 @@
+"""Masks beyond causal: packed documents, sliding windows and padding, on global positions.
+
+A query at global position ``i`` of batch row ``b`` may attend to the key at position ``j`` when
+
+* ``causal`` is off, or ``j <= i``;
+* ``window = (left, right)`` is unset, or ``i - left <= j <= i + right`` (``None`` = unbounded side);
+* ``document_ids`` is unset, or ``doc[b, i] == doc[b, j] >= 0`` (a negative id marks padding: it
+  neither attends nor is attended to);
+* ``seq_len`` is unset, or both ``i`` and ``j`` are ``< seq_len`` (the rest is padding).
+
+Note [Skipping what the mask hides]
+-----------------------------------
+The causal block plan (:func:`cp_dtensor.blocks.plan_blocks`) is refined tile by tile: each planned
+call is cut into ``tile x tile`` tiles, and for each tile we evaluate the visibility above on the
+tile's global positions (a ``(B, tile, tile)`` boolean, never a sequence-sized matrix). Tiles with
+no visible pair are skipped; neighbouring tiles of one row band that are all-visible go to the
+kernel without a mask; only bands that straddle a boundary get an explicit mask. For windows the
+"any pair visible" question is also answered per K/V block with interval arithmetic, so a ring can
+stop rotating once no rank needs another block (see :func:`window_hides_block`).
+
+Rows that see no key in a call get ``lse = -inf`` (the CPU kernel reports 0; :func:`block_forward`
+corrects it), and a row that sees no key at all ends with output 0 and gradient 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cp_dtensor.blocks import Block
+from cp_dtensor.layout import Run
+
+__all__ = ["MaskSpec", "mask_spec", "positions", "refine_block", "window_hides_block", "document_ids_from_cu_seqlens", "check_window"]
+
+DEFAULT_TILE = 256
+
+
+def check_window(window) -> tuple[int | None, int | None] | None:
+    """Validate ``window``: ``None`` or ``(left, right)`` of non-negative ints or ``None``.
+
+    Raises:
+        ValueError: naming the bad value and the expected form.
+    """
+    if window is None:
+        return None
+    ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(
+        w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0) for w in window
+    )
+    if not ok:
+        raise ValueError(
+            f"window must be None or (left, right) with non-negative ints or None, got {window!r}. "
+            "Example: window=(127, 0) lets each query see itself and the 127 tokens before it."
+        )
+    return (window[0], window[1])
+
+
+def document_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+    """Document ids ``(seq_len,)`` from cumulative lengths ``[0, l_0, l_0 + l_1, ..., total]``.
+
+    Tokens past ``cu_seqlens[-1]`` (up to ``seq_len``) get id ``-1`` (padding).
+
+    Raises:
+        ValueError: ``cu_seqlens`` is not a 1-D non-decreasing integer tensor starting at 0.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens!r}.")
+    if len(cu_seqlens) < 2 or cu_seqlens[0] != 0 or bool((cu_seqlens.diff() < 0).any()):
+        raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {cu_seqlens.tolist()}.")
+    total = int(cu_seqlens[-1])
+    seq_len = total if seq_len is None else seq_len
+    if seq_len < total:
+        raise ValueError(f"seq_len={seq_len} is shorter than the documents' total length {total}.")
+    positions = torch.arange(seq_len, device=cu_seqlens.device)
+    ids = torch.bucketize(positions, cu_seqlens[1:], right=True)
+    return ids.masked_fill(positions >= total, -1)
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Everything that decides which (query, key) pairs are visible, on global positions.
+
+    Attributes:
+        causal: Keys after the query are hidden.
+        window: ``(left, right)`` or ``None``.
+        document_ids: ``(B, L)`` integer ids in GLOBAL order, or ``None``.
+        seq_len: Number of real tokens (positions ``>= seq_len`` are padding), or ``None``.
+        tile: Tile edge used to find hidden and fully visible regions.
+    """
+
+    causal: bool
+    window: tuple[int | None, int | None] | None = None
+    document_ids: torch.Tensor | None = None
+    seq_len: int | None = None
+    tile: int = DEFAULT_TILE
+
+    @property
+    def only_causal(self) -> bool:
+        """True when the plain causal plan is exact (no window, documents or padding)."""
+        return self.window is None and self.document_ids is None and self.seq_len is None
+
+    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Visibility of every (query, key) pair: bool ``(B or 1, n_q, n_k)``.
+
+        Args:
+            q_pos: Global query positions ``(n_q,)``.
+            k_pos: Global key positions ``(n_k,)``.
+        """
+        i, j = q_pos[:, None], k_pos[None, :]  # (n_q, 1), (1, n_k)
+        vis = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
+        if self.causal:
+            vis &= j <= i
+        if self.window is not None:
+            left, right = self.window
+            if left is not None:
+                vis &= j >= i - left
+            if right is not None:
+                vis &= j <= i + right
+        if self.seq_len is not None:
+            vis &= (i < self.seq_len) & (j < self.seq_len)
+        vis = vis[None]  # (1, n_q, n_k)
+        if self.document_ids is not None:
+            doc_q, doc_k = self.document_ids[:, q_pos], self.document_ids[:, k_pos]  # (B, n_q), (B, n_k)
+            vis = vis & (doc_q[:, :, None] == doc_k[:, None, :]) & (doc_q[:, :, None] >= 0)
+        return vis
+
+
+def positions(runs: list[Run]) -> torch.Tensor:
+    """Global positions ``(sum of lengths,)`` of a list of runs, in local order."""
+    return torch.cat([torch.arange(s, s + n) for s, n in runs])
+
+
+def window_hides_block(q_runs: list[Run], kv_runs: list[Run], spec: MaskSpec) -> bool:
+    """True when causality, the window and padding alone hide every pair of the two shards.
+
+    Interval arithmetic on the runs (no tensors): for runs ``[a0, a1]`` and ``[b0, b1]`` the offset
+    ``i - j`` covers every integer in ``[a0 - b1, a1 - b0]``; a pair is visible iff that range meets
+    ``[-right, left]`` (and ``[0, inf)`` when causal), after clipping both runs to ``seq_len``.
+    """
+    left, right = spec.window if spec.window is not None else (None, None)
+    d_min = max(0 if spec.causal else -float("inf"), -right if right is not None else -float("inf"))
+    d_max = left if left is not None else float("inf")
+    for q_start, q_len in q_runs:
+        for k_start, k_len in kv_runs:
+            q_end, k_end = q_start + q_len - 1, k_start + k_len - 1
+            if spec.seq_len is not None:
+                q_end, k_end = min(q_end, spec.seq_len - 1), min(k_end, spec.seq_len - 1)
+                if q_end < q_start or k_end < k_start:
+                    continue
+            lo, hi = q_start - k_end, q_end - k_start  # the offsets i - j this pair of runs covers
+            if hi >= d_min and lo <= d_max:
+                return False
+    return True
+
+
+def _groups(flags: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs ``[start, stop)`` of consecutive non-zero entries."""
+    groups, start = [], None
+    for idx, flag in enumerate(flags + [0]):
+        if flag and start is None:
+            start = idx
+        elif not flag and start is not None:
+            groups.append((start, idx))
+            start = None
+    return groups
+
+
+def refine_block(
+    block: Block, q_pos: torch.Tensor, kv_pos: torch.Tensor, spec: MaskSpec
+) -> list[tuple[Block, torch.Tensor | None]]:
+    """Cut one planned call into the calls that the mask needs. See Note [Skipping what the mask hides].
+
+    Args:
+        block: A call planned by :func:`cp_dtensor.blocks.plan_blocks` (causal already accounted for).
+        q_pos: Global positions of ALL local queries ``(S_q,)``.
+        kv_pos: Global positions of ALL keys of the visiting block ``(S_kv,)``.
+        spec: The mask.
+
+    Returns:
+        ``(call, mask)`` pairs; ``mask`` is ``None`` (all visible) or bool ``(B or 1, 1, n_q, n_k)``.
+    """
+    if spec.only_causal:
+        return [(block, None)]
+    calls: list[tuple[Block, torch.Tensor | None]] = []
+    tile = spec.tile
+    for q0 in range(block.q_start, block.q_stop, tile):
+        q1 = min(q0 + tile, block.q_stop)
+        vis = spec.visible(q_pos[q0:q1], kv_pos[block.kv])  # (B|1, n_q, n_kv): one row band
+        edges = list(range(0, vis.shape[-1], tile)) + [vis.shape[-1]]
+        # 0: nothing visible, 1: all visible, 2: partly visible
+        kinds = []
+        for a, b in zip(edges[:-1], edges[1:]):
+            t = vis[..., a:b]
+            kinds.append(2 if not bool(t.all()) and bool(t.any()) else int(bool(t.all())))
+        for g0, g1 in _groups(kinds):
+            a, b = edges[g0], edges[g1]
+            call = Block(q0, q1, block.kv_start + a, block.kv_start + b, False)
+            mask = None if all(k == 1 for k in kinds[g0:g1]) else vis[:, None, :, a:b]
+            calls.append((call, mask))
+    return calls
+
+
+def mask_spec(
+    cp_group,
+    q_local: torch.Tensor,
+    *,
+    causal: bool,
+    document_ids: torch.Tensor | None = None,
+    window=None,
+    seq_len: int | None = None,
+) -> MaskSpec:
+    """Validate the mask arguments of an attention call and build its :class:`MaskSpec`.
+
+    ``document_ids`` may be global ``(B, L)`` or this rank's shard ``(B, S_local)``; a shard is
+    all-gathered over the cp axis once per call (``B * L`` integers, counted as ``"mask_gather"``).
+
+    Raises:
+        ValueError: naming the bad argument and the expected form.
+    """
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}.")
+    batch, seq_local = q_local.shape[0], q_local.shape[2]
+    total = seq_local * cp_group.size
+    window = check_window(window)
+    if seq_len is not None:
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 < seq_len <= total:
+            raise ValueError(f"seq_len must be an int in [1, {total}] (the padded length), got {seq_len!r}.")
+        if seq_len == total:
+            seq_len = None
+    if document_ids is not None:
+        if not isinstance(document_ids, torch.Tensor) or document_ids.is_floating_point() or document_ids.dim() != 2:
+            raise ValueError(
+                f"document_ids must be an integer tensor (batch, seq), got {getattr(document_ids, 'shape', document_ids)!r}."
+            )
+        if document_ids.shape[0] != batch or document_ids.shape[1] not in (seq_local, total):
+            raise ValueError(
+                f"document_ids has shape {tuple(document_ids.shape)}; expected ({batch}, {total}) in global order "
+                f"or this rank's shard ({batch}, {seq_local})."
+            )
+        if document_ids.shape[1] != total:
+            document_ids = _gather_ids(cp_group, document_ids)
+        document_ids = document_ids.to(q_local.device)
+    return MaskSpec(causal=causal, window=window, document_ids=document_ids, seq_len=seq_len, tile=DEFAULT_TILE)
+
+
+def _gather_ids(cp_group, ids_local: torch.Tensor) -> torch.Tensor:
+    """All-gather a ``(B, S_local)`` shard of ids into ``(B, L)`` global order."""
+    if cp_group.size == 1:
+        return ids_local
+    import torch.distributed as dist
+
+    from cp_dtensor.comm import record_comm
+
+    ids_local = ids_local.to(torch.int64).contiguous()
+    shards = [torch.empty_like(ids_local) for _ in range(cp_group.size)]
+    dist.all_gather(shards, ids_local, group=cp_group.process_group)
+    record_comm("mask_gather", ids_local.numel() * ids_local.element_size() * (cp_group.size - 1))
+    seq_len = ids_local.shape[1] * cp_group.size
+    full = torch.empty(ids_local.shape[0], seq_len, dtype=ids_local.dtype, device=ids_local.device)
+    for rank, shard in enumerate(shards):
+        full[:, positions(cp_group.runs(seq_len, rank)).to(full.device)] = shard
+    return full
