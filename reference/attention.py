@@ -48,15 +48,12 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
-            raise ValueError(
-                f"{name} has shape {tuple(x.shape)}; expected 4 dims (batch, heads, seq, head_dim)"
-            )
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected 4 dims (batch, heads, seq, head_dim)")
     if k.shape != v.shape:
         raise ValueError(f"k has shape {tuple(k.shape)} but v has {tuple(v.shape)}; they must match")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(
-            f"q has shape {tuple(q.shape)} and k {tuple(k.shape)}; batch (dim 0) and head_dim "
-            "(dim 3) must match"
+            f"q has shape {tuple(q.shape)} and k {tuple(k.shape)}; batch (dim 0) and head_dim (dim 3) must match"
         )
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     if num_heads % num_kv_heads != 0:
@@ -118,13 +115,12 @@ def causal_mask(q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.T
     return k_positions[None, :] <= q_positions[:, None]  # (S_q, S_k)
 
 
-def _allowed_pairs(
-    s_q: int, s_k: int, causal: bool, mask: torch.Tensor | None, device: torch.device
-) -> torch.Tensor:
+def _allowed_pairs(s_q: int, s_k: int, causal: bool, mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """Combine the causal rule and an optional user mask; broadcastable to (B, H, S_q, S_k)."""
-    allowed = torch.ones(s_q, s_k, dtype=torch.bool, device=device)  # (S_q, S_k)
     if causal:  # top-left aligned, like SDPA's is_causal: query i sees keys j <= i
         allowed = causal_mask(torch.arange(s_q, device=device), torch.arange(s_k, device=device))
+    else:
+        allowed = torch.ones(s_q, s_k, dtype=torch.bool, device=device)  # (S_q, S_k)
     if mask is not None:
         allowed = allowed & mask
     return allowed

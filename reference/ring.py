@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from reference.attention import (
     attention_block,
@@ -140,8 +141,7 @@ def _prepare(
     check_attention_inputs(q, k, v)
     if q.shape[2] != k.shape[2]:
         raise ValueError(
-            f"q has {q.shape[2]} tokens but k/v have {k.shape[2]}; the ring shards one sequence, "
-            "so they must be equal"
+            f"q has {q.shape[2]} tokens but k/v have {k.shape[2]}; the ring shards one sequence, so they must be equal"
         )
     positions = [p.to(q.device) for p in shard_indices(q.shape[2], world_size, layout)]  # P x (S_local,)
     scale = default_scale(q.shape[-1]) if scale is None else scale
@@ -194,9 +194,7 @@ def simulate_ring_attention_forward(
             held = buffers[rank]
             assert held.source == (rank - step) % world_size
             visible = _visible_pairs(positions[rank], positions[held.source], causal)
-            trace.append(
-                make_entry(rank, step, held.source, visible, causal=causal, flops_per_pair=flops_per_pair)
-            )
+            trace.append(make_entry(rank, step, held.source, visible, causal=causal, flops_per_pair=flops_per_pair))
             if not visible.any():
                 continue  # fully masked block: skipped
             block_out, block_lse = attention_block(
@@ -297,6 +295,7 @@ class _RingAttention(torch.autograd.Function):
         return out.to(q.dtype)
 
     @staticmethod
+    @once_differentiable  # the backward ring itself is not differentiated again
     def backward(ctx, dout):  # noqa: D102
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = simulate_ring_attention_backward(dout, q, k, v, out, lse, **ctx.options)

@@ -53,9 +53,7 @@ def test_full_attention_matches_sdpa(case):
         return full_attention(q, k, v, causal=case["causal"], scale=case["scale"])
 
     def sdpa(q, k, v):
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=case["causal"], scale=case["scale"], enable_gqa=True
-        )
+        return F.scaled_dot_product_attention(q, k, v, is_causal=case["causal"], scale=case["scale"], enable_gqa=True)
 
     for got, want in zip(output_and_grads(ours, q, k, v), output_and_grads(sdpa, q, k, v), strict=True):
         # fp64, same formula; only the order of summation differs
@@ -77,9 +75,7 @@ def test_full_attention_with_mask_matches_sdpa(case, mask_seed, per_head):
         return full_attention(q, k, v, causal=case["causal"], scale=case["scale"], mask=mask)
 
     def sdpa(q, k, v):
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=sdpa_mask, scale=case["scale"], enable_gqa=True
-        )
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, scale=case["scale"], enable_gqa=True)
 
     for got, want in zip(output_and_grads(ours, q, k, v), output_and_grads(sdpa, q, k, v), strict=True):
         # fp64, same formula; only the order of summation differs

@@ -60,9 +60,7 @@ def test_every_allowed_pair_is_computed_exactly_once_and_no_other(schedule):
 def test_entries_follow_the_ring_and_count_their_work(schedule):
     world_size, layout, causal, seq_len = schedule
     trace = run_trace(world_size, layout, causal, seq_len)
-    assert sorted((e.rank, e.step) for e in trace) == [
-        (r, t) for r in range(world_size) for t in range(world_size)
-    ]
+    assert sorted((e.rank, e.step) for e in trace) == [(r, t) for r in range(world_size) for t in range(world_size)]
     s_local = seq_len // world_size
     for e in trace:
         assert e.kv_source == (e.rank - e.step) % world_size
