@@ -1,0 +1,53 @@
+"""The ring's communication alone, on real processes: pass K/V blocks around P ranks.
+
+Each rank starts with its own K/V block, then P - 1 times sends the block it holds to rank + 1
+while receiving rank - 1's. Run it (CPU, gloo; 4 processes on one machine):
+
+    torchrun --standalone --nproc_per_node=4 docs/examples/ring_rotation.py
+
+Rank 0 prints which rank's block every rank held at every step: the table of page 3.
+"""
+
+import torch
+import torch.distributed as dist
+
+
+def rotate(block: torch.Tensor) -> torch.Tensor:
+    """Send ``block`` to the next rank and return the block received from the previous one."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    received = torch.empty_like(block)
+    ops = [
+        dist.P2POp(dist.isend, block, (rank + 1) % world_size),
+        dist.P2POp(dist.irecv, received, (rank - 1) % world_size),
+    ]
+    for request in dist.batch_isend_irecv(ops):  # both in flight at once: no deadlock
+        request.wait()
+    return received
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    S_local, D = 4, 8
+    kv = torch.full((2, S_local, D), float(rank))  # (K and V, S_local, D), filled with the owner's rank
+    held = []
+    for step in range(world_size):
+        source = int(kv[0, 0, 0])  # whose block this is
+        assert source == (rank - step) % world_size
+        held.append(source)
+        # Here a real ring would attend its queries to kv and merge (out, lse), while the next
+        # block is already on its way.
+        if step < world_size - 1:  # P - 1 sends: the last block is not passed on
+            kv = rotate(kv)
+    table = [None] * world_size
+    dist.all_gather_object(table, held)
+    if rank == 0:
+        print("block held (its owner's rank):")
+        print("        " + "  ".join(f"step {s}" for s in range(world_size)))
+        for r, row in enumerate(table):
+            print(f"rank {r}  " + "  ".join(f"{src:6d}" for src in row))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

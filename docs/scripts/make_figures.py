@@ -1,0 +1,178 @@
+"""Regenerate the figures of the tutorial site from the project's own code.
+
+    python docs/scripts/make_figures.py              # writes docs/assets/figures/*.png
+    python docs/scripts/make_figures.py --out /tmp/f # somewhere else (the docs test does this)
+
+Each ``fig_*`` function draws one figure, named after the page that shows it. Formulas are the
+ones on the pages; the ring figures come from ``reference.simulate_ring_attention(..., trace=True)``.
+Only matplotlib (Agg) and torch are needed; nothing is drawn by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import reference  # noqa: E402
+
+GiB = 2**30
+RANK_COLORS = plt.get_cmap("tab10").colors
+SAVE = {"dpi": 120, "bbox_inches": "tight", "metadata": {"Software": None}}
+
+
+def fig_why_cp_memory(out: Path) -> None:
+    """Page 1: activation memory of one layer vs sequence length (why-cp.md formulas)."""
+    d_model, num_heads, P = 4096, 32, 8
+    lengths = torch.logspace(12, 20, 200, base=2)  # 4K .. 1M tokens
+    linear = 34 * d_model * lengths  # Korthikanti et al. 2022, fused attention
+    naive = linear + 5 * num_heads * lengths**2  # with the materialised score terms
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.loglog(lengths, naive / GiB, label="scores materialised (naive attention)", color="C3")
+    ax.loglog(lengths, linear / GiB, label="fused attention", color="C0")
+    ax.loglog(lengths, linear / P / GiB, label=f"fused attention, context parallel P = {P}", color="C2")
+    ax.axhline(80e9 / GiB, color="gray", ls="--", lw=1)
+    ax.text(lengths[0], 80e9 / GiB * 1.15, "80 GB (one H100)", color="gray", fontsize=9)
+    ticks = [2**k for k in range(12, 21, 2)]
+    ax.set_xticks(ticks, [f"{t // 1024}K" for t in ticks])
+    ax.set_xlabel("sequence length L (tokens)")
+    ax.set_ylabel("activations of one layer (GiB)")
+    ax.set_title("One Llama-3-8B-shaped layer, bf16, batch 1")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    fig.savefig(out / "why_cp_memory.png", **SAVE)
+    plt.close(fig)
+
+
+def fig_blocks_merge(out: Path) -> None:
+    """Page 2: one query row's softmax, per block, and merged with the sigmoid weights."""
+    torch.manual_seed(3)
+    n, d = 16, 8
+    q, k = torch.randn(d), torch.randn(n, d)
+    s = k @ q / d**0.5  # (n,) scores of one query row
+    a, b = slice(0, n // 2), slice(n // 2, n)
+    p_full = torch.softmax(s, 0)
+    p_a, p_b = torch.softmax(s[a], 0), torch.softmax(s[b], 0)
+    lse_a, lse_b = torch.logsumexp(s[a], 0), torch.logsumexp(s[b], 0)
+    w_b = torch.sigmoid(lse_b - lse_a)
+    merged = torch.cat([(1 - w_b) * p_a, w_b * p_b])
+    assert torch.allclose(merged, p_full, atol=1e-6)
+    x = torch.arange(n)
+    colors = ["C0"] * (n // 2) + ["C1"] * (n // 2)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharex=True)
+    axes[0].bar(x, p_full, color=colors)
+    axes[0].set_title("softmax over all 16 keys")
+    axes[1].bar(x[a], p_a, color="C0", label="block A (sums to 1)")
+    axes[1].bar(x[b], p_b, color="C1", label="block B (sums to 1)")
+    axes[1].set_title("each block on its own")
+    axes[1].legend(fontsize=8)
+    axes[2].bar(x, merged, color=colors)
+    axes[2].plot(x, p_full, "k.", label="full softmax")
+    axes[2].set_title(rf"merged: A $\times$ {1 - w_b:.2f}, B $\times$ {w_b:.2f}  ($\sigma(\ell_B-\ell_A)$)")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("key index")
+        ax.set_xticks(range(0, n, 2))
+    axes[0].set_ylabel("attention weight")
+    fig.tight_layout()
+    fig.savefig(out / "blocks_merge.png", **SAVE)
+    plt.close(fig)
+
+
+def _trace(world_size: int, *, causal: bool, layout: str, seq_len: int = 32):
+    """Run the reference ring on small random inputs and return its trace."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, seq_len, 4, dtype=torch.float64) for _ in range(3))
+    out, trace = reference.simulate_ring_attention(
+        q, k, v, world_size, causal=causal, layout=layout, trace=True
+    )
+    torch.testing.assert_close(out, reference.full_attention(q, k, v, causal=causal))
+    return trace
+
+
+def fig_ring_schedule(out: Path) -> None:
+    """Page 3: which rank's K/V block each rank holds at each step (non-causal trace, P = 4)."""
+    P = 4
+    trace = _trace(P, causal=False, layout="contiguous")
+    fig, ax = plt.subplots(figsize=(6.2, 3.6))
+    for e in trace:
+        ax.add_patch(plt.Rectangle((e.step, e.rank), 0.94, 0.9, color=RANK_COLORS[e.kv_source], alpha=0.85))
+        ax.text(e.step + 0.47, e.rank + 0.45, f"K{e.kv_source} V{e.kv_source}", ha="center", va="center",
+                color="white", fontsize=10, fontweight="bold")
+    for step in range(P - 1):
+        ax.annotate("", xy=(step + 1.0, P + 0.25), xytext=(step + 0.9, P + 0.25),
+                    arrowprops={"arrowstyle": "->", "color": "gray"})
+        ax.text(step + 0.95, P + 0.45, "send", ha="center", color="gray", fontsize=8)
+    ax.set_xlim(-0.05, P)
+    ax.set_ylim(P + 0.7, -0.1)
+    ax.set_xticks([s + 0.47 for s in range(P)], [f"step {s}" for s in range(P)])
+    ax.set_yticks([r + 0.45 for r in range(P)], [f"rank {r} (Q{r})" for r in range(P)])
+    ax.set_title("Block held at each step: rank r holds K/V of rank (r - step) mod P", fontsize=10)
+    for side in ("top", "right", "bottom", "left"):
+        ax.spines[side].set_visible(False)
+    ax.tick_params(length=0)
+    fig.savefig(out / "ring_schedule.png", **SAVE)
+    plt.close(fig)
+
+
+def _who_computes(trace, seq_len: int, world_size: int, layout: str) -> torch.Tensor:
+    """(S, S) map of the global score matrix: the rank that computes each pair, -1 where none."""
+    positions = reference.shard_indices(seq_len, world_size, layout)
+    owner = torch.full((seq_len, seq_len), -1)
+    for e in trace:
+        rows, cols = positions[e.rank], positions[e.kv_source]
+        block = owner[rows][:, cols]
+        block[e.visible] = e.rank
+        owner[rows.unsqueeze(1), cols.unsqueeze(0)] = block
+    return owner
+
+
+def fig_causal_load_balance(out: Path) -> None:
+    """Page 4: causal work per rank, contiguous vs zigzag, from the reference trace (P = 4)."""
+    P, S = 4, 32
+    cmap = matplotlib.colors.ListedColormap(["white", *RANK_COLORS[:P]])
+    fig, axes = plt.subplots(2, 2, figsize=(9, 8), gridspec_kw={"width_ratios": [1.1, 1]})
+    for row, layout in enumerate(("contiguous", "zigzag")):
+        trace = _trace(P, causal=True, layout=layout, seq_len=S)
+        owner = _who_computes(trace, S, P, layout)
+        axes[row, 0].imshow(owner + 1, cmap=cmap, vmin=0, vmax=P, interpolation="nearest")
+        axes[row, 0].set_title(f"{layout}: who computes each (query, key) pair", fontsize=10)
+        axes[row, 0].set_xlabel("key position")
+        axes[row, 0].set_ylabel("query position")
+        work = reference.trace_work_per_rank(trace, P)
+        mean = sum(work) / P
+        axes[row, 1].bar(range(P), [w / mean for w in work], color=RANK_COLORS[:P])
+        axes[row, 1].axhline(1.0, color="gray", ls="--", lw=1)
+        axes[row, 1].set_ylim(0, 2)
+        axes[row, 1].set_xticks(range(P), [f"rank {r}" for r in range(P)])
+        axes[row, 1].set_ylabel("work / mean work")
+        axes[row, 1].set_title(f"{layout}: max / mean = {max(work) / mean:.2f}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "causal_load_balance.png", **SAVE)
+    plt.close(fig)
+
+
+FIGURES = [fig_why_cp_memory, fig_blocks_merge, fig_ring_schedule, fig_causal_load_balance]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "assets" / "figures")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for fig in FIGURES:
+        fig(args.out)
+        print(f"wrote {fig.__name__.removeprefix('fig_')}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""The documentation's code runs: every page, every example file, the site build, the figures.
+
+What runs, and how (one test per item):
+
+* ``test_page[<page>]``: the ```python fenced blocks of one ``docs/*.md`` page run in order, in one
+  namespace, as the reader would paste them into one Python session. Tracebacks point at the line
+  of the ``.md`` file. A block whose body is a snippet include of a file under ``docs/examples/``
+  (``--8<-- "docs/examples/x.py"``) is not run here when it is marked as an included example, by a
+  ``title="..."`` on its fence or a ``<!-- no-run -->`` line right before it: such files are run
+  on their own by ``test_example``. The marker is refused on any other block, so a page cannot
+  quietly skip code it shows. An unmarked include is expanded and run with the page.
+* ``test_example[<file>]``: every ``docs/examples/*.py`` runs with the command written in its
+  module docstring (the line starting ``torchrun`` or ``python``), so the command a reader copies
+  is the command that is tested.
+* ``test_mkdocs_build_strict``: ``mkdocs build --strict`` succeeds and the built HTML/CSS
+  references nothing outside the site (the pages must render offline). It fails, rather than
+  skips, when mkdocs is missing: CI installs the ``docs`` extra.
+* ``test_figures_regenerate``: ``docs/scripts/make_figures.py`` runs and writes every figure that
+  is committed under ``docs/assets/figures/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+EXAMPLES = DOCS / "examples"
+FIGURES = DOCS / "assets" / "figures"
+
+PAGES = sorted(DOCS.glob("*.md"))
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.py"))
+
+FENCE_OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)(?P<info>.*)$")
+SNIPPET = re.compile(r"""^\s*-{1,}8<-{1,}\s+["']?(?P<path>[^"'\s]+)["']?\s*$""")
+NO_RUN = "<!-- no-run -->"
+
+
+@dataclass
+class Block:
+    """One fenced code block of a page."""
+
+    lang: str
+    info: str
+    body: str
+    first_line: int  # 1-based line of the .md file where the body starts
+    no_run: bool
+
+
+def parse_blocks(text: str) -> list[Block]:
+    """Fenced code blocks of a markdown page, in order (fences may be indented, e.g. in admonitions)."""
+    lines = text.splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        m = FENCE_OPEN.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, fence = m["indent"], m["fence"]
+        prev = next((ln.strip() for ln in reversed(lines[:i]) if ln.strip()), "")
+        body, j = [], i + 1
+        close = re.compile(rf"^{re.escape(indent)}{re.escape(fence[0])}{{{len(fence)},}}\s*$")
+        while j < len(lines) and not close.match(lines[j]):
+            line = lines[j]
+            body.append(line[len(indent):] if line.startswith(indent) else line.lstrip())
+            j += 1
+        assert j < len(lines), f"unclosed code fence opened at line {i + 1}"
+        blocks.append(Block(m["lang"].lower(), m["info"], "\n".join(body) + "\n", i + 2, prev == NO_RUN))
+        i = j + 1
+    return blocks
+
+
+def included_examples(block: Block) -> list[Path] | None:
+    """The docs/examples files a block includes, or None if the block is not purely includes."""
+    paths = []
+    for line in block.body.splitlines():
+        if not line.strip():
+            continue
+        m = SNIPPET.match(line)
+        if not m:
+            return None
+        paths.append((REPO / m["path"]).resolve())
+    return paths or None
+
+
+def expand_snippets(block: Block) -> str:
+    """The block's code with each ``--8<-- "file"`` line replaced by the file's text."""
+    out = []
+    for line in block.body.splitlines():
+        m = SNIPPET.match(line)
+        out.append((REPO / m["path"]).read_text() if m else line)
+    return "\n".join(out) + "\n"
+
+
+def page_id(path: Path) -> str:
+    return path.name
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_page(page: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    namespace: dict = {"__name__": "__docs__"}
+    for block in parse_blocks(page.read_text()):
+        if block.lang not in ("python", "py"):
+            continue
+        marked = block.no_run or "title=" in block.info
+        includes = included_examples(block)
+        if marked:
+            assert includes and all(p.parent == EXAMPLES and p.is_file() for p in includes), (
+                f"{page.name}:{block.first_line}: only a block that includes a docs/examples/ file "
+                f"may be marked not-to-run ({NO_RUN} or title=); this one must run"
+            )
+            continue
+        code = expand_snippets(block) if includes else block.body
+        # Leading newlines make tracebacks name the line of the .md file.
+        exec(compile("\n" * (block.first_line - 1) + code, str(page), "exec"), namespace)
+
+
+def example_command(path: Path) -> list[str]:
+    """The run command written in an example's docstring, with this interpreter substituted."""
+    text = path.read_text()
+    doc = re.match(r'\s*(?:#.*\n\s*)*"""(.*?)"""', text, re.S)
+    assert doc, f"{path.name}: needs a module docstring with the command that runs it"
+    lines = [ln.strip() for ln in doc[1].splitlines()]
+    cmd = next((ln for ln in lines if ln.startswith(("torchrun ", "python "))), None)
+    assert cmd, f"{path.name}: its docstring must contain a line starting 'torchrun ' or 'python '"
+    argv = shlex.split(cmd)
+    if argv[0] == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+    return [sys.executable, *argv[1:]]
+
+
+@pytest.mark.parametrize("example", EXAMPLE_FILES, ids=page_id)
+def test_example(example: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env["MPLBACKEND"] = "Agg"
+    proc = subprocess.run(
+        example_command(example), cwd=REPO, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, f"{example.name} failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_every_example_is_shown_on_a_page() -> None:
+    shown = "\n".join(p.read_text() for p in PAGES)
+    for example in EXAMPLE_FILES:
+        assert f"docs/examples/{example.name}" in shown, f"{example.name} is not included by any page"
+
+
+def test_runner_refuses_to_skip_plain_code() -> None:
+    page = '<!-- no-run -->\n```python\nraise SystemExit("would be hidden")\n```\n'
+    (block,) = parse_blocks(page)
+    assert block.no_run and included_examples(block) is None
+
+
+# Anything off the site that a browser would fetch: a script, stylesheet, image, font or frame.
+TAG = re.compile(r"<(script|img|iframe|source|link)\b[^>]*>", re.I)
+EXTERNAL_URL = re.compile(r"""\b(?:src|href)\s*=\s*["'](?:https?:)?//""", re.I)
+CSS_EXTERNAL_URL = re.compile(r"""url\(\s*["']?(?:https?:)?//""", re.I)
+
+
+def external_fetches(text: str) -> list[str]:
+    """Tags and CSS urls in a built file that would make the browser leave the machine."""
+    found = []
+    for m in TAG.finditer(text):
+        tag = m.group(0)
+        is_link = m.group(1).lower() == "link"
+        if is_link and re.search(r"""rel=["']?(canonical|alternate)""", tag, re.I):
+            continue  # metadata, never fetched by the browser
+        if EXTERNAL_URL.search(tag):
+            found.append(tag[:160])
+    found += [m.group(0) for m in CSS_EXTERNAL_URL.finditer(text)]
+    return found
+
+
+def test_mkdocs_build_strict(tmp_path: Path) -> None:
+    try:
+        import mkdocs  # noqa: F401
+    except ImportError:
+        pytest.fail("mkdocs is not installed: pip install -e '.[docs]' (CI must build the site)")
+    site = tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(site)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},  # material's banner about MkDocs 2
+    )
+    assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
+    offenders = []
+    for f in [*site.rglob("*.html"), *site.rglob("*.css")]:
+        offenders += [f"{f.relative_to(site)}: {t}" for t in external_fetches(f.read_text(errors="replace"))]
+    assert not offenders, "the site must render offline; external references:\n" + "\n".join(offenders)
+
+
+def test_figures_regenerate(tmp_path: Path) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pytest.fail("matplotlib is not installed: pip install -e '.[docs]'")
+    proc = subprocess.run(
+        [sys.executable, str(DOCS / "scripts" / "make_figures.py"), "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    made = {p.name for p in tmp_path.glob("*.png")}
+    committed = {p.name for p in FIGURES.glob("*.png")}
+    assert made == committed, f"figures made {sorted(made)} != committed {sorted(committed)}"
