@@ -37,8 +37,11 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, bl
         block_out: The block's output ``(B, H, S, D)`` (any float dtype).
         block_lse: The block's log-sum-exp ``(B, H, S)``; ``-inf`` where the row saw no key.
     """
-    # Rows that saw nothing so far (lse == -inf) would give sigmoid(nan); give them the block outright.
-    empty = torch.isneginf(lse)
+    empty = torch.isneginf(lse)  # rows that saw nothing so far: sigmoid(nan) otherwise
+    if bool(empty.all()):  # the first block of these rows: take it as it is (saves four passes)
+        out.copy_(block_out)
+        lse.copy_(block_lse)
+        return
     diff = (block_lse - lse).masked_fill(empty, float("inf"))  # sigmoid(+inf) = 1: take the block
     out.sub_(torch.sigmoid(diff).unsqueeze(-1) * (out - block_out.to(out.dtype)))
     new_lse = lse - F.logsigmoid(-diff)
