@@ -15,6 +15,9 @@ What runs, and how (one test per item):
 * ``test_mkdocs_build_strict``: ``mkdocs build --strict`` succeeds and the built HTML/CSS
   references nothing outside the site (the pages must render offline). It fails, rather than
   skips, when mkdocs is missing: CI installs the ``docs`` extra.
+* ``test_site_in_headless_browser``: the built pages open in headless Chromium with every formula
+  rendered, every image shown and no request leaving the machine (``docs/scripts/check_site.py``);
+  skipped only where no Chromium is installed.
 * ``test_figures_regenerate``: ``docs/scripts/make_figures.py`` runs and writes every figure that
   is committed under ``docs/assets/figures/``.
 """
@@ -182,22 +185,42 @@ def external_fetches(text: str) -> list[str]:
     return found
 
 
-def test_mkdocs_build_strict(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site, built once with ``mkdocs build --strict``; fails (not skips) without mkdocs."""
     try:
         import mkdocs  # noqa: F401
     except ImportError:
         pytest.fail("mkdocs is not installed: pip install -e '.[docs]' (CI must build the site)")
-    site = tmp_path / "site"
+    site = tmp_path_factory.mktemp("site")
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(site)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},  # material's banner about MkDocs 2
     )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
+    return site
+
+
+def test_mkdocs_build_strict(built_site: Path) -> None:
     offenders = []
-    for f in [*site.rglob("*.html"), *site.rglob("*.css")]:
-        offenders += [f"{f.relative_to(site)}: {t}" for t in external_fetches(f.read_text(errors="replace"))]
+    for f in [*built_site.rglob("*.html"), *built_site.rglob("*.css")]:
+        offenders += [f"{f.relative_to(built_site)}: {t}" for t in external_fetches(f.read_text(errors="replace"))]
     assert not offenders, "the site must render offline; external references:\n" + "\n".join(offenders)
+
+
+def test_site_in_headless_browser(built_site: Path) -> None:
+    """Math rendered, images shown, no request off the machine: docs/scripts/check_site.py."""
+    sys.path.insert(0, str(DOCS / "scripts"))
+    try:
+        import check_site
+    finally:
+        sys.path.remove(str(DOCS / "scripts"))
+    chromium = check_site.find_chromium()
+    if chromium is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium to run this check)")
+    problems = check_site.check_site(built_site, chromium)
+    assert not problems, "\n".join(problems)
 
 
 def test_figures_regenerate(tmp_path: Path) -> None:
