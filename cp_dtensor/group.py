@@ -54,17 +54,21 @@ class ContextParallelGroup:
     """A device mesh with a context-parallel axis ``"cp"`` and the layout used to shard sequences.
 
     Attributes:
-        mesh: The whole mesh, axes named ``("dp", "cp")``.
+        mesh: The whole mesh, axes named ``("dp", "cp")``; with ``ulysses_size``, axes
+            ``("dp", "ring", "ulysses")`` and ``"cp"`` their flattened ``("ring", "ulysses")``.
         layout: ``"zigzag"`` (default, balances causal work) or ``"contiguous"``.
+        flat_cp_mesh: The ``"cp"`` mesh flattened from ``("ring", "ulysses")``, kept here because torch
+            deprecates slicing a flattened dim from the root mesh; ``None`` without ``ulysses_size``.
     """
 
     mesh: DeviceMesh
     layout: str = "zigzag"
+    flat_cp_mesh: DeviceMesh | None = None
 
     @property
     def cp_mesh(self) -> DeviceMesh:
         """The 1-D sub-mesh of the context-parallel axis."""
-        return self.mesh["cp"]
+        return self.mesh["cp"] if self.flat_cp_mesh is None else self.flat_cp_mesh
 
     @property
     def dp_mesh(self) -> DeviceMesh:
@@ -85,6 +89,30 @@ class ContextParallelGroup:
     def size(self) -> int:
         """Number of ranks along the cp axis (``P``)."""
         return self.cp_mesh.size()
+
+    @property
+    def ulysses_size(self) -> int | None:
+        """Ranks per Ulysses group (``u``), or ``None`` when the group was built without ``ulysses_size``."""
+        names = self.mesh.mesh_dim_names or ()
+        return self.mesh["ulysses"].size() if "ulysses" in names else None
+
+    @property
+    def ulysses_mesh(self) -> DeviceMesh:
+        """The 1-D sub-mesh of ``u`` consecutive cp ranks that exchange heads (hybrid attention)."""
+        return self.mesh[self._hybrid_axis("ulysses")]
+
+    @property
+    def ring_mesh(self) -> DeviceMesh:
+        """The 1-D sub-mesh that links the ``P // u`` Ulysses groups in a ring (hybrid attention)."""
+        return self.mesh[self._hybrid_axis("ring")]
+
+    def _hybrid_axis(self, name: str) -> str:
+        if self.ulysses_size is None:
+            raise ValueError(
+                f"This group has no {name!r} axis: build it with "
+                "init_context_parallel_group(cp_size, ulysses_size=u) for hybrid attention."
+            )
+        return name
 
     @property
     def device_type(self) -> str:
@@ -177,6 +205,7 @@ def init_context_parallel_group(
     device_type: str | None = None,
     backend: str | None = None,
     timeout: float | datetime.timedelta | None = None,
+    ulysses_size: int | None = None,
 ) -> ContextParallelGroup:
     """Build the ``("dp", "cp")`` device mesh for context parallelism.
 
@@ -190,15 +219,24 @@ def init_context_parallel_group(
         device_type: ``"cuda"`` or ``"cpu"``; default ``"cuda"`` when available.
         backend: Process-group backend; default ``"nccl"`` on CUDA, ``"gloo"`` on CPU.
         timeout: Seconds (or a timedelta) after which a collective that never completes raises.
+        ulysses_size: For hybrid attention: ranks per Ulysses group ``u`` (divides ``cp_size``). The
+            mesh is then ``("dp", "ring", "ulysses") = (dp_size, cp_size // u, u)`` with
+            ``("ring", "ulysses")`` flattened to ``"cp"``: each Ulysses group is ``u`` consecutive
+            cp ranks. ``None`` (default): the plain ``("dp", "cp")`` mesh.
 
     Returns:
         The :class:`ContextParallelGroup`.
 
     Raises:
-        ValueError: A size is not a positive int, ``dp_size * cp_size`` is not the world size, or the
-            layout is unknown.
+        ValueError: A size is not a positive int, ``dp_size * cp_size`` is not the world size,
+            ``ulysses_size`` does not divide ``cp_size``, or the layout is unknown.
     """
     _positive_int("cp_size", cp_size)
+    if ulysses_size is not None and cp_size % _positive_int("ulysses_size", ulysses_size):
+        raise ValueError(
+            f"ulysses_size={ulysses_size} must divide cp_size={cp_size} (the cp axis is split into "
+            f"cp_size // ulysses_size ring steps of ulysses_size ranks each)."
+        )
     check_layout(layout)
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -218,8 +256,13 @@ def init_context_parallel_group(
             f"dp_size * cp_size = {dp_size} * {cp_size} = {dp_size * cp_size} must equal the world size "
             f"{world_size}."
         )
-    mesh = init_device_mesh(device_type, (dp_size, cp_size), mesh_dim_names=("dp", "cp"))
-    return ContextParallelGroup(mesh=mesh, layout=layout)
+    if ulysses_size is None:
+        mesh = init_device_mesh(device_type, (dp_size, cp_size), mesh_dim_names=("dp", "cp"))
+        return ContextParallelGroup(mesh=mesh, layout=layout)
+    # Row-major: cp rank = ring rank * u + ulysses rank, so each Ulysses group is consecutive ranks.
+    shape = (dp_size, cp_size // ulysses_size, ulysses_size)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=("dp", "ring", "ulysses"))
+    return ContextParallelGroup(mesh=mesh, layout=layout, flat_cp_mesh=mesh["ring", "ulysses"]._flatten("cp"))
 
 
 def check_partitionable(seq_len: int, group: ContextParallelGroup) -> None:

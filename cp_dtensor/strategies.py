@@ -10,11 +10,19 @@ from collections.abc import Callable
 
 import torch
 
+from cp_dtensor.allgather import allgather_kv_attention
+from cp_dtensor.hybrid import hybrid_attention
 from cp_dtensor.ring import ring_attention
+from cp_dtensor.ulysses import ulysses_attention
 
 __all__ = ["STRATEGIES", "get_strategy", "context_parallel_attention"]
 
-STRATEGIES: dict[str, Callable[..., torch.Tensor]] = {"ring": ring_attention}
+STRATEGIES: dict[str, Callable[..., torch.Tensor]] = {
+    "ring": ring_attention,
+    "ulysses": ulysses_attention,
+    "allgather": allgather_kv_attention,
+    "hybrid": hybrid_attention,  # needs init_context_parallel_group(..., ulysses_size=u)
+}
 
 
 def get_strategy(name: str) -> Callable[..., torch.Tensor]:

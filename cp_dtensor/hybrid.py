@@ -1,0 +1,91 @@
+"""Hybrid attention (USP): Ulysses inside groups of ``u`` ranks, a ring across the ``P / u`` groups.
+
+The cp axis of a group built with ``init_context_parallel_group(cp_size, ulysses_size=u)`` is the
+flattened ``("ring", "ulysses")`` sub-mesh: cp rank ``g * u + m`` is rank ``m`` of Ulysses group
+``g``. Attention then runs in three moves:
+
+1. all-to-all inside the Ulysses group (see Note [Ulysses all-to-all] in :mod:`cp_dtensor.ulysses`):
+   each rank holds ``H / u`` heads of all the group's tokens, sorted by global position;
+2. the ring of :mod:`cp_dtensor.ring` across groups, on the ``"ring"`` axis: ring rank ``g`` starts
+   with the K/V of its group's tokens, and :class:`~cp_dtensor.ring.RingPlan` is given the group's
+   runs (``q_runs``) and each peer group's runs (``kv_runs``) so that
+   :func:`~cp_dtensor.blocks.plan_blocks` masks causally on global positions;
+3. all-to-all back to the layout's token shards.
+
+``u = 1`` is the ring (the all-to-all is a no-op), ``u = P`` is Ulysses (a ring of one rank).
+Putting the Ulysses group on consecutive ranks puts the all-to-all, the heavier collective, on the
+fastest links (one node), and the ring's point-to-point sends across nodes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cp_dtensor.group import ContextParallelGroup
+from cp_dtensor.ring import RingPlan
+from cp_dtensor.sharding import from_local_like
+from cp_dtensor.ulysses import HeadExchange, attend_over_heads, check_heads, local_inputs
+
+__all__ = ["hybrid_attention"]
+
+
+def _group_runs(cp_group: ContextParallelGroup, seq_len: int, group_index: int, u: int):
+    """Runs of the ``u`` cp ranks of Ulysses group ``group_index``, in Ulysses-rank order."""
+    return tuple(tuple(cp_group.runs(seq_len, group_index * u + m)) for m in range(u))
+
+
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cp_group: ContextParallelGroup,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact attention: Ulysses all-to-all within groups of ``u`` ranks, ring attention across groups.
+
+    Args:
+        q: Local queries ``(B, H, S_local, D)`` (``cp_group.partition_sequence(q, seq_dim=2)``), or a
+            DTensor sharded ``Shard(2)`` on the cp mesh. ``u`` must divide ``H``.
+        k: Local keys ``(B, H_kv, S_local, D)``; ``H_kv`` divides ``H`` (GQA). If ``u`` does not
+            divide ``H_kv`` the K/V heads are repeated ``u / gcd(H_kv, u)`` times.
+        v: Local values, same shape as ``k``.
+        cp_group: A group built with ``init_context_parallel_group(cp_size, ulysses_size=u)``.
+        causal: Causal masking on GLOBAL positions.
+        scale: Softmax scale; default ``D ** -0.5``.
+
+    Returns:
+        The local output ``(B, H, S_local, D)`` in ``q``'s dtype (a DTensor if ``q`` was one).
+        Differentiable with respect to ``q``, ``k`` and ``v``.
+
+    Raises:
+        ValueError: ``cp_group`` has no Ulysses axis, ``u`` does not divide ``H``, or as
+            :func:`cp_dtensor.ring_attention`.
+    """
+    u = cp_group.ulysses_size
+    if u is None:
+        raise ValueError(
+            "hybrid attention needs a cp group with a Ulysses axis: build it with "
+            "init_context_parallel_group(cp_size, ulysses_size=u), u dividing cp_size and the heads "
+            "(u=1 is the ring, u=cp_size is Ulysses)."
+        )
+    q_l, k_l, v_l, like, seq_len, scale = local_inputs(q, k, v, cp_group, causal, scale)
+    check_heads(q_l.shape[1], u, "ulysses_size")
+    ring_size, ring_rank = cp_group.ring_mesh.size(), cp_group.ring_mesh.get_local_rank()
+    assert cp_group.rank == ring_rank * u + cp_group.ulysses_mesh.get_local_rank(), "Ulysses groups are consecutive"
+    exchange = HeadExchange(
+        group=cp_group.ulysses_mesh.get_group() if u > 1 else None,
+        member_runs=_group_runs(cp_group, seq_len, ring_rank, u),
+    )
+    plan = RingPlan(
+        group=cp_group.ring_mesh.get_group() if ring_size > 1 else None,
+        rank=ring_rank,
+        size=ring_size,
+        q_runs=exchange.runs,
+        kv_runs=lambda src: HeadExchange(None, _group_runs(cp_group, seq_len, src, u)).runs,
+        causal=causal,
+        scale=scale,
+    )
+    out = attend_over_heads(q_l, k_l, v_l, exchange, plan)
+    return from_local_like(out, like)

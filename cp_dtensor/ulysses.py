@@ -1,0 +1,235 @@
+"""Ulysses attention (DeepSpeed-Ulysses): trade the sequence shard for a head shard with all-to-all.
+
+Note [Ulysses all-to-all]
+-------------------------
+Each of the ``n`` ranks of a group holds ``S`` tokens (its layout runs) of all ``H`` heads. One
+all-to-all sends head group ``j`` (``H / n`` heads) of those tokens to rank ``j``; rank ``j`` then
+holds ``H / n`` heads of all ``n * S`` tokens and attends over them with no further communication.
+A second all-to-all brings the output back to the layout's token shards. For ``P = 2``, zigzag
+(chunks ``c0 .. c3``, heads ``h0, h1``)::
+
+    before: rank 0 [c0 c3] x [h0 h1]     rank 1 [c1 c2] x [h0 h1]
+    after:  rank 0 [c0 c1 c2 c3] x [h0]  rank 1 [c0 c1 c2 c3] x [h1]
+
+The gathered tokens are laid out in increasing global position (the zigzag order is undone in the
+copy that assembles the received chunks, a copy the all-to-all needs anyway), so the local attention
+is the plain single-sequence call: one fused block, causal or not, planned by
+:func:`cp_dtensor.blocks.plan_blocks`.
+
+GQA: ``H_kv`` K/V heads are split the same way when ``n`` divides ``H_kv``. Otherwise each K/V head
+is repeated ``r = n / gcd(H_kv, n)`` times (the fewest copies that give every rank whole heads:
+``H_kv * r = lcm(H_kv, n)``), and autograd sums the copies' gradients back. With ``H_kv = 1`` that
+is an all-gather of K/V carried by the all-to-all.
+
+Hybrid attention (:mod:`cp_dtensor.hybrid`) runs this exchange inside groups of ``u`` ranks and a
+ring across the groups; pure Ulysses is the case of one group (a ring of one rank).
+
+Legend: ``B`` batch, ``H`` query heads, ``H_kv`` K/V heads, ``S`` local sequence length, ``D`` head
+dim, ``n`` ranks in the exchange, ``N`` suffix: one entry per rank on dim 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.profiler import record_function
+
+from cp_dtensor.collectives import all_to_all
+from cp_dtensor.group import ContextParallelGroup
+from cp_dtensor.layout import Run
+from cp_dtensor.ring import RingPlan, _RingAttention
+from cp_dtensor.sharding import from_local_like, to_local_checked
+from cp_dtensor.validate import check_qkv, resolve_scale
+
+__all__ = ["ulysses_attention", "HeadExchange", "kv_replication", "check_heads", "attend_over_heads"]
+
+
+def kv_replication(num_kv_heads: int, size: int) -> int:
+    """Copies of each K/V head that give each of ``size`` ranks whole heads: ``size / gcd(H_kv, size)``."""
+    return size // math.gcd(num_kv_heads, size)
+
+
+def check_heads(num_heads: int, size: int, axis: str) -> None:
+    """Raise ``ValueError`` unless ``size`` ranks can split ``num_heads`` query heads evenly.
+
+    Args:
+        num_heads: Query heads ``H``.
+        size: Ranks that split the heads.
+        axis: How the caller names ``size`` in the message (``"the cp size"``, ``"ulysses_size"``).
+    """
+    if num_heads % size:
+        raise ValueError(
+            f"Ulysses splits the {num_heads} query heads over {axis} = {size} ranks, but {size} does not "
+            f"divide {num_heads}. Use strategy='ring' (or 'allgather'), which works for any head count, "
+            "or a size that divides the heads."
+        )
+
+
+@dataclass(frozen=True)
+class HeadExchange:
+    """The all-to-all of a group of ranks: token shards of all heads <-> all tokens of a head group.
+
+    See Note [Ulysses all-to-all] in this module.
+
+    Attributes:
+        group: Process group of the exchange (``None`` for one rank).
+        member_runs: The layout runs each rank of the group holds, in group-rank order.
+    """
+
+    group: dist.ProcessGroup | None
+    member_runs: tuple[tuple[Run, ...], ...]
+
+    @property
+    def size(self) -> int:
+        """Ranks in the exchange (``n``)."""
+        return len(self.member_runs)
+
+    @property
+    def runs(self) -> list[Run]:
+        """Runs of the gathered sequence after :meth:`to_heads`: the group's runs, sorted."""
+        return sorted(run for runs in self.member_runs for run in runs)
+
+    def _pieces(self) -> list[tuple[int, int, int, int]]:
+        """``(member, local offset, gathered offset, length)`` of every run, in gathered order."""
+        found = []
+        for member, runs in enumerate(self.member_runs):
+            offset = 0
+            for start, length in runs:
+                found.append((start, member, offset, length))
+                offset += length
+        pieces, gathered = [], 0
+        for _, member, offset, length in sorted(found):
+            pieces.append((member, offset, gathered, length))
+            gathered += length
+        return pieces
+
+    def _is_identity(self) -> bool:
+        return self.size == 1 and list(self.member_runs[0]) == self.runs
+
+    def to_heads(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Exchange token shards for head shards; one all-to-all for all ``tensors``.
+
+        Args:
+            tensors: Local shards ``(B, H_i, S, D)`` with ``n`` dividing every ``H_i``.
+
+        Returns:
+            ``(B, H_i / n, n * S, D)`` each: this rank's head group, every token of the group in
+            increasing global position (:attr:`runs`).
+        """
+        if self._is_identity():
+            return list(tensors)
+        n = self.size
+        heads = [t.shape[1] // n for t in tensors]
+        send_N = torch.cat([t.unflatten(1, (n, -1)) for t in tensors], dim=2).movedim(1, 0)  # (n, B, sum h, S, D)
+        recv_N = all_to_all(send_N, self.group)  # entry m: rank m's tokens, this rank's heads
+        pieces = [recv_N[m][:, :, off : off + length] for m, off, _, length in self._pieces()]
+        return list(torch.cat(pieces, dim=2).split(heads, dim=1))
+
+    def to_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_heads` for one tensor.
+
+        Args:
+            x: ``(B, h, n * S, D)``: this rank's head group over the gathered tokens (:attr:`runs`).
+
+        Returns:
+            ``(B, n * h, S, D)``: all heads of this rank's tokens, in the layout's order.
+        """
+        if self._is_identity():
+            return x
+        per_member: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(self.size)]
+        for member, offset, gathered, length in self._pieces():
+            per_member[member].append((offset, x[:, :, gathered : gathered + length]))
+        send_N = torch.stack([torch.cat([p for _, p in sorted(ps, key=lambda p: p[0])], dim=2) for ps in per_member])
+        recv_N = all_to_all(send_N, self.group)  # entry m: head group m of this rank's tokens
+        return recv_N.movedim(0, 1).flatten(1, 2)
+
+
+def attend_over_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, exchange: HeadExchange, plan: RingPlan
+) -> torch.Tensor:
+    """All-to-all to head shards, the ring of ``plan`` over the gathered tokens, all-to-all back.
+
+    Args:
+        q: Local queries ``(B, H, S, D)``; ``exchange.size`` divides ``H``.
+        k: Local keys ``(B, H_kv, S, D)``.
+        v: Local values ``(B, H_kv, S, D)``.
+        exchange: The Ulysses group of this rank.
+        plan: The ring over the groups: its ``q_runs`` are ``exchange.runs`` (a ring of one rank for
+            pure Ulysses).
+
+    Returns:
+        The local output ``(B, H, S, D)``; differentiable.
+    """
+    r = kv_replication(k.shape[1], exchange.size)
+    if r > 1:  # whole K/V heads for every rank; autograd sums the copies' gradients
+        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+    with record_function("cp_dtensor.ulysses.to_heads"):
+        q_h, k_h, v_h = exchange.to_heads([q, k, v])
+    out_h = _RingAttention.apply(q_h, k_h, v_h, plan)
+    with record_function("cp_dtensor.ulysses.to_sequence"):
+        return exchange.to_sequence(out_h)
+
+
+def local_inputs(q, k, v, cp_group: ContextParallelGroup, causal: bool, scale: float | None):
+    """Unwrap DTensors and validate like :func:`cp_dtensor.ring_attention`.
+
+    Returns:
+        ``(q, k, v, like, seq_len, scale)``: local shards, the DTensor to wrap the output like (or
+        ``None``), the global sequence length and the resolved scale.
+
+    Raises:
+        ValueError: As :func:`cp_dtensor.ring_attention`.
+    """
+    (q_l, k_l, v_l), like = to_local_checked((q, k, v), cp_group, seq_dim=2)
+    check_qkv(q_l, k_l, v_l)
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}.")
+    seq_len = q_l.shape[2] * cp_group.size
+    cp_group.runs(seq_len)  # raises ValueError if the local length does not fit the layout
+    return q_l, k_l, v_l, like, seq_len, resolve_scale(scale, q_l.shape[-1])
+
+
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cp_group: ContextParallelGroup,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact attention over the whole sequence by exchanging token shards for head shards.
+
+    See Note [Ulysses all-to-all] in this module. Uses the whole cp axis for the all-to-all.
+
+    Args:
+        q: Local queries ``(B, H, S_local, D)`` (``cp_group.partition_sequence(q, seq_dim=2)``), or a
+            DTensor sharded ``Shard(2)`` on the cp mesh. The cp size ``P`` must divide ``H``.
+        k: Local keys ``(B, H_kv, S_local, D)``; ``H_kv`` divides ``H`` (GQA). If ``P`` does not
+            divide ``H_kv`` the K/V heads are repeated just enough (``P / gcd(H_kv, P)`` times).
+        v: Local values, same shape as ``k``.
+        cp_group: The group from :func:`~cp_dtensor.init_context_parallel_group`, any layout.
+        causal: Causal masking on GLOBAL positions.
+        scale: Softmax scale; default ``D ** -0.5``.
+
+    Returns:
+        The local output ``(B, H, S_local, D)`` in ``q``'s dtype (a DTensor if ``q`` was one).
+        Differentiable with respect to ``q``, ``k`` and ``v``.
+
+    Raises:
+        ValueError: ``P`` does not divide ``H`` (use ring); or as :func:`cp_dtensor.ring_attention`.
+    """
+    q_l, k_l, v_l, like, seq_len, scale = local_inputs(q, k, v, cp_group, causal, scale)
+    check_heads(q_l.shape[1], cp_group.size, "the cp size")
+    exchange = HeadExchange(
+        group=cp_group.process_group if cp_group.size > 1 else None,
+        member_runs=tuple(tuple(cp_group.runs(seq_len, r)) for r in range(cp_group.size)),
+    )
+    runs = exchange.runs
+    plan = RingPlan(group=None, rank=0, size=1, q_runs=runs, kv_runs=lambda _: runs, causal=causal, scale=scale)
+    out = attend_over_heads(q_l, k_l, v_l, exchange, plan)
+    return from_local_like(out, like)
