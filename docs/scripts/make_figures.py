@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import reference  # noqa: E402
+import reference.ring  # noqa: E402
 
 GiB = 2**30
 RANK_COLORS = plt.get_cmap("tab10").colors
@@ -124,6 +125,35 @@ def fig_ring_schedule(out: Path) -> None:
     plt.close(fig)
 
 
+def fig_backward_ring(out: Path) -> None:
+    """Page 5: where each block's dK/dV accumulators are at each backward step, and the send home."""
+    P = 4
+    trace = _trace(P, causal=False, layout="contiguous")
+    held = {(e.rank, e.step): e.kv_source for e in trace}  # the backward walks the forward's schedule
+    last = [held[(r, P - 1)] for r in range(P)]
+    home = reference.ring.send_to_next_rank(last)  # the P-th send: accumulators only
+    assert home == list(range(P))
+    fig, ax = plt.subplots(figsize=(7.4, 3.6))
+    columns = [[held[(r, step)] for r in range(P)] for step in range(P)] + [home]
+    for col, owners in enumerate(columns):
+        for rank, owner in enumerate(owners):
+            alpha = 0.85 if col < P else 0.6
+            ax.add_patch(plt.Rectangle((col, rank), 0.94, 0.9, color=RANK_COLORS[owner], alpha=alpha))
+            label = f"dK{owner} dV{owner}" if col < P else f"dK{owner} dV{owner}\nat home"
+            ax.text(col + 0.47, rank + 0.45, label, ha="center", va="center", color="white", fontsize=9,
+                    fontweight="bold")
+    ax.set_xlim(-0.05, P + 1)
+    ax.set_ylim(P, -0.1)
+    ax.set_xticks([c + 0.47 for c in range(P + 1)], [f"step {s}" for s in range(P)] + ["after send P"])
+    ax.set_yticks([r + 0.45 for r in range(P)], [f"rank {r}" for r in range(P)])
+    ax.set_title("Backward: the dK/dV accumulators travel with their K/V block", fontsize=10)
+    for side in ("top", "right", "bottom", "left"):
+        ax.spines[side].set_visible(False)
+    ax.tick_params(length=0)
+    fig.savefig(out / "backward_ring.png", **SAVE)
+    plt.close(fig)
+
+
 def _who_computes(trace, seq_len: int, world_size: int, layout: str) -> torch.Tensor:
     """(S, S) map of the global score matrix: the rank that computes each pair, -1 where none."""
     positions = reference.shard_indices(seq_len, world_size, layout)
@@ -161,7 +191,7 @@ def fig_causal_load_balance(out: Path) -> None:
     plt.close(fig)
 
 
-FIGURES = [fig_why_cp_memory, fig_blocks_merge, fig_ring_schedule, fig_causal_load_balance]
+FIGURES = [fig_why_cp_memory, fig_blocks_merge, fig_ring_schedule, fig_backward_ring, fig_causal_load_balance]
 
 
 def main() -> None:
