@@ -4,11 +4,11 @@ What runs, and how (one test per item):
 
 * ``test_page[<page>]``: the ```python fenced blocks of one ``docs/*.md`` page run in order, in one
   namespace, as the reader would paste them into one Python session. Tracebacks point at the line
-  of the ``.md`` file. A block whose body is a snippet include of a file under ``docs/examples/``
-  (``--8<-- "docs/examples/x.py"``) is not run here when it is marked as an included example, by a
-  ``title="..."`` on its fence or a ``<!-- no-run -->`` line right before it: such files are run
-  on their own by ``test_example``. The marker is refused on any other block, so a page cannot
-  quietly skip code it shows. An unmarked include is expanded and run with the page.
+  of the ``.md`` file. The one exception: a block whose body only includes files of
+  ``docs/examples/`` (``--8<-- "docs/examples/x.py"``) and is marked, by a ``title="..."`` on its
+  fence or a ``<!-- no-run -->`` line right before it, is not run with the page; such (multi-rank)
+  files are run on their own by ``test_example``. ``<!-- no-run -->`` on any other block is an
+  error, so a page cannot quietly skip code it shows. Unmarked includes are expanded and run.
 * ``test_example[<file>]``: every ``docs/examples/*.py`` runs with the command written in its
   module docstring (the line starting ``torchrun`` or ``python``), so the command a reader copies
   is the command that is tested.
@@ -73,7 +73,7 @@ def parse_blocks(text: str) -> list[Block]:
         close = re.compile(rf"^{re.escape(indent)}{re.escape(fence[0])}{{{len(fence)},}}\s*$")
         while j < len(lines) and not close.match(lines[j]):
             line = lines[j]
-            body.append(line[len(indent):] if line.startswith(indent) else line.lstrip())
+            body.append(line[len(indent) :] if line.startswith(indent) else line.lstrip())
             j += 1
         assert j < len(lines), f"unclosed code fence opened at line {i + 1}"
         blocks.append(Block(m["lang"].lower(), m["info"], "\n".join(body) + "\n", i + 2, prev == NO_RUN))
@@ -107,6 +107,28 @@ def page_id(path: Path) -> str:
     return path.name
 
 
+def runnable_code(block: Block, where: str) -> str | None:
+    """The code of a python block to run with its page, or None for an example run on its own.
+
+    A block that only includes files of docs/examples/ and is marked (``title=`` on its fence or
+    ``<!-- no-run -->`` before it) is left to ``test_example``. Unmarked includes are expanded and
+    run here. A titled block with its own code simply runs.
+
+    Raises:
+        ValueError: ``<!-- no-run -->`` on a block that is not purely an include of docs/examples.
+    """
+    includes = included_examples(block)
+    is_example = bool(includes) and all(p.parent == EXAMPLES and p.is_file() for p in includes)
+    if block.no_run and not is_example:
+        raise ValueError(
+            f"{where}: {NO_RUN} is only for a block that includes a docs/examples/ file "
+            "(which test_example runs); this block must run"
+        )
+    if is_example and (block.no_run or "title=" in block.info):
+        return None
+    return expand_snippets(block) if includes else block.body
+
+
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_page(page: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
@@ -116,17 +138,10 @@ def test_page(page: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for block in parse_blocks(page.read_text()):
         if block.lang not in ("python", "py"):
             continue
-        marked = block.no_run or "title=" in block.info
-        includes = included_examples(block)
-        if marked:
-            assert includes and all(p.parent == EXAMPLES and p.is_file() for p in includes), (
-                f"{page.name}:{block.first_line}: only a block that includes a docs/examples/ file "
-                f"may be marked not-to-run ({NO_RUN} or title=); this one must run"
-            )
-            continue
-        code = expand_snippets(block) if includes else block.body
-        # Leading newlines make tracebacks name the line of the .md file.
-        exec(compile("\n" * (block.first_line - 1) + code, str(page), "exec"), namespace)
+        code = runnable_code(block, f"{page.name}:{block.first_line}")
+        if code is not None:
+            # Leading newlines make tracebacks name the line of the .md file.
+            exec(compile("\n" * (block.first_line - 1) + code, str(page), "exec"), namespace)
 
 
 def example_command(path: Path) -> list[str]:
@@ -147,9 +162,7 @@ def example_command(path: Path) -> list[str]:
 def test_example(example: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env["MPLBACKEND"] = "Agg"
-    proc = subprocess.run(
-        example_command(example), cwd=REPO, env=env, capture_output=True, text=True, timeout=180
-    )
+    proc = subprocess.run(example_command(example), cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"{example.name} failed:\n{proc.stdout}\n{proc.stderr}"
 
 
@@ -159,10 +172,18 @@ def test_every_example_is_shown_on_a_page() -> None:
         assert f"docs/examples/{example.name}" in shown, f"{example.name} is not included by any page"
 
 
-def test_runner_refuses_to_skip_plain_code() -> None:
-    page = '<!-- no-run -->\n```python\nraise SystemExit("would be hidden")\n```\n'
-    (block,) = parse_blocks(page)
-    assert block.no_run and included_examples(block) is None
+def test_runner_skips_only_included_examples() -> None:
+    def code(markdown: str) -> str | None:
+        return runnable_code(parse_blocks(markdown)[0], "test")
+
+    include = '--8<-- "docs/examples/ring_rotation.py"'
+    assert code(f"<!-- no-run -->\n```python\n{include}\n```\n") is None
+    assert code(f'```python title="ring_rotation.py"\n{include}\n```\n') is None
+    assert "def rotate" in code(f"```python\n{include}\n```\n")  # unmarked: expanded, run
+    assert code('```python title="x.py"\nx = 1\n```\n') == "x = 1\n"  # a title alone skips nothing
+    for hidden in ("```python\nraise SystemExit\n```", '```python\n--8<-- "reference/ring.py"\n```'):
+        with pytest.raises(ValueError, match="must run"):
+            code(f"<!-- no-run -->\n{hidden}\n")
 
 
 # Anything off the site that a browser would fetch: a script, stylesheet, image, font or frame.
@@ -195,7 +216,10 @@ def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     site = tmp_path_factory.mktemp("site")
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(site)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},  # material's banner about MkDocs 2
     )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
@@ -230,7 +254,10 @@ def test_figures_regenerate(tmp_path: Path) -> None:
         pytest.fail("matplotlib is not installed: pip install -e '.[docs]'")
     proc = subprocess.run(
         [sys.executable, str(DOCS / "scripts" / "make_figures.py"), "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 0, proc.stderr

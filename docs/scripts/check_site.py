@@ -29,8 +29,14 @@ import threading
 from pathlib import Path
 
 CHROMIUM_FLAGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-    "--disable-background-networking", "--disable-component-update", "--disable-default-apps",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-default-apps",
     "--disable-features=AutofillServerCommunication,Translate,OptimizationHints,MediaRouter",
     "--virtual-time-budget=5000",
 ]
@@ -124,9 +130,17 @@ def check_site(site: Path, chromium: str) -> list[str]:
         with tempfile.TemporaryDirectory() as tmp:
             net_log = Path(tmp) / "netlog.json"
             dom = subprocess.run(
-                [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp}/profile", f"--log-net-log={net_log}",
-                 "--dump-dom", base_url + HARNESS],
-                capture_output=True, text=True, timeout=300,
+                [
+                    chromium,
+                    *CHROMIUM_FLAGS,
+                    f"--user-data-dir={tmp}/profile",
+                    f"--log-net-log={net_log}",
+                    "--dump-dom",
+                    base_url + HARNESS,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
             ).stdout
             requested = _page_requests(net_log, base_url)
     finally:

@@ -93,9 +93,7 @@ def _trace(world_size: int, *, causal: bool, layout: str, seq_len: int = 32):
     """Run the reference ring on small random inputs and return its trace."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 1, seq_len, 4, dtype=torch.float64) for _ in range(3))
-    out, trace = reference.simulate_ring_attention(
-        q, k, v, world_size, causal=causal, layout=layout, trace=True
-    )
+    out, trace = reference.simulate_ring_attention(q, k, v, world_size, causal=causal, layout=layout, trace=True)
     torch.testing.assert_close(out, reference.full_attention(q, k, v, causal=causal))
     return trace
 
@@ -107,11 +105,23 @@ def fig_ring_schedule(out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.2, 3.6))
     for e in trace:
         ax.add_patch(plt.Rectangle((e.step, e.rank), 0.94, 0.9, color=RANK_COLORS[e.kv_source], alpha=0.85))
-        ax.text(e.step + 0.47, e.rank + 0.45, f"K{e.kv_source} V{e.kv_source}", ha="center", va="center",
-                color="white", fontsize=10, fontweight="bold")
+        ax.text(
+            e.step + 0.47,
+            e.rank + 0.45,
+            f"K{e.kv_source} V{e.kv_source}",
+            ha="center",
+            va="center",
+            color="white",
+            fontsize=10,
+            fontweight="bold",
+        )
     for step in range(P - 1):
-        ax.annotate("", xy=(step + 1.0, P + 0.25), xytext=(step + 0.9, P + 0.25),
-                    arrowprops={"arrowstyle": "->", "color": "gray"})
+        ax.annotate(
+            "",
+            xy=(step + 1.0, P + 0.25),
+            xytext=(step + 0.9, P + 0.25),
+            arrowprops={"arrowstyle": "->", "color": "gray"},
+        )
         ax.text(step + 0.95, P + 0.45, "send", ha="center", color="gray", fontsize=8)
     ax.set_xlim(-0.05, P)
     ax.set_ylim(P + 0.7, -0.1)
@@ -140,8 +150,9 @@ def fig_backward_ring(out: Path) -> None:
             alpha = 0.85 if col < P else 0.6
             ax.add_patch(plt.Rectangle((col, rank), 0.94, 0.9, color=RANK_COLORS[owner], alpha=alpha))
             label = f"dK{owner} dV{owner}" if col < P else f"dK{owner} dV{owner}\nat home"
-            ax.text(col + 0.47, rank + 0.45, label, ha="center", va="center", color="white", fontsize=9,
-                    fontweight="bold")
+            ax.text(
+                col + 0.47, rank + 0.45, label, ha="center", va="center", color="white", fontsize=9, fontweight="bold"
+            )
     ax.set_xlim(-0.05, P + 1)
     ax.set_ylim(P, -0.1)
     ax.set_xticks([c + 0.47 for c in range(P + 1)], [f"step {s}" for s in range(P)] + ["after send P"])
