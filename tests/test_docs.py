@@ -160,7 +160,7 @@ def example_command(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("example", EXAMPLE_FILES, ids=page_id)
 def test_example(example: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env["MPLBACKEND"] = "Agg"
     proc = subprocess.run(example_command(example), cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"{example.name} failed:\n{proc.stdout}\n{proc.stderr}"
