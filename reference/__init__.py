@@ -7,6 +7,9 @@ Pure PyTorch, one process, no `torch.distributed`. It is what the production pac
 * `shard_indices`, `shard`, `unshard`: how a sequence is split over ranks (`reference.layouts`).
 * `simulate_ring_attention`: ring attention on P virtual ranks, forward and backward, with an
   optional trace of its schedule (`reference.ring`, `reference.trace`).
+* `AttentionMask`, `make_mask`, `document_ids_from_lengths`: packed documents, sliding windows and
+  padding on global positions (`reference.masks`); the ring takes them as ``document_ids=``,
+  ``window=`` and ``seq_len=``, and `AttentionMask.dense` gives the oracle's mask.
 
 Example:
     >>> import torch
@@ -19,21 +22,26 @@ Example:
 
 from reference.attention import full_attention
 from reference.layouts import LAYOUTS, num_chunks, shard, shard_indices, unshard
+from reference.masks import AttentionMask, document_ids_from_lengths, make_mask
 from reference.ring import (
     merge,
     simulate_ring_attention,
     simulate_ring_attention_backward,
     simulate_ring_attention_forward,
 )
-from reference.trace import BLOCK_KINDS, TraceEntry, trace_work_per_rank
+from reference.trace import BLOCK_KINDS, TraceEntry, ring_steps_needed, trace_work_per_rank
 
 __all__ = [
+    "AttentionMask",
     "BLOCK_KINDS",
     "LAYOUTS",
     "TraceEntry",
+    "document_ids_from_lengths",
     "full_attention",
+    "make_mask",
     "merge",
     "num_chunks",
+    "ring_steps_needed",
     "shard",
     "shard_indices",
     "simulate_ring_attention",

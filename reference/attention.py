@@ -194,7 +194,8 @@ def attention_block(
         k: Key block, shape (B, H_kv, S_k, D).
         v: Value block, shape (B, H_kv, S_k, D).
         scale: Multiplier of the scores.
-        visible: Bool, shape (S_q, S_k); True for the pairs to compute.
+        visible: Bool, shape (S_q, S_k), or (B, 1, S_q, S_k) for a per-row mask (packed documents);
+            True for the pairs to compute.
 
     Returns:
         ``(out, lse)``: ``out`` of shape (B, H, S_q, D) and ``lse = log(sum_j exp(score_ij))`` over
@@ -243,7 +244,8 @@ def attention_block_backward(
         lse: Final log-sum-exp of each query row, shape (B, H, S_q).
         delta: ``rowsum(dO * O)`` with the final output O, shape (B, H, S_q).
         scale: Multiplier of the scores.
-        visible: Bool, shape (S_q, S_k); True for the pairs that were computed in the forward.
+        visible: Bool, shape (S_q, S_k) or (B, 1, S_q, S_k); True for the pairs that were computed
+            in the forward.
 
     Returns:
         ``(dq, dk, dv)`` of shapes (B, H, S_q, D), (B, H_kv, S_k, D), (B, H_kv, S_k, D): this block's

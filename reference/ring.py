@@ -22,13 +22,19 @@ Note [Ring schedule]
     block is not passed on). The backward walks the same schedule; the dK/dV accumulators travel
     with their K/V block, and one more send (``P`` in all) brings each accumulator home.
 
+    A mask (`reference.masks`: causal, packed documents, a window, padding) does not change the
+    schedule: it decides, from the global positions of ``Q_r`` and of the held block, which pairs
+    a step computes, and a step whose block the mask hides entirely is skipped. The simulation
+    always runs all ``P`` steps so that the trace shows every skipped block;
+    `reference.trace.ring_steps_needed` tells after how many steps a real ring may stop.
+
 Shape legend: B batch, H query heads, H_kv key/value heads, S sequence length, P world size,
 S_local = S / P tokens per rank, D head dim.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -37,11 +43,11 @@ from torch.autograd.function import once_differentiable
 from reference.attention import (
     attention_block,
     attention_block_backward,
-    causal_mask,
     check_attention_inputs,
     default_scale,
 )
 from reference.layouts import shard, shard_indices, unshard
+from reference.masks import AttentionMask, make_mask
 from reference.trace import TraceEntry, make_entry
 
 __all__ = [
@@ -122,11 +128,9 @@ def merge(
     return weight * out + block_weight * block_out, new_lse
 
 
-def _visible_pairs(q_positions: torch.Tensor, k_positions: torch.Tensor, causal: bool) -> torch.Tensor:
-    """The (query, key) pairs of a block to compute, from global positions; shape (S_q, S_k)."""
-    if causal:
-        return causal_mask(q_positions, k_positions)
-    return torch.ones(len(q_positions), len(k_positions), dtype=torch.bool, device=q_positions.device)
+def _per_head(visible: torch.Tensor) -> torch.Tensor:
+    """Visible pairs in a shape that broadcasts to (B, H, S_q, S_k): (S_q, S_k) or (B, 1, S_q, S_k)."""
+    return visible if visible.dim() == 2 else visible[:, None]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -135,9 +139,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _prepare(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world_size: int, layout: str, scale: float | None
-) -> tuple[list[torch.Tensor], float, torch.dtype]:
-    """Check the inputs; return each rank's global positions, the scale and the compute dtype."""
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    world_size: int,
+    layout: str,
+    scale: float | None,
+    mask_options: dict,
+) -> tuple[list[torch.Tensor], float, torch.dtype, AttentionMask]:
+    """Check the inputs; return each rank's global positions, the scale, the compute dtype and the mask."""
     check_attention_inputs(q, k, v)
     if q.shape[2] != k.shape[2]:
         raise ValueError(
@@ -145,7 +155,10 @@ def _prepare(
         )
     positions = [p.to(q.device) for p in shard_indices(q.shape[2], world_size, layout)]  # P x (S_local,)
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    return positions, scale, _compute_dtype(q.dtype)
+    mask = make_mask(q.shape[0], q.shape[2], **mask_options)
+    if mask.document_ids is not None:
+        mask = replace(mask, document_ids=mask.document_ids.to(q.device))
+    return positions, scale, _compute_dtype(q.dtype), mask
 
 
 def simulate_ring_attention_forward(
@@ -157,8 +170,14 @@ def simulate_ring_attention_forward(
     causal: bool = False,
     scale: float | None = None,
     layout: str = "zigzag",
+    document_ids: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    seq_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[TraceEntry]]:
     """The forward ring on ``world_size`` virtual ranks (see Note [Ring schedule]).
+
+    Every rule of the mask (`reference.masks`) is evaluated on the global positions of the held
+    block; a block the mask hides entirely is skipped (no work, traced as ``"skipped"``).
 
     Args:
         q: Queries, shape (B, H, S, D), in global token order.
@@ -168,18 +187,25 @@ def simulate_ring_attention_forward(
         causal: If True, token ``i`` attends tokens ``j <= i``.
         scale: Multiplier of the scores; defaults to ``1 / sqrt(D)``.
         layout: How the sequence is sharded, one of `reference.layouts.LAYOUTS`.
+        document_ids: Packed documents: integer ids, shape (B, S), in global token order; a query
+            sees only keys of its own document, and a negative id (padding) sees nothing.
+        window: ``(left, right)``: the query at ``i`` sees keys in ``[i - left, i + right]``;
+            ``None`` for an unbounded side.
+        seq_len: Number of real tokens; later positions are padding (no key, output 0).
 
     Returns:
         ``(out, lse, trace)``: the output (B, H, S, D) and the log-sum-exp of every query row
         (B, H, S), both in global order and in the compute dtype (q's dtype, but at least
         float32, as flash-attention kernels accumulate), and the schedule: one `TraceEntry` per
-        (rank, step), in the order computed.
+        (rank, step), in the order computed. A row with no visible key has output 0 and
+        ``lse = -inf``.
 
     Raises:
-        ValueError: If the shapes do not fit, ``world_size < 1``, the layout is unknown, or S is
-            not a multiple of the layout's chunk count.
+        ValueError: If the shapes do not fit, ``world_size < 1``, the layout is unknown, S is
+            not a multiple of the layout's chunk count, or a mask argument is malformed.
     """
-    positions, scale, dtype = _prepare(q, k, v, world_size, layout, scale)
+    mask_options = {"causal": causal, "document_ids": document_ids, "window": window, "seq_len": seq_len}
+    positions, scale, dtype, mask = _prepare(q, k, v, world_size, layout, scale, mask_options)
     q_shards = shard(q.to(dtype), world_size, layout, dim=2)  # P x (B, H, S_local, D)
     k_shards = shard(k.to(dtype), world_size, layout, dim=2)  # P x (B, H_kv, S_local, D)
     v_shards = shard(v.to(dtype), world_size, layout, dim=2)  # P x (B, H_kv, S_local, D)
@@ -187,18 +213,20 @@ def simulate_ring_attention_forward(
     outs = [torch.zeros_like(q_r) for q_r in q_shards]  # P x (B, H, S_local, D)
     lses = [q_r.new_full(q_r.shape[:-1], float("-inf")) for q_r in q_shards]  # P x (B, H, S_local)
     B, H, _, D = q.shape
-    flops_per_pair = 4 * B * H * D  # QK^T and PV: 2 FLOPs per multiply-add each
+    # QK^T and PV, 2 FLOPs per multiply-add each, per pair of every batch row (a per-row mask
+    # counts its pairs row by row already)
+    flops_per_pair = 4 * H * D * (1 if mask.document_ids is not None else B)
     trace = []
     for step in range(world_size):
         for rank in range(world_size):  # every rank does this at the same time
             held = buffers[rank]
             assert held.source == (rank - step) % world_size
-            visible = _visible_pairs(positions[rank], positions[held.source], causal)
+            visible = mask.visible(positions[rank], positions[held.source])  # (S_local, S_local) or (B, ...)
             trace.append(make_entry(rank, step, held.source, visible, causal=causal, flops_per_pair=flops_per_pair))
             if not visible.any():
-                continue  # fully masked block: skipped
+                continue  # the mask hides the whole block: skipped
             block_out, block_lse = attention_block(
-                q_shards[rank], held.k, held.v, scale=scale, visible=visible
+                q_shards[rank], held.k, held.v, scale=scale, visible=_per_head(visible)
             )  # (B, H, S_local, D), (B, H, S_local)
             outs[rank], lses[rank] = merge(outs[rank], lses[rank], block_out, block_lse)
         if step < world_size - 1:
@@ -219,6 +247,9 @@ def simulate_ring_attention_backward(
     causal: bool = False,
     scale: float | None = None,
     layout: str = "zigzag",
+    document_ids: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    seq_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward ring: gradients of q, k, v from the saved forward output and log-sum-exp.
 
@@ -238,6 +269,9 @@ def simulate_ring_attention_backward(
         causal: As in the forward.
         scale: As in the forward; defaults to ``1 / sqrt(D)``.
         layout: As in the forward.
+        document_ids: As in the forward.
+        window: As in the forward.
+        seq_len: As in the forward.
 
     Returns:
         ``(dq, dk, dv)``, shaped and typed like q, k, v, in global token order.
@@ -245,7 +279,8 @@ def simulate_ring_attention_backward(
     Raises:
         ValueError: As `simulate_ring_attention_forward`.
     """
-    positions, scale, dtype = _prepare(q, k, v, world_size, layout, scale)
+    mask_options = {"causal": causal, "document_ids": document_ids, "window": window, "seq_len": seq_len}
+    positions, scale, dtype, mask = _prepare(q, k, v, world_size, layout, scale, mask_options)
     q_shards, dout_shards, out_shards, k_shards, v_shards = (
         shard(x.to(dtype), world_size, layout, dim=2) for x in (q, dout, out, k, v)
     )  # P x (B, H, S_local, D) for q, dout, out; P x (B, H_kv, S_local, D) for k, v
@@ -260,12 +295,12 @@ def simulate_ring_attention_backward(
         for rank in range(world_size):
             held = buffers[rank]
             assert held.source == (rank - step) % world_size
-            visible = _visible_pairs(positions[rank], positions[held.source], causal)
+            visible = mask.visible(positions[rank], positions[held.source])
             if not visible.any():
                 continue  # the forward skipped this block; no gradient flows through it
             dq, dk, dv = attention_block_backward(
                 dout_shards[rank], q_shards[rank], held.k, held.v, lse_shards[rank], deltas[rank],
-                scale=scale, visible=visible,
+                scale=scale, visible=_per_head(visible),
             )  # fmt: skip
             dqs[rank] += dq  # (B, H, S_local, D)
             held.dk += dk  # (B, H_kv, S_local, D), travels with the block
@@ -285,21 +320,19 @@ class _RingAttention(torch.autograd.Function):
     """Autograd glue: the simulated forward ring, and the simulated backward ring as its gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, world_size, causal, scale, layout, trace_sink):  # noqa: D102
-        out, lse, trace = simulate_ring_attention_forward(
-            q, k, v, world_size, causal=causal, scale=scale, layout=layout
-        )
+    def forward(ctx, q, k, v, world_size, options, trace_sink):  # noqa: D102
+        out, lse, trace = simulate_ring_attention_forward(q, k, v, world_size, **options)
         trace_sink.extend(trace)
         ctx.save_for_backward(q, k, v, out, lse)  # out unrounded: bf16 rounds only once, at the end
-        ctx.options = {"world_size": world_size, "causal": causal, "scale": scale, "layout": layout}
+        ctx.world_size, ctx.options = world_size, options
         return out.to(q.dtype)
 
     @staticmethod
     @once_differentiable  # the backward ring itself is not differentiated again
     def backward(ctx, dout):  # noqa: D102
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = simulate_ring_attention_backward(dout, q, k, v, out, lse, **ctx.options)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = simulate_ring_attention_backward(dout, q, k, v, out, lse, ctx.world_size, **ctx.options)
+        return dq, dk, dv, None, None, None
 
 
 def simulate_ring_attention(
@@ -311,12 +344,16 @@ def simulate_ring_attention(
     causal: bool = False,
     scale: float | None = None,
     layout: str = "zigzag",
+    document_ids: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    seq_len: int | None = None,
     trace: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, list[TraceEntry]]:
     """Attention computed by a simulated ring of ``world_size`` ranks; differentiable.
 
-    Equal to `reference.attention.full_attention` (up to rounding). ``.backward()`` through the
-    result runs `simulate_ring_attention_backward`.
+    Equal to `reference.attention.full_attention` (up to rounding), given the dense mask of the
+    same rules (`reference.masks.AttentionMask.dense`) when ``document_ids``, ``window`` or
+    ``seq_len`` is set. ``.backward()`` through the result runs `simulate_ring_attention_backward`.
 
     Args:
         q: Queries, shape (B, H, S, D), in global token order.
@@ -326,6 +363,11 @@ def simulate_ring_attention(
         causal: If True, token ``i`` attends tokens ``j <= i``.
         scale: Multiplier of the scores; defaults to ``1 / sqrt(D)``.
         layout: How the sequence is sharded, one of `reference.layouts.LAYOUTS`.
+        document_ids: Packed documents: integer ids, shape (B, S), in global token order; a query
+            sees only keys of its own document, and a negative id (padding) sees nothing.
+        window: ``(left, right)``: the query at ``i`` sees keys in ``[i - left, i + right]``;
+            ``None`` for an unbounded side.
+        seq_len: Number of real tokens; later positions are padding (no key, output 0).
         trace: If True, also return the schedule.
 
     Returns:
@@ -333,9 +375,14 @@ def simulate_ring_attention(
         the tuple ``(out, trace)`` where ``trace`` lists one `TraceEntry` per (rank, step).
 
     Raises:
-        ValueError: If the shapes do not fit, ``world_size < 1``, the layout is unknown, or S is
-            not a multiple of the layout's chunk count (`reference.layouts.num_chunks`).
+        ValueError: If the shapes do not fit, ``world_size < 1``, the layout is unknown, S is not
+            a multiple of the layout's chunk count (`reference.layouts.num_chunks`), or a mask
+            argument is malformed (`reference.masks.make_mask`).
     """
     entries: list[TraceEntry] = []
-    out = _RingAttention.apply(q, k, v, world_size, causal, scale, layout, entries)
+    options = {
+        "causal": causal, "scale": scale, "layout": layout,
+        "document_ids": document_ids, "window": window, "seq_len": seq_len,
+    }  # fmt: skip
+    out = _RingAttention.apply(q, k, v, world_size, options, entries)
     return (out, entries) if trace else out

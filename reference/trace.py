@@ -13,10 +13,13 @@ Block kinds (``BLOCK_KINDS``), decided from the pairs a block computes:
 * ``"half"``: exactly half of the pairs are visible (the off-diagonal zigzag blocks: the early
   query chunk sees nothing and the late one everything, or every query sees the early key chunk).
 * ``"partial"``: some pairs, neither all nor half (e.g. striped off-diagonal blocks).
-* ``"skipped"``: no visible pair; the rank does no work at that step.
+* ``"skipped"``: no visible pair; the rank does no work at that step (a causal block entirely in
+  the future, or a block that packed documents, a window or padding hide entirely).
 
 FLOPs count the two matmuls of the forward (``Q K^T`` and ``P V``), 2 FLOPs per multiply-add each,
-over the visible pairs only: ``flops = 4 * pairs * head_dim * batch * heads``.
+over the visible pairs only: ``flops = 4 * pairs * head_dim * batch * heads`` when every batch row
+has the same mask, and ``flops = 4 * pairs * head_dim * heads`` when ``visible`` has a batch dim
+(``document_ids``), where ``pairs`` already sums the batch rows.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BLOCK_KINDS", "TraceEntry", "classify_block", "make_entry", "trace_work_per_rank"]
+__all__ = ["BLOCK_KINDS", "TraceEntry", "classify_block", "make_entry", "ring_steps_needed", "trace_work_per_rank"]
 
 BLOCK_KINDS = ("full", "diagonal", "half", "partial", "skipped")
 
@@ -43,19 +46,21 @@ class TraceEntry:
     kind: str
     """One of `BLOCK_KINDS`."""
     pairs: int
-    """Number of (query, key) pairs computed, i.e. ``visible.sum()``."""
+    """Number of (query, key) pairs computed, i.e. ``visible.sum()`` (summed over the batch rows
+    when ``visible`` has a batch dim)."""
     flops: int
-    """Forward FLOPs spent: ``4 * pairs * head_dim * batch * heads``."""
+    """Forward FLOPs spent: ``4 * head_dim * heads`` per computed pair of each batch row."""
     visible: torch.Tensor
     """Bool, shape (S_local, S_local): pair ``(i, j)`` of local query ``i`` and local key ``j`` of
-    the held block was computed."""
+    the held block was computed. Shape (B, S_local, S_local) when the mask differs between batch
+    rows (packed documents)."""
 
 
 def classify_block(visible: torch.Tensor, *, rank: int, kv_source: int, causal: bool) -> str:
     """Name the kind of a block from its visible pairs (see the module docstring).
 
     Args:
-        visible: Bool, shape (S_q, S_k); the pairs computed.
+        visible: Bool, shape (S_q, S_k) or (B, S_q, S_k); the pairs computed.
         rank: The rank computing.
         kv_source: The rank whose K/V block it holds.
         causal: Whether the attention is causal.
@@ -98,9 +103,10 @@ def make_entry(
         rank: The rank computing.
         step: The ring step.
         kv_source: The rank whose K/V block it holds.
-        visible: Bool, shape (S_local, S_local); the pairs computed.
+        visible: Bool, shape (S_local, S_local), or (B, S_local, S_local) for a per-row mask; the
+            pairs computed.
         causal: Whether the attention is causal.
-        flops_per_pair: ``4 * head_dim * batch * heads``.
+        flops_per_pair: ``4 * head_dim * heads``, times ``batch`` when ``visible`` has no batch dim.
 
     Returns:
         The entry, with ``visible`` copied to the CPU.
@@ -108,3 +114,20 @@ def make_entry(
     pairs = int(visible.sum())
     kind = classify_block(visible, rank=rank, kv_source=kv_source, causal=causal)
     return TraceEntry(rank, step, kv_source, kind, pairs, pairs * flops_per_pair, visible.cpu())
+
+
+def ring_steps_needed(trace: list[TraceEntry]) -> int:
+    """After how many steps a ring may stop: one past the last step at which some rank computes.
+
+    The simulation runs every step so that its trace shows the skipped blocks; a real ring can stop
+    rotating once every later block is hidden from every rank (for example, a sliding window
+    narrower than a shard with the contiguous layout needs only the previous rank's block).
+
+    Args:
+        trace: The entries returned by ``simulate_ring_attention(..., trace=True)``.
+
+    Returns:
+        ``1 + max(step)`` over the entries that computed a pair; 1 when none did (step 0 holds a
+        rank's own block, which needs no send).
+    """
+    return 1 + max((entry.step for entry in trace if entry.pairs > 0), default=0)
