@@ -1,0 +1,359 @@
+r"""Measure one rank's peak memory in a training step of :class:`~cp_dtensor.model.TransformerWithCP`.
+
+This checks :mod:`cp_dtensor.memory` against what the model really allocates. One case, on CPU
+(gloo) or CUDA (NCCL) alike::
+
+    torchrun --standalone --nproc-per-node 4 -m cp_dtensor.memory_measure --seq-len 16384 --cp-size 4
+    python -m cp_dtensor.memory_measure --seq-len 4096            # one process, cp_size 1
+
+The whole table of ``docs/memory.md`` (every case in fresh torchrun processes, one thread per rank)::
+
+    python -m cp_dtensor.memory_measure --sweep --seq-lens 4096 8192 16384 --cp-sizes 1 2 4 \\
+        --out bench/results/memory_cpu.json
+
+Note [Measuring peak memory on CPU]
+-----------------------------------
+PyTorch's CPU allocator keeps no statistics (``torch.cuda.max_memory_allocated`` has no CPU twin),
+so each rank measures two ways:
+
+* **Allocator events (the number we compare).** ``torch.profiler`` with ``profile_memory=True``
+  records every allocation and free of the CPU allocator with its size and a nanosecond timestamp.
+  Their running sum over forward and backward, plus the bytes alive when the step starts (weights,
+  gradients and optimizer state, counted from the tensors themselves), is the peak of the tensors
+  the step holds. It counts exactly the tensors PyTorch allocates (including the kernels' scratch
+  buffers and the receive buffers of the ring), and nothing else: not gloo's own buffers, the
+  Python heap or the profiler's bookkeeping, which are not activation memory. Its error is the
+  allocator's rounding (none: sizes are the requested bytes) and events with the same timestamp,
+  whose order we take as recorded.
+* **Resident set size (a cross-check).** ``ru_maxrss`` after an unprofiled step minus the RSS just
+  before it, with glibc's mmap threshold pinned (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors
+  return to the OS. It also counts malloc fragmentation and pages touched by gloo and the
+  interpreter, so it reads higher by a few MB; it is reported next to the allocator figure, not used.
+
+On CUDA the allocator does keep statistics: the peak is ``torch.cuda.max_memory_allocated()`` over
+the same window (after ``reset_peak_memory_stats``).
+
+The step: gradients and AdamW state exist before the measured step (one short warm-up step makes
+them, and ``zero_grad(set_to_none=False)`` keeps the gradients), then forward and backward of the
+loss at the full length. The optimizer update is outside the window; its transient is proportional
+to the parameters, not to the sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile, record_function
+
+__all__ = ["measure_case", "measured_static_bytes", "profiled_peak", "estimate_for", "SMALL_MODEL"]
+
+# The small model of the documented sweep: 2 layers, E = 256, 4 heads of 64, V = 256 (fp32).
+SMALL_MODEL = {"vocab_size": 256, "hidden_size": 256, "num_layers": 2, "num_heads": 4}
+
+
+def _storages_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel():
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def measured_static_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+    """Bytes of the weights, gradients and optimizer state alive now, counted from the tensors."""
+    params = list(model.parameters())
+    state = [] if optimizer is None else [t for s in optimizer.state.values() for t in s.values()]
+    return {
+        "weights": _storages_bytes(params),
+        "grads": _storages_bytes(p.grad for p in params if p.grad is not None),
+        "optimizer_state": _storages_bytes(state),
+    }
+
+
+def profiled_peak(fn) -> tuple[int, str]:
+    """Run ``fn()`` under the profiler; the peak of the running sum of CPU allocator events, in bytes.
+
+    See Note [Measuring peak memory on CPU].
+
+    Returns:
+        ``(peak_bytes, where)``: the largest amount allocated during ``fn`` beyond what was alive when
+        it started, and the name of the innermost ``record_function`` range or op running at that
+        moment.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = prof.profiler.kineto_results.events()
+    memory = sorted(
+        ((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"),
+        key=lambda item: item[0],
+    )
+    running, peak, peak_ns = 0, 0, 0
+    for ns, nbytes in memory:
+        running += nbytes
+        if running > peak:
+            peak, peak_ns = running, ns
+    spans = [
+        (e.duration_ns(), e.name()) for e in events if e.name() != "[memory]" and e.start_ns() <= peak_ns <= e.end_ns()
+    ]
+    named = [s for s in spans if s[1].startswith(("memory_measure.", "cp_dtensor."))]
+    where = " / ".join(name for _, name in sorted(named, reverse=True))
+    innermost = min(spans)[1] if spans else "?"
+    return peak, f"{where} / {innermost}" if where else innermost
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def estimate_for(config, *, seq_len: int, cp_size: int, batch_size: int, dtype: str) -> dict:
+    """The estimator's per-rank components (bytes) for the measured configuration."""
+    from cp_dtensor.memory import ModelDims, estimate_rank_memory
+
+    dims = ModelDims(
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads or config.num_heads,
+        ffn_hidden_size=config.mlp_size,
+        vocab_size=config.vocab_size,
+        tie_embeddings=config.tie_embeddings,
+    )
+    est = estimate_rank_memory(
+        dims, seq_len=seq_len, batch_size=batch_size, cp_size=cp_size, dtype=dtype, optimizer="adamw"
+    )
+    return {"components": est.components, "total": est.total, "peak_phase": est.peak_phase}
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def measure_case(
+    seq_len: int,
+    cp_size: int,
+    *,
+    model: dict | None = None,
+    batch_size: int = 1,
+    dtype: str = "fp32",
+    seed: int = 0,
+    cp_group=None,
+    rss: bool = True,
+) -> dict:
+    """Build the model on this rank, run one measured training step, and report its memory.
+
+    Call on every rank of the group (under torchrun, or in a test's rank pool).
+
+    Args:
+        seq_len: Global sequence length ``L``.
+        cp_size: ``P``; the world must hold ``P`` ranks (dp = world / P).
+        model: Keyword arguments of :class:`~cp_dtensor.model.ModelConfig`; default
+            :data:`SMALL_MODEL`.
+        batch_size: Sequences per step.
+        dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (parameters and activations).
+        seed: Seeds the weights and the token ids (identical on every rank).
+        cp_group: An existing group (tests); default a new one from the torchrun environment.
+        rss: Also run one unprofiled step and report the RSS cross-check (CPU only).
+
+    Returns:
+        A dict with the case, this rank's measured ``peak_bytes`` (static + step), its ``static``
+        part by component, ``activation_peak_bytes``, where the peak happened, the RSS figure, and
+        the estimator's ``estimate`` for the same configuration.
+    """
+    from cp_dtensor import init_context_parallel_group
+    from cp_dtensor.model import ModelConfig, TransformerWithCP
+
+    group = cp_group or init_context_parallel_group(cp_size=cp_size)
+    device = torch.device("cuda", torch.cuda.current_device()) if group.device_type == "cuda" else torch.device("cpu")
+    config = ModelConfig(**(model or SMALL_MODEL))
+    torch.manual_seed(seed)
+    net = TransformerWithCP(config, cp_group=group).to(device=device, dtype=_DTYPES[dtype])
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen)
+    ids_local = group.partition_sequence(ids, seq_dim=1).to(device)
+    warm = group.partition_sequence(ids[:, : 4 * cp_size], seq_dim=1).to(device)
+
+    def step(local_ids: torch.Tensor) -> None:
+        with record_function("memory_measure.forward"):
+            loss = net(local_ids)
+        with record_function("memory_measure.backward"):
+            loss.backward()
+
+    step(warm)  # gradients and optimizer state exist from here on, as in training
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    gc.collect()
+    static = measured_static_bytes(net, optimizer)
+    result = {
+        "seq_len": seq_len,
+        "cp_size": cp_size,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "rank": dist.get_rank(),
+        "model": asdict(config),
+        "static": static,
+    }
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step(ids_local)
+        torch.cuda.synchronize()
+        result.update(
+            method="torch.cuda.max_memory_allocated",
+            peak_bytes=torch.cuda.max_memory_allocated(),
+            activation_peak_bytes=torch.cuda.max_memory_allocated() - before,
+            peak_at=None,
+        )
+    else:
+        if rss:  # unprofiled step first: the profiled one would raise ru_maxrss with its own buffers
+            rss_before, start = _rss_bytes(), time.perf_counter()
+            step(ids_local)
+            result["rss_step_s"] = time.perf_counter() - start
+            result["rss_activation_peak_bytes"] = max(_max_rss_bytes() - rss_before, 0)
+            optimizer.zero_grad(set_to_none=False)
+            gc.collect()
+        dist.barrier()
+        delta, where = profiled_peak(lambda: step(ids_local))
+        result.update(
+            method="torch.profiler allocator events",
+            activation_peak_bytes=delta,
+            peak_bytes=sum(static.values()) + delta,
+            peak_at=where,
+        )
+    result["estimate"] = estimate_for(config, seq_len=seq_len, cp_size=cp_size, batch_size=batch_size, dtype=dtype)
+    return result
+
+
+def _one_case(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    result = measure_case(
+        args.seq_len,
+        args.cp_size,
+        model=json.loads(args.model),
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        rss=not args.no_rss,
+    )
+    results = [None] * dist.get_world_size()
+    dist.all_gather_object(results, result)
+    if dist.get_rank() == 0:
+        text = json.dumps(results)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        else:
+            print(text)
+    dist.destroy_process_group()
+
+
+def _summary(ranks: list[dict]) -> dict:
+    peak = max(r["peak_bytes"] for r in ranks)
+    est = ranks[0]["estimate"]["total"]
+    return {
+        "seq_len": ranks[0]["seq_len"],
+        "cp_size": ranks[0]["cp_size"],
+        "measured_peak_bytes": peak,
+        "estimated_peak_bytes": est,
+        "relative_error": est / peak - 1,
+        "measured_activation_peak_bytes": max(r["activation_peak_bytes"] for r in ranks),
+        "estimated_activation_peak_bytes": est - sum(ranks[0]["static"].values()),
+        "rss_activation_peak_bytes": max(r.get("rss_activation_peak_bytes", 0) for r in ranks),
+        "estimated_peak_phase": ranks[0]["estimate"]["peak_phase"],
+        "measured_peak_at": ranks[0]["peak_at"],
+    }
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    cases = []
+    for seq_len in args.seq_lens:
+        for cp_size in args.cp_sizes:
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={cp_size}",
+                "-m",
+                "cp_dtensor.memory_measure",
+                "--seq-len",
+                str(seq_len),
+                "--cp-size",
+                str(cp_size),
+                "--model",
+                args.model,
+                "--batch-size",
+                str(args.batch_size),
+                "--dtype",
+                args.dtype,
+                "--threads",
+                str(args.threads),
+                "--out",
+                f"{args.out}.case.json",
+            ]
+            start = time.perf_counter()
+            subprocess.run(cmd, env=env, check=True, timeout=args.timeout)
+            with open(f"{args.out}.case.json") as f:
+                ranks = json.load(f)
+            os.remove(f"{args.out}.case.json")
+            summary = _summary(ranks)
+            summary["wall_s"] = round(time.perf_counter() - start, 1)
+            cases.append({"summary": summary, "ranks": ranks})
+            print(json.dumps(summary), flush=True)
+    report = {
+        "command": " ".join(["python -m cp_dtensor.memory_measure", *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, torch {torch.__version__}",
+        "device": "cpu",
+        "threads_per_rank": args.threads,
+        "cases": cases,
+    }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def main(argv=None) -> None:
+    """Command line: one case (under torchrun or plain python) or ``--sweep``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--cp-size", type=int, default=None, help="default: the world size")
+    parser.add_argument("--model", default=json.dumps(SMALL_MODEL), help="ModelConfig kwargs as JSON")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--dtype", choices=list(_DTYPES), default="fp32")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--no-rss", action="store_true", help="skip the unprofiled RSS step")
+    parser.add_argument("--out", default=None, help="JSON output (default: print)")
+    parser.add_argument("--sweep", action="store_true", help="run every (seq len, cp size) in fresh processes")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--cp-sizes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per case (sweep)")
+    args = parser.parse_args(argv)
+    if args.sweep:
+        if not args.out:
+            parser.error("--sweep needs --out")
+        _sweep(args)
+        return
+    if args.cp_size is None:
+        args.cp_size = int(os.environ.get("WORLD_SIZE", "1"))
+    _one_case(args)
+
+
+if __name__ == "__main__":
+    main()
