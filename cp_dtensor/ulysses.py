@@ -124,7 +124,7 @@ class HeadExchange:
             return list(tensors)
         n = self.size
         heads = [t.shape[1] // n for t in tensors]
-        send_N = torch.cat([t.unflatten(1, (n, -1)) for t in tensors], dim=2).movedim(1, 0)  # (n, B, sum h, S, D)
+        send_N = torch.cat([t.unflatten(1, (n, -1)).movedim(1, 0) for t in tensors], dim=2)  # (n, B, sum h, S, D)
         recv_N = all_to_all(send_N, self.group)  # entry m: rank m's tokens, this rank's heads
         pieces = [recv_N[m][:, :, off : off + length] for m, off, _, length in self._pieces()]
         return list(torch.cat(pieces, dim=2).split(heads, dim=1))
@@ -140,10 +140,10 @@ class HeadExchange:
         """
         if self._is_identity():
             return x
-        per_member: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(self.size)]
+        b, h, _, d = x.shape
+        send_N = x.new_empty(self.size, b, h, x.shape[2] // self.size, d)  # (n, B, h, S, D), one copy
         for member, offset, gathered, length in self._pieces():
-            per_member[member].append((offset, x[:, :, gathered : gathered + length]))
-        send_N = torch.stack([torch.cat([p for _, p in sorted(ps, key=lambda p: p[0])], dim=2) for ps in per_member])
+            send_N[member, :, :, offset : offset + length] = x[:, :, gathered : gathered + length]
         recv_N = all_to_all(send_N, self.group)  # entry m: head group m of this rank's tokens
         return recv_N.movedim(0, 1).flatten(1, 2)
 
