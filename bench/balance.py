@@ -72,18 +72,24 @@ def main(argv=None) -> None:
             kernel = [[r["kernel_fwd"] + r["kernel_bwd"] for r in rep] for rep in reps[layout]]
             entry["layouts"][layout] = {
                 "kernel_max_over_mean": summary([max(k) / (sum(k) / len(k)) for k in kernel]),
-                "cpu_max_over_mean": summary([max(c) / (sum(c) / len(c)) for c in ([r["cpu"] for r in rep] for rep in reps[layout])]),
+                "cpu_max_over_mean": summary(
+                    [max(c) / (sum(c) / len(c)) for c in ([r["cpu"] for r in rep] for rep in reps[layout])]
+                ),
                 "planned_max_over_mean": max(pairs) / (sum(pairs) / len(pairs)),
                 "planned_pairs": pairs,
                 "kernel_seconds_per_rank": kernel,
                 "wall_max": summary([max(r["wall"] for r in rep) for rep in reps[layout]]),
             }
-            log(f"  {layout}: kernel max/mean {entry['layouts'][layout]['kernel_max_over_mean']}"
-                f" planned {entry['layouts'][layout]['planned_max_over_mean']:.3f}")
+            log(
+                f"  {layout}: kernel max/mean {entry['layouts'][layout]['kernel_max_over_mean']}"
+                f" planned {entry['layouts'][layout]['planned_max_over_mean']:.3f}"
+            )
         cases.append(entry)
     out = args.out or RESULTS / f"balance_p{size}.json"
     if rank() == 0:
-        write_result(out, {"benchmark": "balance", "world_size": size, "strategy": args.strategy, "cases": cases}, started)
+        write_result(
+            out, {"benchmark": "balance", "world_size": size, "strategy": args.strategy, "cases": cases}, started
+        )
 
 
 if __name__ == "__main__":

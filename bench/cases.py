@@ -73,7 +73,8 @@ def strategy_groups(cp_size: int, names, layout: str = "zigzag") -> dict[str, ob
         try:
             groups[name] = (
                 init_context_parallel_group(cp_size=cp_size, layout=layout, device_type="cpu", **extra)
-                if extra else base
+                if extra
+                else base
             )
         except ValueError as err:  # e.g. a ulysses_size that does not divide cp_size
             groups[name] = f"{type(err).__name__}: {err}"
@@ -85,8 +86,13 @@ def _leaves(inp: dict[str, torch.Tensor], backward: bool) -> list[torch.Tensor]:
 
 
 def time_call(
-    fn: Callable[..., torch.Tensor], args: tuple, inp: dict[str, torch.Tensor], *, backward: bool,
-    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, memory: bool = False,
+    fn: Callable[..., torch.Tensor],
+    args: tuple,
+    inp: dict[str, torch.Tensor],
+    *,
+    backward: bool,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    memory: bool = False,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Run ``fn(q, k, v, *args)`` (and its backward) once on this rank and time it.
 
@@ -110,9 +116,16 @@ def time_call(
             if backward:
                 out.backward(dout)
             cpu, wall = watch.lap()
+            main_cpu = watch.thread()
     timing = {
-        "fwd_cpu": fwd_cpu, "fwd_wall": fwd_wall, "cpu": cpu, "wall": wall,
-        "kernel_fwd": kt.seconds["fwd"], "kernel_bwd": kt.seconds["bwd"], "kernel_calls": sum(kt.calls.values()),
+        "fwd_cpu": fwd_cpu,
+        "fwd_wall": fwd_wall,
+        "cpu": cpu,
+        "wall": wall,
+        "main_thread_cpu": main_cpu,
+        "kernel_fwd": kt.seconds["fwd"],
+        "kernel_bwd": kt.seconds["bwd"],
+        "kernel_calls": sum(kt.calls.values()),
     }
     if memory:
         timing["peak_rss_bytes"] = rss.peak_bytes
@@ -167,6 +180,7 @@ def aggregate(per_rank: list[dict[str, float]]) -> dict[str, object]:
         "kernel_sum": sum(kernels),
         "kernel_fwd_sum": sum(r["kernel_fwd"] for r in per_rank),
         "kernel_max_over_mean": max(kernels) / mean_kernel if mean_kernel > 0 else None,
+        "main_thread_cpu_sum": sum(r.get("main_thread_cpu", float("nan")) for r in per_rank),
         "per_rank": per_rank,
     }
 

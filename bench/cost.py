@@ -22,7 +22,13 @@ from __future__ import annotations
 import argparse
 
 from bench.cases import (
-    Case, aggregate, cp_call, gathered_errors, strategy_groups, time_baseline, time_call,
+    Case,
+    aggregate,
+    cp_call,
+    gathered_errors,
+    strategy_groups,
+    time_baseline,
+    time_call,
 )
 from bench.harness import RESULTS, gather_objects, init_rank, log, now, rank, summary, world_size, write_result
 
@@ -83,6 +89,13 @@ def _ratios(entry: dict) -> None:
         if entry["backward"]:
             res["ratio_fwd_bwd"] = summary([r["cpu_sum"] / b["cpu"] for r, b in pairs])
             res["kernel_ratio_fwd_bwd"] = summary([r["kernel_sum"] / b["cpu"] for r, b in pairs])
+            # where the rest goes: the calling thread outside the kernels, and the other threads (gloo)
+            res["main_other_ratio_fwd_bwd"] = summary(
+                [(r["main_thread_cpu_sum"] - r["kernel_sum"]) / b["cpu"] for r, b in pairs]
+            )
+            res["comm_threads_ratio_fwd_bwd"] = summary(
+                [(r["cpu_sum"] - r["main_thread_cpu_sum"]) / b["cpu"] for r, b in pairs]
+            )
         res["wall_speedup"] = summary([b["wall"] / r["wall_max"] for r, b in pairs])
 
 
@@ -116,10 +129,17 @@ def main(argv=None) -> None:
             for name, res in entry["strategies"].items() if rank() == 0 else ():
                 log(f"  {name}: " + (res.get("error") or f"fwd+bwd {res.get('ratio_fwd_bwd')} fwd {res['ratio_fwd']}"))
     out = args.out or RESULTS / f"cost_p{world_size()}.json"
-    write_result(out, {
-        "benchmark": "cost", "world_size": world_size(), "layout": args.layout,
-        "strategies": names, "cases": cases,
-    }, started)
+    write_result(
+        out,
+        {
+            "benchmark": "cost",
+            "world_size": world_size(),
+            "layout": args.layout,
+            "strategies": names,
+            "cases": cases,
+        },
+        started,
+    )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ class VirtualRing:
         self.size, self.scale = size, scale
         self.runs = [shard_runs(seq_len, size, r, "zigzag") for r in range(size)]
         self.q, self.k, self.v, self.dout = ([_shard(t, rr) for rr in self.runs] for t in (q, k, v, dout))
-        self.plans = [[plan_blocks(self.runs[r], self.runs[(r - s) % size], True) for s in range(size)]
-                      for r in range(size)]
+        self.plans = [
+            [plan_blocks(self.runs[r], self.runs[(r - s) % size], True) for s in range(size)] for r in range(size)
+        ]
         self.out: list[torch.Tensor] = [None] * size
         self.lse: list[torch.Tensor] = [None] * size
 
@@ -87,8 +88,13 @@ class VirtualRing:
         for step, blocks in enumerate(self.plans[r]):
             src = (r - step) % self.size
             for blk in blocks:
-                bo, bl = block_forward(q[:, :, blk.q], self.k[src][:, :, blk.kv], self.v[src][:, :, blk.kv],
-                                       causal=blk.causal, scale=self.scale)
+                bo, bl = block_forward(
+                    q[:, :, blk.q],
+                    self.k[src][:, :, blk.kv],
+                    self.v[src][:, :, blk.kv],
+                    causal=blk.causal,
+                    scale=self.scale,
+                )
                 merge_into(out[:, :, blk.q], lse[:, :, blk.q], bo, bl)
         self.out[r], self.lse[r] = out.to(q.dtype), lse
 
@@ -101,8 +107,15 @@ class VirtualRing:
             src = (r - step) % self.size
             for blk in blocks:
                 dq_b, dk_b, dv_b = block_backward(
-                    dout[:, :, blk.q], q[:, :, blk.q], self.k[src][:, :, blk.kv], self.v[src][:, :, blk.kv],
-                    out[:, :, blk.q], lse[:, :, blk.q], causal=blk.causal, scale=self.scale)
+                    dout[:, :, blk.q],
+                    q[:, :, blk.q],
+                    self.k[src][:, :, blk.kv],
+                    self.v[src][:, :, blk.kv],
+                    out[:, :, blk.q],
+                    lse[:, :, blk.q],
+                    causal=blk.causal,
+                    scale=self.scale,
+                )
                 dq[:, :, blk.q] += dq_b
                 dk_acc[src][:, :, blk.kv] += dk_b
                 dv_acc[src][:, :, blk.kv] += dv_b
@@ -111,8 +124,10 @@ class VirtualRing:
     def accumulators(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Fresh fp32 dk / dv accumulators, one per rank's block."""
         acc = accum_dtype(self.k[0].dtype)
-        return ([torch.zeros(t.shape, dtype=acc, device=t.device) for t in self.k],
-                [torch.zeros(t.shape, dtype=acc, device=t.device) for t in self.v])
+        return (
+            [torch.zeros(t.shape, dtype=acc, device=t.device) for t in self.k],
+            [torch.zeros(t.shape, dtype=acc, device=t.device) for t in self.v],
+        )
 
 
 def causal_flops(b: int, h: int, s: int, d: int) -> tuple[float, float]:
@@ -162,7 +177,9 @@ def measure(seq_len: int, size: int, args, device: torch.device) -> dict:
     _, _, out_full, (dq_full, dk_full, dv_full) = full()
     _, _, dqs, dk_acc, dv_acc = blocks()
     err = {
-        "out": max((ring.out[r].float() - _shard(out_full, ring.runs[r]).float()).abs().max().item() for r in range(size)),
+        "out": max(
+            (ring.out[r].float() - _shard(out_full, ring.runs[r]).float()).abs().max().item() for r in range(size)
+        ),
         "dq": max((dqs[r] - _shard(dq_full, ring.runs[r]).float()).abs().max().item() for r in range(size)),
         "dk": max((dk_acc[r] - _shard(dk_full, ring.runs[r]).float()).abs().max().item() for r in range(size)),
         "dv": max((dv_acc[r] - _shard(dv_full, ring.runs[r]).float()).abs().max().item() for r in range(size)),
@@ -186,7 +203,11 @@ def measure(seq_len: int, size: int, args, device: torch.device) -> dict:
     blocks_fb = [a + b for a, b in zip(rows["blocks_fwd"], rows["blocks_bwd"])]
     max_fb = [a + b for a, b in zip(rows["max_rank_fwd"], rows["max_rank_bwd"])]
     return {
-        "seq_len": seq_len, "P": size, "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
+        "seq_len": seq_len,
+        "P": size,
+        "heads": args.heads,
+        "head_dim": args.head_dim,
+        "dtype": args.dtype,
         "max_abs_err": err,
         "seconds": {name: stats(xs) for name, xs in rows.items()},
         "efficiency_fwd": stats([f / b for f, b in zip(rows["full_fwd"], rows["blocks_fwd"])]),
@@ -200,11 +221,15 @@ def measure(seq_len: int, size: int, args, device: torch.device) -> dict:
 
 def table(results: list[dict]) -> str:
     """A plain-text table of the medians."""
-    head = f"{'seq':>7} {'P':>3} {'eff fwd':>8} {'eff fwd+bwd':>12} {'max-rank share':>15} {'TFLOP/s full':>13} {'TFLOP/s blocks':>15}"
+    head = (
+        f"{'seq':>7} {'P':>3} {'eff fwd':>8} {'eff fwd+bwd':>12} {'max-rank share':>15}"
+        f" {'TFLOP/s full':>13} {'TFLOP/s blocks':>15}"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r['seq_len']:>7} {r['P']:>3} {r['efficiency_fwd']['median']:>8.3f} {r['efficiency_fwd_bwd']['median']:>12.3f}"
+            f"{r['seq_len']:>7} {r['P']:>3} {r['efficiency_fwd']['median']:>8.3f}"
+            f" {r['efficiency_fwd_bwd']['median']:>12.3f}"
             f" {r['max_rank_share_fwd_bwd']['median']:>15.3f} {r['tflops_fwd_bwd_full']['median']:>13.1f}"
             f" {r['tflops_fwd_bwd_blocks']['median']:>15.1f}"
         )
@@ -233,15 +258,19 @@ def main(argv=None) -> None:
     for seq_len in args.seq:
         for size in args.ranks:
             results.append(measure(seq_len, size, args, device))
-            print(f"seq {seq_len} P {size}: efficiency fwd+bwd {results[-1]['efficiency_fwd_bwd']['median']:.3f}"
-                  f" err {results[-1]['max_abs_err']}", flush=True)
+            print(
+                f"seq {seq_len} P {size}: efficiency fwd+bwd {results[-1]['efficiency_fwd_bwd']['median']:.3f}"
+                f" err {results[-1]['max_abs_err']}",
+                flush=True,
+            )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(table(results))
     payload = {
         "benchmark": "gpu_blocks",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)",
-        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python -m bench.gpu_blocks" + (" --dry-run" if args.dry_run else ""),
         "results": results,

@@ -33,8 +33,12 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 Run = tuple[int, int]  # (global start position, number of tokens)
 
 
+_LOAD_AT_START: list[tuple[float, float, float]] = []
+
+
 def init_rank() -> None:
     """One thread per rank (the benches' rule) and the default process group from torchrun's env."""
+    _LOAD_AT_START.append(os.getloadavg())
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     if not dist.is_initialized() and "RANK" in os.environ:
@@ -120,11 +124,16 @@ class Stopwatch:
     """CPU seconds of this process (all threads, user + system) and wall seconds, from creation."""
 
     def __init__(self) -> None:
-        self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
+        self.cpu0, self.wall0, self.thread0 = time.process_time(), time.perf_counter(), time.thread_time()
 
     def lap(self) -> tuple[float, float]:
         """``(cpu_seconds, wall_seconds)`` since creation."""
         return time.process_time() - self.cpu0, time.perf_counter() - self.wall0
+
+    def thread(self) -> float:
+        """CPU seconds of the calling thread alone since creation (the rest of the process's CPU
+        seconds are other threads': gloo's communication threads)."""
+        return time.thread_time() - self.thread0
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
@@ -203,7 +212,7 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "threads_per_rank": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg(),
+        "load_average_at_start": _LOAD_AT_START[0] if _LOAD_AT_START else None,
         "git_commit": _git("rev-parse", "--short", "HEAD"),
         "uncommitted_library_files": _git("status", "--porcelain", "--", "cp_dtensor").splitlines(),
     }
@@ -243,8 +252,12 @@ def now() -> datetime.datetime:
 def launch(module: str, nproc: int, args: Sequence[str], *, timeout: float, env: dict | None = None) -> str:
     """Run ``torchrun -m module args`` with one thread per rank; return its output, raise on failure."""
     cmd = [
-        str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc-per-node={nproc}",
-        "-m", module, *args,
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        module,
+        *args,
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -38,7 +38,16 @@ import torch.distributed as dist
 
 from bench.cases import Case, cp_call, max_errors, sdpa, time_call
 from bench.harness import (
-    RESULTS, Run, gather_objects, init_rank, log, now, rank, summary, world_size, write_result,
+    RESULTS,
+    Run,
+    gather_objects,
+    init_rank,
+    log,
+    now,
+    rank,
+    summary,
+    world_size,
+    write_result,
 )
 
 
@@ -147,10 +156,18 @@ def yunchang_contenders(seq_len: int) -> list[Contender]:
     basic = ya.runs_of(ya.positions("basic", seq_len, me, size, size, 1))
     out = [
         Contender("ours", cp_call(ring_attention, group, True), group.runs(seq_len)),
-        Contender("yunchang-ring-zigzag", lambda q, k, v: yunchang.zigzag_ring_flash_attn_func(
-            q, k, v, causal=True, group=pg, attn_type=attn), group.runs(seq_len), bshd=True),
-        Contender("yunchang-ring-basic", lambda q, k, v: yunchang.ring_flash_attn_func(
-            q, k, v, causal=True, group=pg, attn_type=attn), basic, bshd=True),
+        Contender(
+            "yunchang-ring-zigzag",
+            lambda q, k, v: yunchang.zigzag_ring_flash_attn_func(q, k, v, causal=True, group=pg, attn_type=attn),
+            group.runs(seq_len),
+            bshd=True,
+        ),
+        Contender(
+            "yunchang-ring-basic",
+            lambda q, k, v: yunchang.ring_flash_attn_func(q, k, v, causal=True, group=pg, attn_type=attn),
+            basic,
+            bshd=True,
+        ),
     ]
     if size >= 4 and size % 2 == 0:
         _yunchang_hybrid_groups(size)
@@ -171,8 +188,14 @@ def yunchang_ulysses_check(case: Case, ref: dict[str, torch.Tensor]) -> dict[str
     from bench import yunchang_adapter as ya
 
     runs = ya.runs_of(ya.positions("basic", case.seq_len, rank(), world_size(), world_size(), 1))
-    c = Contender("yunchang-ulysses", lambda q, k, v: yunchang.UlyssesAttention(
-        dist.group.WORLD, attn_type=AttnType.TORCH_FLASH)(q, k, v, causal=True), runs, bshd=True)
+    c = Contender(
+        "yunchang-ulysses",
+        lambda q, k, v: yunchang.UlyssesAttention(dist.group.WORLD, attn_type=AttnType.TORCH_FLASH)(
+            q, k, v, causal=True
+        ),
+        runs,
+        bshd=True,
+    )
     try:
         with torch.no_grad():
             _, got = c.run(c.inputs(case), backward=False)
@@ -222,7 +245,7 @@ def run_suite(case: Case, contenders: list[Contender], repeats: int, *, backward
 
 def _ratios(entry: dict, memory: bool) -> None:
     ours = entry["contenders"]["ours"]["reps"]
-    for name, res in entry["contenders"].items():
+    for res in entry["contenders"].values():
         if "error" in res:
             continue
         wall = [max(r["wall"] for r in rep) for rep in res["reps"]]
@@ -258,14 +281,23 @@ def main(argv=None) -> None:
     for seq_len in args.seq:
         case = Case(seq_len, args.heads, args.head_dim, causal=True)
         log(f"peers[{args.suite}]: P={world_size()} {case}")
-        entry = run_suite(case, make(seq_len), reps_at.get(seq_len, args.repeats),
-                          backward=backward, memory=args.suite == "memory")
+        entry = run_suite(
+            case, make(seq_len), reps_at.get(seq_len, args.repeats), backward=backward, memory=args.suite == "memory"
+        )
         cases.append(entry)
         for name, res in entry["contenders"].items() if rank() == 0 else ():
-            log(f"  {name}: " + (res.get("error") or f"ours/theirs wall {res['ours_over_theirs_wall']['median']:.3f}"
-                                 f" err {res.get('max_abs_err') or res.get('max_abs_diff_vs_ours')}"))
+            log(
+                f"  {name}: "
+                + (
+                    res.get("error")
+                    or f"ours/theirs wall {res['ours_over_theirs_wall']['median']:.3f}"
+                    f" err {res.get('max_abs_err') or res.get('max_abs_diff_vs_ours')}"
+                )
+            )
     out = args.out or RESULTS / f"peers_{args.suite}_p{world_size()}.json"
-    write_result(out, {"benchmark": f"peers_{args.suite}", "world_size": world_size(), **extra, "cases": cases}, started)
+    write_result(
+        out, {"benchmark": f"peers_{args.suite}", "world_size": world_size(), **extra, "cases": cases}, started
+    )
 
 
 if __name__ == "__main__":

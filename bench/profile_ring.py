@@ -27,7 +27,12 @@ def rows(prof, top: int) -> dict[str, list[dict]]:
     events = prof.key_averages()
 
     def row(e):
-        return {"name": e.key, "calls": e.count, "cpu_total_s": e.cpu_time_total / 1e6, "self_cpu_s": e.self_cpu_time_total / 1e6}
+        return {
+            "name": e.key,
+            "calls": e.count,
+            "cpu_total_s": e.cpu_time_total / 1e6,
+            "self_cpu_s": e.self_cpu_time_total / 1e6,
+        }
 
     labels = sorted((row(e) for e in events if e.key.startswith(LABEL_PREFIX)), key=lambda r: -r["cpu_total_s"])
     ops = sorted((row(e) for e in events if not e.key.startswith(LABEL_PREFIX)), key=lambda r: -r["self_cpu_s"])
@@ -62,8 +67,18 @@ def main(argv=None) -> None:
         mine["table"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
     every = gather_objects(mine)
     out = args.out or RESULTS / f"profile_ring_p{world_size()}.json"
-    write_result(out, {"benchmark": "profile_ring", "world_size": world_size(), "strategy": args.strategy,
-                       "case": case.as_dict(), "ranks": every, "torch": torch.__version__}, started)
+    write_result(
+        out,
+        {
+            "benchmark": "profile_ring",
+            "world_size": world_size(),
+            "strategy": args.strategy,
+            "case": case.as_dict(),
+            "ranks": every,
+            "torch": torch.__version__,
+        },
+        started,
+    )
 
 
 if __name__ == "__main__":

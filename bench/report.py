@@ -22,7 +22,12 @@ MiB = 2**20
 
 # Targets of issue 7 (reported, not asserted).
 TARGETS = {
-    "cost_p4_16k": 1.10, "cost_p2": 1.05, "balance_zigzag": 1.05, "torch_p2": 1.0, "torch_p4": 0.95, "gpu": 0.90,
+    "cost_p4_16k": 1.10,
+    "cost_p2": 1.05,
+    "balance_zigzag": 1.05,
+    "torch_p2": 1.0,
+    "torch_p4": 0.95,
+    "gpu": 0.90,
 }
 
 
@@ -62,7 +67,8 @@ def provenance(results: list[dict]) -> str:
     lines = []
     for r in results:
         m = r["machine"]
-        load = f"load avg {m['load_average_at_start'][0]:.1f} -> {m['load_average_at_end'][0]:.1f}"
+        start = m["load_average_at_start"]
+        load = f"1-min load average {start[0]:.1f} at start, {m['load_average_at_end'][0]:.1f} at end" if start else ""
         lines.append(f"`{r['command']}` ({r['date']}, {r['duration_s']:.0f} s, {load})")
     return "<small>" + "<br>".join(lines) + "</small>" if lines else ""
 
@@ -79,8 +85,11 @@ def block_machine() -> str:
         ["CPU", f"{m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), {m['memory_gb']} GB"],
         ["Software", f"torch {m['torch']}, Python {m['python']}, {m['platform']}"],
         ["Threads", f"{m['threads_per_rank']} per rank (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)`)"],
-        ["Measured", f"{dates[0]} to {dates[-1]} (UTC), cp_dtensor at commit `{m['git_commit']}`"
-                     + (f" with uncommitted changes in {', '.join(d.split()[-1] for d in dirty)}" if dirty else "")],
+        [
+            "Measured",
+            f"{dates[0]} to {dates[-1]} (UTC), cp_dtensor at commit `{m['git_commit']}`"
+            + (f" with uncommitted changes in {', '.join(d.split()[-1] for d in dirty)}" if dirty else ""),
+        ],
     ]
     return md_table(["", ""], rows)
 
@@ -93,21 +102,44 @@ def block_cost() -> str:
             c = entry["case"]
             for name, res in entry["strategies"].items():
                 if "error" in res:
-                    rows.append([r["world_size"], c["seq_len"], _mask(c), name, f"error: {res['error'][:80]}", "", "", "", ""])
+                    rows.append(
+                        [r["world_size"], c["seq_len"], _mask(c), name, f"error: {res['error'][:80]}", *[""] * 6]
+                    )
                     continue
-                rows.append([
-                    r["world_size"], c["seq_len"], _mask(c), name, fmt(res["ratio_fwd"]),
-                    fmt(res.get("ratio_fwd_bwd")), fmt(res.get("kernel_ratio_fwd_bwd")),
-                    fmt(res["wall_speedup"]), fmt_err(res["max_abs_err"]),
-                ])
+                rows.append(
+                    [
+                        r["world_size"],
+                        _k(c["seq_len"]),
+                        _mask(c),
+                        name,
+                        fmt(res["ratio_fwd"]),
+                        fmt(res.get("ratio_fwd_bwd")),
+                        fmt(res.get("kernel_ratio_fwd_bwd")),
+                        fmt(res.get("main_other_ratio_fwd_bwd")),
+                        fmt(res.get("comm_threads_ratio_fwd_bwd")),
+                        fmt(res["wall_speedup"]),
+                        fmt_err(res["max_abs_err"]),
+                    ]
+                )
     rows.sort(key=lambda row: (row[0], row[1], row[2] != "causal", row[3] != "ring", row[3]))
-    header = ["P", "seq", "mask", "strategy", "cost fwd", "cost fwd+bwd", "kernels only, fwd+bwd",
-              "wall speed-up vs 1 process", "max abs err"]
+    header = [
+        "P",
+        "seq",
+        "mask",
+        "strategy",
+        "cost fwd",
+        "cost fwd+bwd",
+        "of which: kernels",
+        "main thread outside kernels",
+        "other threads (gloo)",
+        "wall speed-up",
+        "max abs err",
+    ]
     return md_table(header, rows) + "\n\n" + provenance(results)
 
 
 def _k(seq: int) -> str:
-    return f"{_k(seq)}" if seq % 1024 == 0 else str(seq)
+    return f"{seq // 1024}K" if seq % 1024 == 0 else str(seq)
 
 
 def _mask(case: dict) -> str:
@@ -120,10 +152,24 @@ def block_balance() -> str:
     for r in results:
         for entry in r["cases"]:
             for layout, res in entry["layouts"].items():
-                rows.append([r["world_size"], entry["case"]["seq_len"], layout, fmt(res["kernel_max_over_mean"], 3),
-                             f"{res['planned_max_over_mean']:.3f}", fmt(res["cpu_max_over_mean"], 3)])
-    header = ["P", "seq", "layout", "kernel time max/mean (measured)", "pairs max/mean (planned)",
-              "process CPU max/mean"]
+                rows.append(
+                    [
+                        r["world_size"],
+                        entry["case"]["seq_len"],
+                        layout,
+                        fmt(res["kernel_max_over_mean"], 3),
+                        f"{res['planned_max_over_mean']:.3f}",
+                        fmt(res["cpu_max_over_mean"], 3),
+                    ]
+                )
+    header = [
+        "P",
+        "seq",
+        "layout",
+        "kernel time max/mean (measured)",
+        "pairs max/mean (planned)",
+        "process CPU max/mean",
+    ]
     return md_table(header, rows) + "\n\n" + provenance(results)
 
 
@@ -136,15 +182,42 @@ def block_peers_torch() -> str:
                 if name == "ours":
                     continue
                 if "error" in res:
-                    rows.append([r["world_size"], entry["case"]["seq_len"], name, f"error: {res['error'][:80]}", "", "", ""])
+                    rows.append(
+                        [r["world_size"], entry["case"]["seq_len"], name, f"error: {res['error'][:80]}", "", "", ""]
+                    )
                     continue
-                rows.append([r["world_size"], entry["case"]["seq_len"], name, fmt(res["ours_over_theirs_wall"], 3),
-                             fmt(res["ours_over_theirs_cpu"], 3), fmt(res["wall"], 2),
-                             fmt_err(res.get("max_abs_err"))])
+                rows.append(
+                    [
+                        r["world_size"],
+                        entry["case"]["seq_len"],
+                        name,
+                        fmt(res["ours_over_theirs_wall"], 3),
+                        fmt(res["ours_over_theirs_cpu"], 3),
+                        fmt(res["wall"], 2),
+                        fmt_err(res.get("max_abs_err")),
+                    ]
+                )
             ours = entry["contenders"]["ours"]
-            rows.append([r["world_size"], entry["case"]["seq_len"], "**ours** (ring, zigzag)", "1", "1",
-                         fmt(ours.get("wall"), 2), fmt_err(ours.get("max_abs_err"))])
-    header = ["P", "seq", "contender", "our wall / theirs", "our CPU s / theirs", "wall s (slowest rank)", "max abs err"]
+            rows.append(
+                [
+                    r["world_size"],
+                    entry["case"]["seq_len"],
+                    "**ours** (ring, zigzag)",
+                    "1",
+                    "1",
+                    fmt(ours.get("wall"), 2),
+                    fmt_err(ours.get("max_abs_err")),
+                ]
+            )
+    header = [
+        "P",
+        "seq",
+        "contender",
+        "our wall / theirs",
+        "our CPU s / theirs",
+        "wall s (slowest rank)",
+        "max abs err",
+    ]
     return md_table(header, rows) + "\n\n" + provenance(results)
 
 
@@ -155,14 +228,22 @@ def block_peers_memory() -> str:
         for entry in r["cases"]:
             for name, res in entry["contenders"].items():
                 if "error" in res:
-                    rows.append([r["world_size"], entry["case"]["seq_len"], name, f"error: {res['error'][:80]}", "", ""])
+                    rows.append(
+                        [r["world_size"], entry["case"]["seq_len"], name, f"error: {res['error'][:80]}", "", ""]
+                    )
                     continue
                 per_rank = [round(x["peak_rss_bytes"] / MiB) for x in res["reps"][0]]
                 s = res["peak_rss_bytes_max_rank"]
-                rows.append([r["world_size"], entry["case"]["seq_len"], name,
-                             f"{s['median'] / MiB:.0f} [{s['min'] / MiB:.0f}-{s['max'] / MiB:.0f}]",
-                             ", ".join(map(str, per_rank)),
-                             fmt(res["ours_over_theirs_peak"], 3) if name != "ours" else "1"])
+                rows.append(
+                    [
+                        r["world_size"],
+                        entry["case"]["seq_len"],
+                        name,
+                        f"{s['median'] / MiB:.0f} [{s['min'] / MiB:.0f}-{s['max'] / MiB:.0f}]",
+                        ", ".join(map(str, per_rank)),
+                        fmt(res["ours_over_theirs_peak"], 3) if name != "ours" else "1",
+                    ]
+                )
     header = ["P", "seq", "contender", "peak MiB above start, worst rank", "per rank (first repeat)", "ours / theirs"]
     return md_table(header, rows) + "\n\n" + provenance(results)
 
@@ -174,18 +255,42 @@ def block_peers_yunchang() -> str:
         for entry in r["cases"]:
             for name, res in entry["contenders"].items():
                 if "error" in res:
-                    rows.append([r["world_size"], entry["case"]["seq_len"], name, f"error: {res['error'][:80]}", "", ""])
+                    rows.append(
+                        [r["world_size"], entry["case"]["seq_len"], name, f"error: {res['error'][:80]}", "", ""]
+                    )
                     continue
                 ratio = "1" if name == "ours" else fmt(res["ours_over_theirs_wall"], 3)
-                rows.append([r["world_size"], entry["case"]["seq_len"], name, ratio, fmt(res["wall"], 3),
-                             fmt_err(res.get("max_abs_err"))])
+                rows.append(
+                    [
+                        r["world_size"],
+                        entry["case"]["seq_len"],
+                        name,
+                        ratio,
+                        fmt(res["wall"], 3),
+                        fmt_err(res.get("max_abs_err")),
+                    ]
+                )
             uly = entry.get("yunchang_ulysses", {})
-            rows.append([r["world_size"], entry["case"]["seq_len"], "yunchang-ulysses (not timed)", "-", "-",
-                         uly.get("error", fmt_err(uly.get("max_abs_err"))) + " (wrong)"
-                         if uly.get("max_abs_err") and max(uly["max_abs_err"].values()) > 1e-3 else fmt_err(uly.get("max_abs_err"))])
+            rows.append(
+                [
+                    r["world_size"],
+                    entry["case"]["seq_len"],
+                    "yunchang-ulysses (not timed)",
+                    "-",
+                    "-",
+                    uly.get("error", fmt_err(uly.get("max_abs_err"))) + " (wrong)"
+                    if uly.get("max_abs_err") and max(uly["max_abs_err"].values()) > 1e-3
+                    else fmt_err(uly.get("max_abs_err")),
+                ]
+            )
     version = results[0].get("yunchang_version") if results else None
     header = ["P", "seq", "contender", "our ring's wall / theirs (fwd)", "wall s (slowest rank)", "max abs err"]
-    return (f"yunchang {version}, forward only.\n\n" if version else "") + md_table(header, rows) + "\n\n" + provenance(results)
+    return (
+        (f"yunchang {version}, forward only.\n\n" if version else "")
+        + md_table(header, rows)
+        + "\n\n"
+        + provenance(results)
+    )
 
 
 def block_scaling() -> str:
@@ -199,16 +304,31 @@ def block_scaling() -> str:
             rows.append([c["seq_len"], f"error: {pt['error'][:100]}", "", "", ""])
             continue
         start = max(x["rss_start_bytes"] for x in pt["reps"][0]) / MiB
-        rows.append([c["seq_len"], fmt(pt["wall"], 1), fmt(pt["cpu_sum"], 1),
-                     f"{pt['peak_rss_bytes_max_rank']['median'] / MiB:.0f}", f"{start:.0f}"])
+        rows.append(
+            [
+                c["seq_len"],
+                fmt(pt["wall"], 1),
+                fmt(pt["cpu_sum"], 1),
+                f"{pt['peak_rss_bytes_max_rank']['median'] / MiB:.0f}",
+                f"{start:.0f}",
+            ]
+        )
     ext = extrapolate_memory(r)
-    header = ["seq", "wall s", "CPU s, all ranks", "peak MiB above start, worst rank", "RSS at start MiB (inputs, torch)"]
+    header = [
+        "seq",
+        "wall s",
+        "CPU s, all ranks",
+        "peak MiB above start, worst rank",
+        "RSS at start MiB (inputs, torch)",
+    ]
     note = ""
     if ext:
-        note = (f"\n\nPer-rank memory grows by {ext['bytes_per_token'] / 1024:.2f} KiB per token of the global sequence "
-                f"(fit over the measured lengths); 4 ranks would fill {ext['budget_gb']:.0f} GB at about "
-                f"{ext['max_seq'] / 1e6:.1f}M tokens, where one causal fwd+bwd would take about "
-                f"{ext['hours']:.0f} hours of wall time at the measured O(L^2) rate (extrapolated, not run).")
+        note = (
+            f"\n\nPer-rank memory grows by {ext['bytes_per_token'] / 1024:.2f} KiB per token of the global sequence "
+            f"(fit over the measured lengths); 4 ranks would fill {ext['budget_gb']:.0f} GB at about "
+            f"{ext['max_seq'] / 1e6:.1f}M tokens, where one causal fwd+bwd would take about "
+            f"{ext['hours']:.0f} hours of wall time at the measured O(L^2) rate (extrapolated, not run)."
+        )
     return md_table(header, rows) + note + "\n\n" + provenance([r])
 
 
@@ -238,36 +358,70 @@ def block_profile() -> str:
                 hit = [x for x in rk["labels"] if x["name"] == n]
                 row.append(f"{hit[0]['cpu_total_s']:.2f} ({hit[0]['calls']})" if hit else "-")
             rows.append(row)
-        rows.append(["process CPU s / wall s of the call"] + [f"{rk['timing']['cpu']:.2f} / {rk['timing']['wall']:.2f}" for rk in r["ranks"]])
+        rows.append(
+            ["process CPU s / wall s of the call"]
+            + [f"{rk['timing']['cpu']:.2f} / {rk['timing']['wall']:.2f}" for rk in r["ranks"]]
+        )
         ops = r["ranks"][0]["top_ops"][:8]
-        ops_table = md_table(["operator (rank 0)", "self s", "calls"],
-                             [[f"`{o['name']}`", f"{o['self_cpu_s']:.3f}", o["calls"]] for o in ops])
+        ops_table = md_table(
+            ["operator (rank 0)", "self s", "calls"],
+            [[f"`{o['name']}`", f"{o['self_cpu_s']:.3f}", o["calls"]] for o in ops],
+        )
         c = r["case"]
-        out.append(f"**P = {r['world_size']}**, seq {c['seq_len']}, causal fwd+bwd, heads {c['heads']}, "
-                   f"head_dim {c['head_dim']}, fp32\n\n" + md_table(header, rows) + "\n\n" + ops_table
-                   + "\n\n" + provenance([r]))
+        out.append(
+            f"**P = {r['world_size']}**, seq {c['seq_len']}, causal fwd+bwd, heads {c['heads']}, "
+            f"head_dim {c['head_dim']}, fp32\n\n"
+            + md_table(header, rows)
+            + "\n\n"
+            + ops_table
+            + "\n\n"
+            + provenance([r])
+        )
     return "\n\n".join(out) if out else "_Not measured yet._"
 
 
 def block_gpu() -> str:
     r = load("gpu_blocks")
     if not r:
-        return ("_Not measured yet: no GPU was available. Run `python -m bench.gpu_blocks` on a machine with one GPU; "
-                "it writes `bench/results/gpu_blocks.json` and this table is regenerated from it._")
-    rows = [[x["seq_len"], x["P"], fmt(x["efficiency_fwd"], 3), fmt(x["efficiency_fwd_bwd"], 3),
-             fmt(x["max_rank_share_fwd_bwd"], 3), fmt(x["tflops_fwd_bwd_full"], 0), fmt(x["tflops_fwd_bwd_blocks"], 0),
-             fmt_err(x["max_abs_err"])] for x in r["results"]]
-    header = ["seq", "P", "efficiency fwd", "efficiency fwd+bwd", "slowest rank's share", "TFLOP/s full",
-              "TFLOP/s blocks", "max abs err"]
-    return (f"{r['device']}, torch {r['torch']}, CUDA {r['cuda']}, {r['date']}: `{r['command']}`\n\n"
-            + md_table(header, rows))
+        return (
+            "_Not measured yet: no GPU was available. Run `python -m bench.gpu_blocks` on a machine with one GPU; "
+            "it writes `bench/results/gpu_blocks.json` and this table is regenerated from it._"
+        )
+    rows = [
+        [
+            x["seq_len"],
+            x["P"],
+            fmt(x["efficiency_fwd"], 3),
+            fmt(x["efficiency_fwd_bwd"], 3),
+            fmt(x["max_rank_share_fwd_bwd"], 3),
+            fmt(x["tflops_fwd_bwd_full"], 0),
+            fmt(x["tflops_fwd_bwd_blocks"], 0),
+            fmt_err(x["max_abs_err"]),
+        ]
+        for x in r["results"]
+    ]
+    header = [
+        "seq",
+        "P",
+        "efficiency fwd",
+        "efficiency fwd+bwd",
+        "slowest rank's share",
+        "TFLOP/s full",
+        "TFLOP/s blocks",
+        "max abs err",
+    ]
+    return f"{r['device']}, torch {r['torch']}, CUDA {r['cuda']}, {r['date']}: `{r['command']}`\n\n" + md_table(
+        header, rows
+    )
 
 
 def block_memory_harness() -> str:
     r = load("memory")
     if not r:
-        return ("_The per-rank memory of the transformer model vs P comes from the memory harness (issue 6); "
-                "its results will be rendered here from `bench/results/memory.json`._")
+        return (
+            "_The per-rank memory of the transformer model vs P comes from the memory harness (issue 6); "
+            "its results will be rendered here from `bench/results/memory.json`._"
+        )
     rows = r.get("rows") or []
     if not rows:
         return "```json\n" + json.dumps(r, indent=1)[:3000] + "\n```"
@@ -297,19 +451,31 @@ def block_targets() -> str:
 
     res = _find_cost(4, 16384, True)
     s = res and res.get("ratio_fwd_bwd")
-    add("CPU cost of CP, seq 16K, P=4, causal fwd+bwd (ring)", f"<= {TARGETS['cost_p4_16k']}", fmt(s),
-        None if not s else s["median"] <= TARGETS["cost_p4_16k"])
+    add(
+        "CPU cost of CP, seq 16K, P=4, causal fwd+bwd (ring)",
+        f"<= {TARGETS['cost_p4_16k']}",
+        fmt(s),
+        None if not s else s["median"] <= TARGETS["cost_p4_16k"],
+    )
     for seq in (8192, 16384):
         res = _find_cost(2, seq, True)
         s = res and res.get("ratio_fwd_bwd")
         if s:
-            add(f"CPU cost of CP, P=2, seq {_k(seq)}, causal fwd+bwd (ring)", f"<= {TARGETS['cost_p2']}", fmt(s),
-                s["median"] <= TARGETS["cost_p2"])
+            add(
+                f"CPU cost of CP, P=2, seq {_k(seq)}, causal fwd+bwd (ring)",
+                f"<= {TARGETS['cost_p2']}",
+                fmt(s),
+                s["median"] <= TARGETS["cost_p2"],
+            )
     for r in load_all("balance_"):
         if r["world_size"] in (4, 8):
             s = r["cases"][0]["layouts"]["zigzag"]["kernel_max_over_mean"]
-            add(f"Load balance, zigzag, P={r['world_size']} (kernel time max/mean)", f"<= {TARGETS['balance_zigzag']}",
-                fmt(s, 3), s["median"] <= TARGETS["balance_zigzag"])
+            add(
+                f"Load balance, zigzag, P={r['world_size']} (kernel time max/mean)",
+                f"<= {TARGETS['balance_zigzag']}",
+                fmt(s, 3),
+                s["median"] <= TARGETS["balance_zigzag"],
+            )
     for r in sorted(load_all("peers_torch_"), key=lambda r: r["world_size"]):
         P = r["world_size"]
         goal = TARGETS["torch_p2"] if P == 2 else TARGETS["torch_p4"]
@@ -318,30 +484,51 @@ def block_targets() -> str:
                 res = e["contenders"].get(name)
                 if res and "error" not in res:
                     s = res["ours_over_theirs_wall"]
-                    add(f"Wall vs PyTorch CP ({name}), P={P}, seq {_k(e['case']['seq_len'])}, causal fwd+bwd",
-                        f"<= {goal}", fmt(s, 3), s["median"] <= goal)
+                    add(
+                        f"Wall vs PyTorch CP ({name}), P={P}, seq {_k(e['case']['seq_len'])}, causal fwd+bwd",
+                        f"<= {goal}",
+                        fmt(s, 3),
+                        s["median"] <= goal,
+                    )
     for r in load_all("peers_memory_"):
         for e in r["cases"]:
             res = e["contenders"].get("torch-allgather")
             if res and "error" not in res:
                 s = res["ours_over_theirs_peak"]
-                add(f"Peak memory per rank vs PyTorch CP (allgather), P={r['world_size']}, seq {_k(e['case']['seq_len'])}",
-                    "well under 1", fmt(s, 3), s["median"] < 0.9)
+                add(
+                    f"Peak memory per rank vs PyTorch CP (allgather), P={r['world_size']},"
+                    f" seq {_k(e['case']['seq_len'])}",
+                    "well under 1",
+                    fmt(s, 3),
+                    s["median"] < 0.9,
+                )
     g = load("gpu_blocks")
     if g:
         for x in g["results"]:
             s = x["efficiency_fwd_bwd"]
-            add(f"GPU block efficiency, seq {_k(x['seq_len'])}, P={x['P']}, fwd+bwd", f">= {TARGETS['gpu']}",
-                fmt(s, 3), s["median"] >= TARGETS["gpu"])
+            add(
+                f"GPU block efficiency, seq {_k(x['seq_len'])}, P={x['P']}, fwd+bwd",
+                f">= {TARGETS['gpu']}",
+                fmt(s, 3),
+                s["median"] >= TARGETS["gpu"],
+            )
     else:
         add("GPU block efficiency, fwd+bwd", f">= {TARGETS['gpu']}", "not measured (no GPU)", None)
     return md_table(["target", "goal", "measured: median [min-max]", "status"], rows)
 
 
 BLOCKS = {
-    "machine": block_machine, "targets": block_targets, "cost": block_cost, "balance": block_balance,
-    "peers-torch": block_peers_torch, "peers-memory": block_peers_memory, "peers-yunchang": block_peers_yunchang,
-    "scaling": block_scaling, "profile": block_profile, "gpu": block_gpu, "memory-harness": block_memory_harness,
+    "machine": block_machine,
+    "targets": block_targets,
+    "cost": block_cost,
+    "balance": block_balance,
+    "peers-torch": block_peers_torch,
+    "peers-memory": block_peers_memory,
+    "peers-yunchang": block_peers_yunchang,
+    "scaling": block_scaling,
+    "profile": block_profile,
+    "gpu": block_gpu,
+    "memory-harness": block_memory_harness,
 }
 
 
@@ -351,7 +538,7 @@ def render_page(text: str) -> str:
         pattern = re.compile(rf"(<!-- BEGIN bench:{name} -->\n).*?(<!-- END bench:{name} -->)", re.S)
         if pattern.search(text):
             body = fn().rstrip("\n") + "\n"
-            text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+            text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
     return text
 
 
@@ -425,8 +612,14 @@ def _plot_balance(plt):
         ss = [r["cases"][0]["layouts"][layout]["kernel_max_over_mean"] for r in results]
         _errbar(ax, [j + (i - 0.5) * 0.38 for j in range(len(Ps))], ss, width=0.38, label=f"{layout}, measured")
         planned = [r["cases"][0]["layouts"][layout]["planned_max_over_mean"] for r in results]
-        ax.plot([j + (i - 0.5) * 0.38 for j in range(len(Ps))], planned, "k_", ms=18, mew=2,
-                label="planned (pairs)" if i == 0 else None)
+        ax.plot(
+            [j + (i - 0.5) * 0.38 for j in range(len(Ps))],
+            planned,
+            "k_",
+            ms=18,
+            mew=2,
+            label="planned (pairs)" if i == 0 else None,
+        )
     ax.axhline(1.05, color="C3", ls="--", lw=1, label="target, zigzag (1.05)")
     ax.set_xticks(range(len(Ps)), [f"P={p}" for p in Ps])
     ax.set_ylabel("max / mean of per-rank kernel time")
@@ -437,7 +630,9 @@ def _plot_balance(plt):
 
 def _plot_peers(plt):
     bars = []
-    for r in sorted(load_all("peers_torch_") + load_all("peers_yunchang_"), key=lambda r: (r["benchmark"], r["world_size"])):
+    for r in sorted(
+        load_all("peers_torch_") + load_all("peers_yunchang_"), key=lambda r: (r["benchmark"], r["world_size"])
+    ):
         for e in r["cases"]:
             for name, res in e["contenders"].items():
                 if name.startswith("ours") or "error" in res:
@@ -446,8 +641,9 @@ def _plot_peers(plt):
     if not bars:
         return None
     fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(bars) + 2), 4.2))
-    _errbar(ax, range(len(bars)), [b[1] for b in bars], width=0.7,
-            color=["C0" if "torch" in b[0] else "C2" for b in bars])
+    _errbar(
+        ax, range(len(bars)), [b[1] for b in bars], width=0.7, color=["C0" if "torch" in b[0] else "C2" for b in bars]
+    )
     ax.axhline(1.0, color="gray", lw=1)
     ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7, rotation=90)
     ax.set_ylabel("our ring's wall time / theirs (< 1: ours faster)")
@@ -463,8 +659,16 @@ def _plot_scaling(plt):
     xs = [p["case"]["seq_len"] for p in pts]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.loglog(xs, [p["wall"]["median"] for p in pts], "o-", label="wall s, causal fwd+bwd")
-    ax.loglog(xs, [p["peak_rss_bytes_max_rank"]["median"] / MiB for p in pts], "s-", label="peak MiB per rank (above start)")
-    ax.loglog(xs, [pts[0]["wall"]["median"] * (x / xs[0]) ** 2 for x in xs], ":", color="gray", label="O(L^2) from the first point")
+    ax.loglog(
+        xs, [p["peak_rss_bytes_max_rank"]["median"] / MiB for p in pts], "s-", label="peak MiB per rank (above start)"
+    )
+    ax.loglog(
+        xs,
+        [pts[0]["wall"]["median"] * (x / xs[0]) ** 2 for x in xs],
+        ":",
+        color="gray",
+        label="O(L^2) from the first point",
+    )
     ax.set_xticks(xs, [f"{x // 1024}K" for x in xs])
     ax.set_xlabel("sequence length")
     ax.set_title(f"Scaling at P={r['world_size']} (heads 8, head_dim 64, fp32)")

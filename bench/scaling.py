@@ -66,13 +66,21 @@ def main(argv=None) -> None:
             "reps": reps,
         }
         points.append(point)
-        log(f"  wall {point['wall']['median']:.2f} s, peak above start {point['peak_rss_bytes_max_rank']['median'] / 2**20:.0f} MiB")
+        peak_mib = point["peak_rss_bytes_max_rank"]["median"] / 2**20
+        log(f"  wall {point['wall']['median']:.2f} s, peak above start {peak_mib:.0f} MiB")
     out = args.out or RESULTS / f"scaling_p{world_size()}.json"
     if rank() == 0:
-        write_result(out, {
-            "benchmark": "scaling", "world_size": world_size(), "strategy": args.strategy,
-            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "points": points,
-        }, started)
+        write_result(
+            out,
+            {
+                "benchmark": "scaling",
+                "world_size": world_size(),
+                "strategy": args.strategy,
+                "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                "points": points,
+            },
+            started,
+        )
 
 
 if __name__ == "__main__":

@@ -66,8 +66,15 @@ def _ring_cpu_flash(mesh: DeviceMesh, query, key, value, dropout_p=0.0, is_causa
     if attn_mask is not None:
         raise NotImplementedError("attn_mask is not supported by torch's ring")
     return tcp._templated_ring_attention(
-        mesh.get_group(), SEQ_DIM, _cpu_flash_op, query=query, key=key, value=value,
-        is_causal=is_causal, dropout_p=dropout_p, scale=scale,
+        mesh.get_group(),
+        SEQ_DIM,
+        _cpu_flash_op,
+        query=query,
+        key=key,
+        value=value,
+        is_causal=is_causal,
+        dropout_p=dropout_p,
+        scale=scale,
     )
 
 
@@ -77,9 +84,19 @@ def _ring_cpu_flash_backward(
     if attn_mask is not None:
         raise NotImplementedError("attn_mask is not supported by torch's ring")
     return tcp._templated_ring_attention_backward(
-        mesh.get_group(), SEQ_DIM, CPU_BWD, grad_out=grad_out, grad_out_name="grad_out",
-        query=query, key=key, value=value, out=out, logsumexp=logsumexp, is_causal=is_causal,
-        dropout_p=dropout_p, scale=scale,
+        mesh.get_group(),
+        SEQ_DIM,
+        CPU_BWD,
+        grad_out=grad_out,
+        grad_out_name="grad_out",
+        query=query,
+        key=key,
+        value=value,
+        out=out,
+        logsumexp=logsumexp,
+        is_causal=is_causal,
+        dropout_p=dropout_p,
+        scale=scale,
     )
 
 
@@ -97,8 +114,9 @@ def _cpu_sdpa_handler(op_call, args, kwargs):
 
 
 @contextlib.contextmanager
-def torch_context_parallel(cp_mesh: DeviceMesh, *, rotate_method: str = "allgather",
-                           load_balance: bool = True) -> Iterator[None]:
+def torch_context_parallel(
+    cp_mesh: DeviceMesh, *, rotate_method: str = "allgather", load_balance: bool = True
+) -> Iterator[None]:
     """Inside the block, ``F.scaled_dot_product_attention`` on local CPU shards runs torch's ring.
 
     Args:
@@ -110,7 +128,9 @@ def torch_context_parallel(cp_mesh: DeviceMesh, *, rotate_method: str = "allgath
         ValueError: Unknown ``rotate_method``.
     """
     if rotate_method not in ROTATE_METHODS:
-        raise ValueError(f"Invalid rotate_method {rotate_method!r}. Must be one of: {', '.join(map(repr, ROTATE_METHODS))}.")
+        raise ValueError(
+            f"Invalid rotate_method {rotate_method!r}. Must be one of: {', '.join(map(repr, ROTATE_METHODS))}."
+        )
     old_method, old_balance = tcp._cp_options.rotate_method, tcp._cp_options.enable_load_balance
     tcp.set_rotate_method(rotate_method)
     tcp._cp_options.enable_load_balance = load_balance
@@ -124,7 +144,11 @@ def torch_context_parallel(cp_mesh: DeviceMesh, *, rotate_method: str = "allgath
             stack.enter_context(ctx)
         tcp._enable_context_parallel_dispatcher_impl(seq_dim=SEQ_DIM, mesh=cp_mesh)
         handlers = DTensor._op_dispatcher._custom_op_handlers
-        DTensor._op_dispatcher._custom_op_handlers = {**handlers, CPU_FWD: _cpu_sdpa_handler, CPU_BWD: _cpu_sdpa_handler}
+        DTensor._op_dispatcher._custom_op_handlers = {
+            **handlers,
+            CPU_FWD: _cpu_sdpa_handler,
+            CPU_BWD: _cpu_sdpa_handler,
+        }
         try:
             yield
         finally:

@@ -38,7 +38,9 @@ def version() -> str | None:
 
 
 def _cpu_flash(query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout_p, is_causal, scale=scale
+    )
 
 
 def patch_for_cpu() -> None:
@@ -48,7 +50,9 @@ def patch_for_cpu() -> None:
     attention._scaled_dot_product_flash_attention = _cpu_flash
 
 
-def positions(kind: str, seq_len: int, rank: int, world_size: int, ring_degree: int, ulysses_degree: int) -> torch.Tensor:
+def positions(
+    kind: str, seq_len: int, rank: int, world_size: int, ring_degree: int, ulysses_degree: int
+) -> torch.Tensor:
     """Global positions of ``rank``'s shard under yunchang's own extract function ``kind``.
 
     ``"basic"`` (contiguous) or ``"zigzag"``; the zigzag of the hybrid needs

@@ -37,8 +37,11 @@ RUNS = {  # name: (ranks, module, args)
     "scaling": (2, "bench.scaling", ["--seq", "256", "512", *TINY]),
     "profile": (2, "bench.profile_ring", ["--seq", "256", *TINY]),
     # yunchang's hybrid needs 4 ranks; heads 4 so that Ulysses 2 x ring 2 splits them
-    "peers_yunchang": (4, "bench.peers", ["--suite", "yunchang", "--seq", "256", "--repeats", "1",
-                                          "--heads", "4", "--head-dim", "16"]),
+    "peers_yunchang": (
+        4,
+        "bench.peers",
+        ["--suite", "yunchang", "--seq", "256", "--repeats", "1", "--heads", "4", "--head-dim", "16"],
+    ),
 }
 
 
@@ -50,9 +53,19 @@ def smoke(tmp_path_factory) -> dict[str, dict]:
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     procs = {}
     for name, (nproc, module, args) in RUNS.items():
-        cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", module, *args,
-               "--out", str(out_dir / f"{name}.json")]
-        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cmd = [
+            torchrun,
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            module,
+            *args,
+            "--out",
+            str(out_dir / f"{name}.json"),
+        ]
+        procs[name] = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     results, failures = {}, {}
     for name, proc in procs.items():
         try:
@@ -78,7 +91,9 @@ def get(smoke: dict, name: str) -> dict:
 def test_provenance(smoke):
     r = get(smoke, "cost")
     assert r["command"].startswith("OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m bench.cost")
-    assert {"cpu_model", "cores", "torch", "threads_per_rank"} <= set(r["machine"]) and r["machine"]["threads_per_rank"] == 1
+    assert {"cpu_model", "cores", "torch", "threads_per_rank"} <= set(r["machine"]) and r["machine"][
+        "threads_per_rank"
+    ] == 1
     assert r["date"]
 
 
