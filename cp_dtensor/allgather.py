@@ -30,12 +30,12 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from cp_dtensor.blocks import Block, plan_blocks
+from cp_dtensor.masks import MaskSpec
 from cp_dtensor.collectives import all_gather, group_size, reduce_scatter
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.kernels import accum_dtype, block_backward
 from cp_dtensor.layout import Run
-from cp_dtensor.ring import RingPlan, ring_forward
+from cp_dtensor.ring import Call, RingPlan, ring_forward
 from cp_dtensor.sharding import from_local_like
 from cp_dtensor.ulysses import local_inputs
 
@@ -50,9 +50,11 @@ class _GatherPlan:
     causal: bool
     scale: float
     kv_heads_per_gather: int
+    mask: MaskSpec | None = None
 
-    def blocks(self) -> list[Block]:
-        return plan_blocks(self.q_runs, self.kv_runs, self.causal)
+    def one_step(self) -> RingPlan:
+        """One rank's view of the gathered K/V: a ring of a single step plans (and masks) the blocks."""
+        return RingPlan(None, 0, 1, self.q_runs, lambda _: self.kv_runs, self.causal, self.scale, self.mask)
 
     def head_groups(self, num_heads: int, num_kv_heads: int) -> list[tuple[slice, slice]]:
         """``(query heads, K/V heads)`` of each gather; each K/V head serves ``H / H_kv`` query heads."""
@@ -71,7 +73,7 @@ def _gather_kv(k: torch.Tensor, v: torch.Tensor, plan: _GatherPlan) -> tuple[tor
     return kv[0], kv[1]
 
 
-def _attend_backward(dout, q, k, v, out, lse, blocks: list[Block], scale: float):
+def _attend_backward(dout, q, k, v, out, lse, calls: list[Call], scale: float):
     """Per-block backward over the gathered K/V: ``dq`` in ``q``'s dtype, ``dk``/``dv`` in fp32.
 
     Like :func:`cp_dtensor.ring.ring_backward` with one step, except that ``dk``/``dv`` stay in the
@@ -81,10 +83,10 @@ def _attend_backward(dout, q, k, v, out, lse, blocks: list[Block], scale: float)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, h, S, D)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)  # (B, g, P * S, D)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-    for blk in blocks:
+    for blk, mask in calls:
         dq_b, dk_b, dv_b = block_backward(
             dout[:, :, blk.q], q[:, :, blk.q], k[:, :, blk.kv], v[:, :, blk.kv],
-            out[:, :, blk.q], lse[:, :, blk.q], causal=blk.causal, scale=scale,
+            out[:, :, blk.q], lse[:, :, blk.q], causal=blk.causal, scale=scale, mask=mask,
         )
         dq[:, :, blk.q] += dq_b
         dk[:, :, blk.kv] += dk_b
@@ -95,8 +97,7 @@ def _attend_backward(dout, q, k, v, out, lse, blocks: list[Block], scale: float)
 class _AllGatherKVAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _GatherPlan):
-        # One rank's view of the gathered K/V: the ring's forward with a single step does the blocks.
-        one_step = RingPlan(None, 0, 1, plan.q_runs, lambda _: plan.kv_runs, plan.causal, plan.scale)
+        one_step = plan.one_step()
         out = torch.empty_like(q)  # (B, H, S, D)
         lse = torch.empty(q.shape[:3], dtype=accum_dtype(q.dtype), device=q.device)  # (B, H, S)
         for q_heads, kv_heads in plan.head_groups(q.shape[1], k.shape[1]):
@@ -113,7 +114,7 @@ class _AllGatherKVAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         plan: _GatherPlan = ctx.plan
         dout = dout.contiguous()
-        blocks, num_ranks = plan.blocks(), group_size(plan.group)
+        calls, num_ranks = plan.one_step().calls(0), group_size(plan.group)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for q_heads, kv_heads in plan.head_groups(q.shape[1], k.shape[1]):
             with record_function("cp_dtensor.allgather.gather_kv"):
@@ -121,7 +122,7 @@ class _AllGatherKVAttention(torch.autograd.Function):
             with record_function("cp_dtensor.allgather.attend_backward"):
                 dq[:, q_heads], dk_full, dv_full = _attend_backward(
                     dout[:, q_heads], q[:, q_heads], k_full, v_full, out[:, q_heads], lse[:, q_heads],
-                    blocks, plan.scale,
+                    calls, plan.scale,
                 )
             # (2, B, g, P * S, D) -> (P, 2, B, g, S, D): entry r is rank r's shard of the gradient
             dkv_N = torch.stack([dk_full, dv_full]).unflatten(3, (num_ranks, -1)).permute(3, 0, 1, 2, 4, 5)
@@ -140,6 +141,9 @@ def allgather_kv_attention(
     causal: bool = False,
     scale: float | None = None,
     kv_heads_per_gather: int | None = None,
+    document_ids: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    seq_len: int | None = None,
 ) -> torch.Tensor:
     """Exact attention over the whole sequence by all-gathering K/V; the queries stay local.
 
@@ -153,6 +157,9 @@ def allgather_kv_attention(
         scale: Softmax scale; default ``D ** -0.5``.
         kv_heads_per_gather: K/V heads gathered at a time: the gathered buffers are
             ``2 * B * kv_heads_per_gather * L * D`` elements. Default: all ``H_kv`` at once.
+        document_ids: Packed documents, as in :func:`cp_dtensor.ring_attention`.
+        window: Sliding window ``(left, right)``, as in :func:`cp_dtensor.ring_attention`.
+        seq_len: Real tokens of a padded sequence, as in :func:`cp_dtensor.ring_attention`.
 
     Returns:
         The local output ``(B, H, S_local, D)`` in ``q``'s dtype (a DTensor if ``q`` was one).
@@ -162,7 +169,9 @@ def allgather_kv_attention(
         ValueError: ``kv_heads_per_gather`` is not a positive int, or as
             :func:`cp_dtensor.ring_attention`.
     """
-    q_l, k_l, v_l, like, seq_len, scale = local_inputs(q, k, v, cp_group, causal, scale)
+    q_l, k_l, v_l, like, total, scale, mask = local_inputs(
+        q, k, v, cp_group, causal, scale, document_ids=document_ids, window=window, seq_len=seq_len
+    )
     num_kv_heads = k_l.shape[1]
     if kv_heads_per_gather is None:
         kv_heads_per_gather = num_kv_heads
@@ -173,11 +182,12 @@ def allgather_kv_attention(
         )
     plan = _GatherPlan(
         group=cp_group.process_group if cp_group.size > 1 else None,
-        q_runs=cp_group.runs(seq_len),
-        kv_runs=[run for r in range(cp_group.size) for run in cp_group.runs(seq_len, r)],
+        q_runs=cp_group.runs(total),
+        kv_runs=[run for r in range(cp_group.size) for run in cp_group.runs(total, r)],
         causal=causal,
         scale=scale,
         kv_heads_per_gather=min(kv_heads_per_gather, num_kv_heads),
+        mask=mask,
     )
     out = _AllGatherKVAttention.apply(q_l, k_l, v_l, plan)
     return from_local_like(out, like)

@@ -42,6 +42,9 @@ def hybrid_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    seq_len: int | None = None,
 ) -> torch.Tensor:
     """Exact attention: Ulysses all-to-all within groups of ``u`` ranks, ring attention across groups.
 
@@ -54,6 +57,9 @@ def hybrid_attention(
         cp_group: A group built with ``init_context_parallel_group(cp_size, ulysses_size=u)``.
         causal: Causal masking on GLOBAL positions.
         scale: Softmax scale; default ``D ** -0.5``.
+        document_ids: Packed documents, as in :func:`cp_dtensor.ring_attention`.
+        window: Sliding window ``(left, right)``, as in :func:`cp_dtensor.ring_attention`.
+        seq_len: Real tokens of a padded sequence, as in :func:`cp_dtensor.ring_attention`.
 
     Returns:
         The local output ``(B, H, S_local, D)`` in ``q``'s dtype (a DTensor if ``q`` was one).
@@ -70,22 +76,25 @@ def hybrid_attention(
             "init_context_parallel_group(cp_size, ulysses_size=u), u dividing cp_size and the heads "
             "(u=1 is the ring, u=cp_size is Ulysses)."
         )
-    q_l, k_l, v_l, like, seq_len, scale = local_inputs(q, k, v, cp_group, causal, scale)
+    q_l, k_l, v_l, like, total, scale, mask = local_inputs(
+        q, k, v, cp_group, causal, scale, document_ids=document_ids, window=window, seq_len=seq_len
+    )
     check_heads(q_l.shape[1], u, "ulysses_size")
     ring_size, ring_rank = cp_group.ring_mesh.size(), cp_group.ring_mesh.get_local_rank()
     assert cp_group.rank == ring_rank * u + cp_group.ulysses_mesh.get_local_rank(), "Ulysses groups are consecutive"
     exchange = HeadExchange(
         group=cp_group.ulysses_mesh.get_group() if u > 1 else None,
-        member_runs=_group_runs(cp_group, seq_len, ring_rank, u),
+        member_runs=_group_runs(cp_group, total, ring_rank, u),
     )
     plan = RingPlan(
         group=cp_group.ring_mesh.get_group() if ring_size > 1 else None,
         rank=ring_rank,
         size=ring_size,
         q_runs=exchange.runs,
-        kv_runs=lambda src: HeadExchange(None, _group_runs(cp_group, seq_len, src, u)).runs,
+        kv_runs=lambda src: HeadExchange(None, _group_runs(cp_group, total, src, u)).runs,
         causal=causal,
         scale=scale,
+        mask=mask,
     )
     out = attend_over_heads(q_l, k_l, v_l, exchange, plan)
     return from_local_like(out, like)

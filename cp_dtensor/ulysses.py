@@ -41,6 +41,7 @@ from torch.profiler import record_function
 from cp_dtensor.collectives import all_to_all
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.layout import Run
+from cp_dtensor.masks import mask_spec
 from cp_dtensor.ring import RingPlan, _RingAttention
 from cp_dtensor.sharding import from_local_like, to_local_checked
 from cp_dtensor.validate import check_qkv, resolve_scale
@@ -174,23 +175,32 @@ def attend_over_heads(
         return exchange.to_sequence(out_h)
 
 
-def local_inputs(q, k, v, cp_group: ContextParallelGroup, causal: bool, scale: float | None):
+def local_inputs(q, k, v, cp_group: ContextParallelGroup, causal: bool, scale: float | None, **mask_args):
     """Unwrap DTensors and validate like :func:`cp_dtensor.ring_attention`.
 
+    Args:
+        q: Queries (local or DTensor).
+        k: Keys.
+        v: Values.
+        cp_group: The context-parallel group.
+        causal: Causal masking.
+        scale: Softmax scale or ``None``.
+        **mask_args: ``document_ids``, ``window``, ``seq_len`` (see :mod:`cp_dtensor.masks`).
+
     Returns:
-        ``(q, k, v, like, seq_len, scale)``: local shards, the DTensor to wrap the output like (or
-        ``None``), the global sequence length and the resolved scale.
+        ``(q, k, v, like, seq_len, scale, mask)``: local shards, the DTensor to wrap the output like
+        (or ``None``), the global (padded) sequence length, the resolved scale and the
+        :class:`~cp_dtensor.masks.MaskSpec`.
 
     Raises:
         ValueError: As :func:`cp_dtensor.ring_attention`.
     """
     (q_l, k_l, v_l), like = to_local_checked((q, k, v), cp_group, seq_dim=2)
     check_qkv(q_l, k_l, v_l)
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {causal!r}.")
+    mask = mask_spec(cp_group, q_l, causal=causal, **mask_args)
     seq_len = q_l.shape[2] * cp_group.size
     cp_group.runs(seq_len)  # raises ValueError if the local length does not fit the layout
-    return q_l, k_l, v_l, like, seq_len, resolve_scale(scale, q_l.shape[-1])
+    return q_l, k_l, v_l, like, seq_len, resolve_scale(scale, q_l.shape[-1]), mask
 
 
 def ulysses_attention(
@@ -201,6 +211,9 @@ def ulysses_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    seq_len: int | None = None,
 ) -> torch.Tensor:
     """Exact attention over the whole sequence by exchanging token shards for head shards.
 
@@ -215,6 +228,9 @@ def ulysses_attention(
         cp_group: The group from :func:`~cp_dtensor.init_context_parallel_group`, any layout.
         causal: Causal masking on GLOBAL positions.
         scale: Softmax scale; default ``D ** -0.5``.
+        document_ids: Packed documents, as in :func:`cp_dtensor.ring_attention`.
+        window: Sliding window ``(left, right)``, as in :func:`cp_dtensor.ring_attention`.
+        seq_len: Real tokens of a padded sequence, as in :func:`cp_dtensor.ring_attention`.
 
     Returns:
         The local output ``(B, H, S_local, D)`` in ``q``'s dtype (a DTensor if ``q`` was one).
@@ -223,13 +239,17 @@ def ulysses_attention(
     Raises:
         ValueError: ``P`` does not divide ``H`` (use ring); or as :func:`cp_dtensor.ring_attention`.
     """
-    q_l, k_l, v_l, like, seq_len, scale = local_inputs(q, k, v, cp_group, causal, scale)
+    q_l, k_l, v_l, like, total, scale, mask = local_inputs(
+        q, k, v, cp_group, causal, scale, document_ids=document_ids, window=window, seq_len=seq_len
+    )
     check_heads(q_l.shape[1], cp_group.size, "the cp size")
     exchange = HeadExchange(
         group=cp_group.process_group if cp_group.size > 1 else None,
-        member_runs=tuple(tuple(cp_group.runs(seq_len, r)) for r in range(cp_group.size)),
+        member_runs=tuple(tuple(cp_group.runs(total, r)) for r in range(cp_group.size)),
     )
     runs = exchange.runs
-    plan = RingPlan(group=None, rank=0, size=1, q_runs=runs, kv_runs=lambda _: runs, causal=causal, scale=scale)
+    plan = RingPlan(
+        group=None, rank=0, size=1, q_runs=runs, kv_runs=lambda _: runs, causal=causal, scale=scale, mask=mask
+    )
     out = attend_over_heads(q_l, k_l, v_l, exchange, plan)
     return from_local_like(out, like)

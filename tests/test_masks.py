@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mp_pool
-from cp_dtensor import count_comm, ring_attention
+from cp_dtensor import context_parallel_attention, count_comm
 from cp_dtensor.layout import num_chunks
 from cp_dtensor.masks import MaskSpec, document_ids_from_cu_seqlens, window_hides_block
 from reference import full_attention
@@ -41,20 +41,22 @@ def masked_ring_case(world_size: int, cfg: dict, inputs: dict) -> dict:
     import cp_dtensor.masks
 
     cp_dtensor.masks.DEFAULT_TILE = cfg["tile"]  # small tiles exercise the skip / full / masked split
-    group = mp_pool.group(world_size, layout=cfg["layout"])
+    extra = {"ulysses_size": cfg["ulysses_size"]} if cfg.get("ulysses_size") else {}
+    group = mp_pool.group(world_size, layout=cfg["layout"], **extra)
     dtype = DTYPES[cfg["dtype"]]
     q, k, v = (group.partition_sequence(inputs[n], seq_dim=2).to(dtype).requires_grad_() for n in "qkv")
     docs = None if cfg["docs"] is None else group.partition_sequence(cfg["docs"], seq_dim=1)
     with count_comm() as comm:
-        out = ring_attention(
-            q, k, v, group, causal=cfg["causal"], document_ids=docs, window=cfg["window"], seq_len=cfg["seq_len_real"]
+        out = context_parallel_attention(
+            q, k, v, group, strategy=cfg.get("strategy", "ring"), causal=cfg["causal"], document_ids=docs,
+            window=cfg["window"], seq_len=cfg["seq_len_real"],
         )
         out.backward(group.partition_sequence(inputs["dout"], seq_dim=2).to(dtype))
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "calls": dict(comm.calls)}
 
 
 @st.composite
-def masked_configs(draw, world_size: int):
+def masked_configs(draw, world_size: int, strategy: str = "ring", ulysses_size: int | None = None):
     layout = draw(st.sampled_from(["zigzag", "contiguous"]))
     seq_len = draw(st.integers(1, 6)) * num_chunks(world_size, layout)
     batch = draw(st.integers(1, 2))
@@ -72,8 +74,10 @@ def masked_configs(draw, world_size: int):
     window = draw(st.one_of(st.none(), st.tuples(st.one_of(st.none(), st.integers(0, seq_len)),
                                                  st.one_of(st.none(), st.integers(0, seq_len)))))
     padded = draw(st.one_of(st.none(), st.integers(1, seq_len)))
-    heads, kv_heads = draw(st.sampled_from([(2, 1), (2, 2), (4, 2)]))
+    head_choices = [(2, 1), (2, 2), (4, 2)] if strategy in ("ring", "allgather") else [(4, 1), (4, 2), (4, 4)]
+    heads, kv_heads = draw(st.sampled_from(head_choices))
     return {
+        "strategy": strategy, "ulysses_size": ulysses_size,
         "layout": layout, "seq_len": seq_len, "batch": batch, "heads": heads, "kv_heads": kv_heads,
         "head_dim": draw(st.sampled_from([8, 16])), "causal": draw(st.booleans()), "docs": docs,
         "window": window, "seq_len_real": padded, "dtype": draw(st.sampled_from(["float64", "float32"])),
@@ -81,10 +85,18 @@ def masked_configs(draw, world_size: int):
     }
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+STRATEGY_CASES = [  # (strategy, world size, ulysses size)
+    ("ring", 1, None), ("ring", 2, None), ("ring", 4, None),
+    ("ulysses", 2, None), ("ulysses", 4, None),
+    ("allgather", 2, None), ("allgather", 4, None),
+    ("hybrid", 4, 2),
+]
+
+
+@pytest.mark.parametrize(("strategy", "world_size", "ulysses_size"), STRATEGY_CASES)
 @given(data=st.data())
-def test_masked_ring_matches_dense_mask(world_size, data):
-    cfg = data.draw(masked_configs(world_size))
+def test_masked_attention_matches_dense_mask(strategy, world_size, ulysses_size, data):
+    cfg = data.draw(masked_configs(world_size, strategy, ulysses_size))
     inputs = make_inputs(cfg, cfg["seed"])
     results = mp_pool.run_on_ranks(world_size, masked_ring_case, world_size, cfg, inputs)
     q, k, v = (inputs[n].clone().requires_grad_() for n in "qkv")
