@@ -16,11 +16,10 @@ def rotate(block: torch.Tensor) -> torch.Tensor:
     """Send ``block`` to the next rank and return the block received from the previous one."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     received = torch.empty_like(block)
-    ops = [
-        dist.P2POp(dist.isend, block, (rank + 1) % world_size),
-        dist.P2POp(dist.irecv, received, (rank - 1) % world_size),
-    ]
-    for request in dist.batch_isend_irecv(ops):  # both in flight at once: no deadlock
+    # Both in flight at once, so no rank waits for another to start: no deadlock. (Individual
+    # isend/irecv rather than batch_isend_irecv, which has been reported to hang on gloo.)
+    requests = [dist.irecv(received, (rank - 1) % world_size), dist.isend(block, (rank + 1) % world_size)]
+    for request in requests:
         request.wait()
     return received
 
