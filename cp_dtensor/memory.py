@@ -221,8 +221,10 @@ def _attention_workspace(dims: ModelDims, t: int, s: int, p: int, b: int, attent
       the residual gradient ``T E b``, the fp32 ``dQ`` ``T Eq a``, the K/V block ``2 T Ekv b``,
       ``dK``/``dV`` accumulators ``2 T Ekv a``, the kernel's ``dq, dk, dv`` and an internal copy
       (``4 T Eq b`` on the diagonal step, ``3 T Eq b`` on the half blocks of later steps; K/V are
-      expanded to ``H`` heads first under GQA, ``+ 2 T Eq b``) and its scratch; at later steps the
-      previous step's ``dq, dk, dv`` ``T (Eq + 2 Ekv) b`` are still referenced. Ring: the next K/V
+      expanded to ``H`` heads first under GQA, ``+ 2 T Eq b``) and its scratch. Python references
+      keep the previous step's ``dq, dk, dv`` alive during the next call (``T (Eq + 2 Ekv) b`` after
+      the diagonal step, ``T max(Eq + Ekv, Eq/2 + 2 Ekv) b`` after a half step) and, from step 2,
+      the ``dK``/``dV`` accumulators that arrived at the previous step ``2 T Ekv a``. Ring: the next K/V
       block (steps before the last) and, after step 0, the accumulators of the previous block being
       sent and of the next one arriving, ``4 T Ekv a``.
     """
@@ -233,13 +235,17 @@ def _attention_workspace(dims: ModelDims, t: int, s: int, p: int, b: int, attent
     bwd_common = t * (2 * eq * b + dims.hidden_size * b + eq * a + 2 * ekv * b + 2 * ekv * a + expand)
     bwd_common += _KERNEL_SCRATCH_BWD
     next_kv = 2 * ekv * b * t
-    # (workspace, ring buffers) at step 0 and at a later step, forward then backward
+    # (workspace, ring buffers) at step 0, then at step 1 and at steps >= 2
     fwd_steps = [(fwd_common + t * upcast, next_kv if p > 1 else 0)]
     bwd_steps = [(bwd_common + t * 4 * eq * b, next_kv if p > 1 else 0)]
     if p > 1:
         fwd_steps.append((fwd_common + t * (2 * eq * a + upcast), next_kv if p > 2 else 0))
-        previous = t * (eq + 2 * ekv) * b  # step 0's dq, dk, dv: alive until the next call replaces them
+        # step 1: step 0's dq, dk, dv are still referenced until the next kernel call replaces them
+        previous = t * (eq + 2 * ekv) * b
         bwd_steps.append((bwd_common + t * 3 * eq * b + previous, (next_kv if p > 2 else 0) + t * 4 * ekv * a))
+    if p > 2:  # steps >= 2: the previous (half-block) outputs and the accumulators that arrived last step
+        previous = t * max(eq + ekv, eq / 2 + 2 * ekv) * b + t * 2 * ekv * a
+        bwd_steps.append((bwd_common + t * 3 * eq * b + previous, next_kv + t * 4 * ekv * a))
     if attention == "naive":  # one step's S x S block per head: its scores; in backward, their two gradients
         block = batch * dims.num_heads * s * s * b
         fwd_steps = [(ws + block, ring) for ws, ring in fwd_steps]

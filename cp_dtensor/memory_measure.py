@@ -11,6 +11,11 @@ The whole table of ``docs/memory.md`` (every case in fresh torchrun processes, o
     python -m cp_dtensor.memory_measure --sweep --seq-lens 4096 8192 16384 --cp-sizes 1 2 4 \\
         --out bench/results/memory_cpu.json
 
+Its table and figure (estimates recomputed with the current estimator)::
+
+    python -m cp_dtensor.memory_measure --report bench/results/memory_cpu.json \\
+        --plot docs/assets/figures/memory/estimate_vs_measured.png
+
 Note [Measuring peak memory on CPU]
 -----------------------------------
 PyTorch's CPU allocator keeps no statistics (``torch.cuda.max_memory_allocated`` has no CPU twin),
@@ -56,7 +61,15 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, record_function
 
-__all__ = ["measure_case", "measured_static_bytes", "profiled_peak", "estimate_for", "SMALL_MODEL"]
+__all__ = [
+    "SMALL_MODEL",
+    "estimate_for",
+    "markdown_table",
+    "measure_case",
+    "measured_static_bytes",
+    "plot_results",
+    "profiled_peak",
+]
 
 # The small model of the documented sweep: 2 layers, E = 256, 4 heads of 64, V = 256 (fp32).
 SMALL_MODEL = {"vocab_size": 256, "hidden_size": 256, "num_layers": 2, "num_heads": 4}
@@ -108,7 +121,8 @@ def profiled_peak(fn) -> tuple[int, str]:
     spans = [
         (e.duration_ns(), e.name()) for e in events if e.name() != "[memory]" and e.start_ns() <= peak_ns <= e.end_ns()
     ]
-    named = [s for s in spans if s[1].startswith(("memory_measure.", "cp_dtensor."))]
+    node = "autograd::engine::evaluate_function: "  # the autograd node being run, e.g. MulBackward0
+    named = [(d, n.removeprefix(node)) for d, n in spans if n.startswith(("memory_measure.", "cp_dtensor.", node))]
     where = " / ".join(name for _, name in sorted(named, reverse=True))
     innermost = min(spans)[1] if spans else "?"
     return peak, f"{where} / {innermost}" if where else innermost
@@ -265,8 +279,8 @@ def _one_case(args: argparse.Namespace) -> None:
 
 
 def _summary(ranks: list[dict]) -> dict:
-    peak = max(r["peak_bytes"] for r in ranks)
-    est = ranks[0]["estimate"]["total"]
+    top = max(ranks, key=lambda r: r["peak_bytes"])  # the rank that needs the most
+    peak, est = top["peak_bytes"], top["estimate"]["total"]
     return {
         "seq_len": ranks[0]["seq_len"],
         "cp_size": ranks[0]["cp_size"],
@@ -277,8 +291,100 @@ def _summary(ranks: list[dict]) -> dict:
         "estimated_activation_peak_bytes": est - sum(ranks[0]["static"].values()),
         "rss_activation_peak_bytes": max(r.get("rss_activation_peak_bytes", 0) for r in ranks),
         "estimated_peak_phase": ranks[0]["estimate"]["peak_phase"],
-        "measured_peak_at": ranks[0]["peak_at"],
+        "measured_peak_at": top["peak_at"],
     }
+
+
+def _fresh_estimate(case: dict) -> dict:
+    """The current estimator on a recorded case (the JSON keeps the estimate of its day too)."""
+    from cp_dtensor.model import ModelConfig
+
+    rank = case["ranks"][0]
+    config = ModelConfig(**{k: v for k, v in rank["model"].items() if k in ModelConfig.__dataclass_fields__})
+    return estimate_for(
+        config, seq_len=rank["seq_len"], cp_size=rank["cp_size"], batch_size=rank["batch_size"], dtype=rank["dtype"]
+    )
+
+
+def markdown_table(report: dict) -> str:
+    """The sweep as the markdown table of ``docs/memory.md`` (MiB per rank, the largest rank)."""
+    mib = 2**20
+    rows = [
+        "| L | P | measured peak | estimate | error | measured activations | RSS cross-check | "
+        "activations vs P = 1 | estimated peak at | measured peak in |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    act_p1 = {
+        c["summary"]["seq_len"]: c["summary"]["measured_activation_peak_bytes"]
+        for c in report["cases"]
+        if c["summary"]["cp_size"] == 1
+    }
+    for case in report["cases"]:
+        sm, est = case["summary"], _fresh_estimate(case)
+        ratio = (
+            sm["measured_activation_peak_bytes"] / act_p1[sm["seq_len"]] if sm["seq_len"] in act_p1 else float("nan")
+        )
+        where = sm["measured_peak_at"].removeprefix("memory_measure.").replace("cp_dtensor.ring.", "")
+        rows.append(
+            f"| {sm['seq_len']} | {sm['cp_size']} | {sm['measured_peak_bytes'] / mib:.1f} | {est['total'] / mib:.1f} | "
+            f"{100 * (est['total'] / sm['measured_peak_bytes'] - 1):+.1f}% | "
+            f"{sm['measured_activation_peak_bytes'] / mib:.1f} | {sm['rss_activation_peak_bytes'] / mib:.1f} | "
+            f"{ratio:.3f} | {est['peak_phase']} | `{where}` |"
+        )
+    return "\n".join(rows)
+
+
+def plot_results(report: dict, path) -> None:
+    """Estimate vs measurement: per-rank peak by case (left), activation peak against ``L`` (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mib = 2**20
+    cases = report["cases"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels = [f"L={c['summary']['seq_len'] // 1024}K\nP={c['summary']['cp_size']}" for c in cases]
+    xs = range(len(cases))
+    measured = [c["summary"]["measured_peak_bytes"] / mib for c in cases]
+    estimated = [_fresh_estimate(c)["total"] / mib for c in cases]
+    left.bar([x - 0.2 for x in xs], measured, width=0.4, label="measured (allocator events)", color="tab:blue")
+    left.bar([x + 0.2 for x in xs], estimated, width=0.4, label="estimate", color="tab:orange")
+    for x, m, e in zip(xs, measured, estimated):
+        left.annotate(f"{100 * (e / m - 1):+.1f}%", (x, max(m, e)), ha="center", va="bottom", fontsize=7)
+    left.set_xticks(list(xs), labels, fontsize=8)
+    left.set_ylabel("peak memory per rank (MiB)")
+    left.set_title("Per-rank peak: estimate vs measurement")
+    left.legend()
+    for cp_size, color in zip(
+        sorted({c["summary"]["cp_size"] for c in cases}), ("tab:blue", "tab:green", "tab:red", "tab:purple")
+    ):
+        mine = [c for c in cases if c["summary"]["cp_size"] == cp_size]
+        lens = [c["summary"]["seq_len"] for c in mine]
+        right.plot(
+            lens,
+            [c["summary"]["measured_activation_peak_bytes"] / mib for c in mine],
+            "o",
+            color=color,
+            label=f"P={cp_size} measured",
+        )
+        static = [sum(c["ranks"][0]["static"].values()) for c in mine]
+        right.plot(
+            lens,
+            [(_fresh_estimate(c)["total"] - s) / mib for c, s in zip(mine, static)],
+            "--",
+            color=color,
+            label=f"P={cp_size} estimate",
+        )
+    right.set_xscale("log", base=2)
+    right.set_yscale("log", base=2)
+    right.set_xlabel("sequence length L (tokens)")
+    right.set_ylabel("peak minus weights, grads, AdamW (MiB)")
+    right.set_title("Activation peak per rank: linear in L / P")
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -344,7 +450,16 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--cp-sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case (sweep)")
+    parser.add_argument("--report", default=None, help="a sweep's JSON: print its markdown table")
+    parser.add_argument("--plot", default=None, help="with --report: write the figure here (PNG)")
     args = parser.parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            report = json.load(f)
+        print(markdown_table(report))
+        if args.plot:
+            plot_results(report, args.plot)
+        return
     if args.sweep:
         if not args.out:
             parser.error("--sweep needs --out")

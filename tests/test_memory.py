@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import mp_pool
 import pytest
@@ -219,3 +220,22 @@ def test_parse_tokens():
     assert parse_tokens("1_000_000") == 1_000_000
     with pytest.raises(Exception, match="invalid token count"):
         parse_tokens("lots")
+
+
+# ---- the page's table and figure come from the committed measurements ---------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT = REPO / "bench" / "results" / "memory_cpu.json"
+
+
+def test_docs_table_is_the_committed_measurement_against_the_current_estimator(tmp_path):
+    from cp_dtensor.memory_measure import markdown_table, plot_results
+
+    report = json.loads(REPORT.read_text())
+    table = markdown_table(report)  # estimates recomputed now: the page must follow the estimator
+    page = (REPO / "docs" / "memory.md").read_text()
+    assert table in page, "regenerate it: python -m cp_dtensor.memory_measure --report bench/results/memory_cpu.json"
+    for case in report["cases"]:
+        assert len(case["ranks"]) == case["summary"]["cp_size"]
+    plot_results(report, tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 10_000
