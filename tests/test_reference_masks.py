@@ -8,7 +8,11 @@ computes exactly as many pairs, and on real gloo ranks it returns the same outpu
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import mp_pool
 import pytest
@@ -348,3 +352,23 @@ def test_production_masked_ring_matches_the_simulation(world_size, data):
         got = unshard([r[name] for r in results], world_size, case.layout, dim=2)
         # both fp64; the production ring tiles the blocks, so only the summation order differs
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
+
+
+# ---- the figures of docs/packed-and-windows.md ----
+
+
+def test_mask_figures_regenerate(tmp_path):
+    """docs/scripts/fig_masks.py runs (its traces are checked against the oracle) and makes every masks_*.png."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(repo / "docs" / "scripts" / "fig_masks.py"), "--out", str(tmp_path)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(repo)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    made = {p.name for p in tmp_path.glob("*.png")}
+    committed = {p.name for p in (repo / "docs" / "assets" / "figures").glob("masks_*.png")}
+    assert made == committed == {"masks_pairs.png", "masks_blocks.png"}
