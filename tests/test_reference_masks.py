@@ -8,6 +8,7 @@ computes exactly as many pairs, and on real gloo ranks it returns the same outpu
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -372,3 +373,36 @@ def test_mask_figures_regenerate(tmp_path):
     made = {p.name for p in tmp_path.glob("*.png")}
     committed = {p.name for p in (repo / "docs" / "assets" / "figures").glob("masks_*.png")}
     assert made == committed == {"masks_pairs.png", "masks_blocks.png"}
+
+
+# ---- bench/masks.py at a tiny size (no time is asserted) ----
+
+
+def test_masks_benchmark_runs_and_plans_the_skipped_work(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "masks.json"
+    args = ["--seq", "1024", "--doc-len", "64", "--window", "64", "--window-seq", "1024", "2048"]
+    args += ["--heads", "2", "--head-dim", "16", "--repeats", "1", "--out", str(out)]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node=4", "-m", "bench.masks", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    packed = result["packed"]
+    assert packed["packed_over_plain_cpu_s"]["n"] == 1
+    assert packed["cases"]["plain causal"]["kernel_pairs"] == 1024 * 1025 // 2  # the causal plan, nothing more
+    # documents of 64 tokens: each rank's 256 tokens form one masked 256 x 256 tile, every other tile is hidden
+    assert packed["cases"]["packed"]["kernel_pairs"] == 4 * 256 * 256
+    short, long = result["window"]["rows"]
+    for row in (short, long):
+        assert (row["window"]["ring_steps"], row["plain causal"]["ring_steps"]) == (2, 4)  # stops after 1 hop
+        assert row["window"]["cpu_s"]["n"] == 1
+    # doubling L: the window's planned work about doubles, the causal plan's quadruples
+    assert long["window"]["kernel_pairs"] / short["window"]["kernel_pairs"] < 2.2
+    assert long["plain causal"]["kernel_pairs"] / short["plain causal"]["kernel_pairs"] > 3.9
