@@ -153,15 +153,16 @@ def window_hides_block(q_runs: list[Run], kv_runs: list[Run], spec: MaskSpec) ->
     return True
 
 
-def _groups(flags: list[int]) -> list[tuple[int, int]]:
-    """Maximal runs ``[start, stop)`` of consecutive non-zero entries."""
+def _groups(flags: list[int], split_at: int | None = None) -> list[tuple[int, int]]:
+    """Maximal runs ``[start, stop)`` of consecutive non-zero entries; ``split_at`` stands alone."""
     groups, start = [], None
     for idx, flag in enumerate(flags + [0]):
-        if flag and start is None:
-            start = idx
-        elif not flag and start is not None:
+        boundary = idx == split_at or idx - 1 == split_at
+        if start is not None and (not flag or boundary):
             groups.append((start, idx))
             start = None
+        if flag and start is None:
+            start = idx
     return groups
 
 
@@ -178,6 +179,8 @@ def refine_block(
 
     Returns:
         ``(call, mask)`` pairs; ``mask`` is ``None`` (all visible) or bool ``(B or 1, 1, n_q, n_k)``.
+        On a causal block's diagonal the call keeps ``causal=True``, so the kernel skips the hidden
+        triangle even where a mask is passed too.
     """
     if spec.only_causal:
         return [(block, None)]
@@ -192,11 +195,19 @@ def refine_block(
         for a, b in zip(edges[:-1], edges[1:]):
             t = vis[..., a:b]
             kinds.append(2 if not bool(t.all()) and bool(t.any()) else int(bool(t.all())))
-        for g0, g1 in _groups(kinds):
+        # A causal (diagonal) block cuts its bands and columns at the same edges: tile d is square
+        # on the diagonal, and gets its own causal call.
+        diag = (q0 - block.q_start) // tile if block.causal else None
+        for g0, g1 in _groups(kinds, split_at=diag):
             a, b = edges[g0], edges[g1]
-            call = Block(q0, q1, block.kv_start + a, block.kv_start + b, False)
-            mask = None if all(k == 1 for k in kinds[g0:g1]) else vis[:, None, :, a:b]
-            calls.append((call, mask))
+            on_diag = (g0, g1) == (diag, diag + 1) if diag is not None else False
+            tile_vis = vis[..., a:b]
+            if on_diag:
+                triangle = torch.ones(q1 - q0, b - a, dtype=torch.bool, device=vis.device).tril()
+                mask = None if bool((tile_vis == triangle).all()) else tile_vis[:, None]
+            else:
+                mask = None if all(k == 1 for k in kinds[g0:g1]) else tile_vis[:, None]
+            calls.append((Block(q0, q1, block.kv_start + a, block.kv_start + b, on_diag), mask))
     return calls
 
 
