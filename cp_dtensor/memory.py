@@ -24,9 +24,11 @@ log-sum-exp). ``n`` is the number of parameters.
   shrink exactly ``P``-fold. With activation checkpointing a layer keeps only its input ``T E b``,
   and the layer being recomputed holds its full inventory.
 * **Transients** at the moments where one rank's memory peaks (the estimate is the largest of them,
-  see :func:`phase_bytes`): the loss (``V``-wide logits and their gradient), the backward of the last
-  layer's MLP, and the ring attention's forward and backward workspace (fp32 accumulators, the K/V
-  block arriving while the current one is used, the fp32 ``dK``/``dV`` that travel with it).
+  see :func:`phase_bytes`): the loss (``V``-wide logits and their gradient), the final RMSNorm's fp32
+  backward, the backward of the last layer's MLP, and the ring attention's forward and backward
+  workspace (fp32 accumulators, the K/V block arriving while the current one is used, the fp32
+  ``dK``/``dV`` that travel with it). The estimate assumes the model's defaults: causal attention,
+  the zigzag layout and the CPU or CUDA flash kernels.
 
 Note [Naive attention and the square root]
 ------------------------------------------
@@ -188,7 +190,7 @@ class RankMemory:
     Attributes:
         components: Bytes alive at the peak by component (``weights``, ``grads``,
             ``optimizer_state``, ``activations``, ``attention_workspace``, ``ring_buffers``,
-            ``logits``, ``mlp_workspace``); they sum to ``total``.
+            ``logits``, ``norm_workspace``, ``mlp_workspace``); they sum to ``total``.
         total: Peak bytes.
         peak_phase: The moment of the peak (see :func:`phase_bytes`).
         activations_per_layer: Bytes one layer saves for backward.
@@ -299,6 +301,9 @@ def phase_bytes(
       workspace (see :func:`_attention_workspace`).
     * ``"loss"``: ``N R`` + the final norm's saved tensors and the ids ``T ((2E + 1) 4 + E b + 8)`` + the
       fp32 log-softmax output and, in backward, its two gradients: ``3 T V a``.
+    * ``"final norm backward"``: ``N R`` + ``6 T E a``: the final RMSNorm differentiates in fp32; its
+      upcast input, the gradient arriving through ``x * rstd`` and the mean-of-squares branch's
+      gradient and temporaries are alive together (the peak of bf16 models with small vocabularies).
     * ``"mlp backward"``: ``(N-1) R + A - T F b`` (the down projection's input is freed) + the residual
       gradient ``T E b`` + the gradients of the down projection's input, of ``silu(gate)`` and of
       ``up`` ``3 T F b``, made while ``gate``, ``silu(gate)`` and ``up`` are still saved.
@@ -316,7 +321,7 @@ def phase_bytes(
 
     Returns:
         ``{phase: {component: bytes}}``, components ``activations``, ``attention_workspace``,
-        ``ring_buffers``, ``logits``, ``mlp_workspace``.
+        ``ring_buffers``, ``logits``, ``norm_workspace``, ``mlp_workspace``.
     """
     b, e, f, v = dtype_bytes, dims.hidden_size, dims.ffn_hidden_size, dims.vocab_size
     s = seq_len // cp_size
@@ -326,7 +331,8 @@ def phase_bytes(
     earlier = (dims.num_layers - 1) * kept
     work = _attention_workspace(dims, t, s, cp_size, b, attention, batch_size)
     (fwd_ws, fwd_ring), (bwd_ws, bwd_ring) = work["forward"], work["backward"]
-    zero = dict.fromkeys(("activations", "attention_workspace", "ring_buffers", "logits", "mlp_workspace"), 0.0)
+    names = ("activations", "attention_workspace", "ring_buffers", "logits", "norm_workspace", "mlp_workspace")
+    zero = dict.fromkeys(names, 0.0)
     return {
         "attention forward": {
             **zero,
@@ -339,6 +345,7 @@ def phase_bytes(
             "activations": dims.num_layers * kept + t * ((2 * e + 1) * max(b, _ACC) + e * b + _IDS),
             "logits": 3 * t * v * _ACC,
         },
+        "final norm backward": {**zero, "activations": dims.num_layers * kept, "norm_workspace": 6 * t * e * _ACC},
         "mlp backward": {**zero, "activations": earlier + layer.full - t * f * b, "mlp_workspace": t * (e + 3 * f) * b},
         "attention backward": {
             **zero,
@@ -567,7 +574,7 @@ def estimate_context_parallel_memory_savings(
         and ``max_seq_len_without_cp`` (longest fitting ``L``, multiples of ``2 cp_size`` and 2, by
         bisection; 0 if nothing fits), ``breakdown_gb`` (``{"without_cp": {...}, "with_cp": {...}}``:
         weights, grads, optimizer_state, activations, attention_workspace, ring_buffers, logits,
-        mlp_workspace, alive at the peak, summing to the total), ``activations_per_layer_gb``,
+        norm_workspace, mlp_workspace, alive at the peak, summing to the total), ``activations_per_layer_gb``,
         ``peak_phase`` (which moment peaks) and ``config`` (the resolved arguments).
 
     Raises:

@@ -324,10 +324,10 @@ def markdown_table(report: dict) -> str:
         ratio = (
             sm["measured_activation_peak_bytes"] / act_p1[sm["seq_len"]] if sm["seq_len"] in act_p1 else float("nan")
         )
-        where = sm["measured_peak_at"].removeprefix("memory_measure.").replace("cp_dtensor.ring.", "")
+        where = sm["measured_peak_at"].removeprefix("memory_measure.").replace("cp_dtensor.ring.", "ring.")
         rows.append(
             f"| {sm['seq_len']} | {sm['cp_size']} | {sm['measured_peak_bytes'] / mib:.1f} | {est['total'] / mib:.1f} | "
-            f"{100 * (est['total'] / sm['measured_peak_bytes'] - 1):+.1f}% | "
+            f"{100 * (est['total'] / sm['measured_peak_bytes'] - 1):+.2f}% | "
             f"{sm['measured_activation_peak_bytes'] / mib:.1f} | {sm['rss_activation_peak_bytes'] / mib:.1f} | "
             f"{ratio:.3f} | {est['peak_phase']} | `{where}` |"
         )

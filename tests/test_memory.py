@@ -207,6 +207,11 @@ def test_cli_prints_a_table_and_json(capsys):
     assert json.loads(capsys.readouterr().out) == expected
 
 
+def test_cli_output_shown_in_the_docs_is_current(capsys):
+    assert main(["estimate", "--seq-len", "128K", "--hidden-size", "4096", "--num-layers", "32", "--cp-size", "8"]) == 0
+    assert capsys.readouterr().out.strip() in (REPO / "docs" / "memory.md").read_text()
+
+
 def test_cli_rejects_bad_values_with_the_estimators_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["estimate", "--seq-len", "1000", "--hidden-size", "4096", "--num-layers", "2", "--cp-size", "3"])
