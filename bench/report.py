@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,6 +20,7 @@ RESULTS = REPO / "bench" / "results"
 PAGE = REPO / "docs" / "performance.md"
 FIGURES = REPO / "docs" / "assets" / "figures"
 MiB = 2**20
+OURS = ("cost_", "balance_", "peers_", "scaling_", "profile_ring_")  # other files in results/ are not this page's
 
 # Targets of issue 7 (reported, not asserted).
 TARGETS = {
@@ -75,7 +77,7 @@ def provenance(results: list[dict]) -> str:
 
 # ------------------------------------------------------------------------------------------ tables
 def block_machine() -> str:
-    every = [r for r in (json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))) if "machine" in r]
+    every = [r for prefix in OURS for r in load_all(prefix)]
     if not every:
         return "_No results yet: run `bash bench/run_all.sh`._"
     m = every[0]["machine"]
@@ -248,6 +250,13 @@ def block_peers_memory() -> str:
     return md_table(header, rows) + "\n\n" + provenance(results)
 
 
+def _paired_wall(ours: dict, theirs: dict) -> dict:
+    """Summary of ``ours / theirs`` slowest-rank wall times, repeat by repeat."""
+    walls = [[max(r["wall"] for r in rep) for rep in c["reps"]] for c in (ours, theirs)]
+    ratios = [o / t for o, t in zip(*walls)]
+    return {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios), "n": len(ratios)}
+
+
 def block_peers_yunchang() -> str:
     results = sorted(load_all("peers_yunchang_"), key=lambda r: r["world_size"])
     rows = []
@@ -260,6 +269,8 @@ def block_peers_yunchang() -> str:
                     )
                     continue
                 ratio = "1" if name == "ours" else fmt(res["ours_over_theirs_wall"], 3)
+                if name == "ours-hybrid" and "error" not in entry["contenders"].get("yunchang-hybrid", {"error": 1}):
+                    ratio = "vs yunchang-hybrid: " + fmt(_paired_wall(res, entry["contenders"]["yunchang-hybrid"]), 3)
                 rows.append(
                     [
                         r["world_size"],
@@ -284,7 +295,14 @@ def block_peers_yunchang() -> str:
                 ]
             )
     version = results[0].get("yunchang_version") if results else None
-    header = ["P", "seq", "contender", "our ring's wall / theirs (fwd)", "wall s (slowest rank)", "max abs err"]
+    header = [
+        "P",
+        "seq",
+        "contender",
+        "our wall / theirs (fwd; our ring unless noted)",
+        "wall s (slowest rank)",
+        "max abs err",
+    ]
     return (
         (f"yunchang {version}, forward only.\n\n" if version else "")
         + md_table(header, rows)
@@ -454,7 +472,7 @@ def block_targets() -> str:
     add(
         "CPU cost of CP, seq 16K, P=4, causal fwd+bwd (ring)",
         f"<= {TARGETS['cost_p4_16k']}",
-        fmt(s),
+        fmt(s, 3),
         None if not s else s["median"] <= TARGETS["cost_p4_16k"],
     )
     for seq in (8192, 16384):
@@ -464,7 +482,7 @@ def block_targets() -> str:
             add(
                 f"CPU cost of CP, P=2, seq {_k(seq)}, causal fwd+bwd (ring)",
                 f"<= {TARGETS['cost_p2']}",
-                fmt(s),
+                fmt(s, 3),
                 s["median"] <= TARGETS["cost_p2"],
             )
     for r in load_all("balance_"):
@@ -597,8 +615,9 @@ def _plot_cost(plt):
     ax.axhline(1.10, color="C3", ls="--", lw=1, label="target at 16K, P=4 (1.10)")
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("sum of ranks' CPU s / one process's SDPA")
-    ax.set_title("Cost of CP on CPU, fwd+bwd (median, min-max)")
-    ax.legend(fontsize=8)
+    ax.set_title("Cost of CP on CPU, fwd+bwd (median, min-max; the limit is 1.0)")
+    ax.set_ylim(0.9, max(1.15, max(b[2]["max"] for b in bars) + 0.03))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -659,6 +678,7 @@ def _plot_scaling(plt):
     xs = [p["case"]["seq_len"] for p in pts]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.loglog(xs, [p["wall"]["median"] for p in pts], "o-", label="wall s, causal fwd+bwd")
+    ax.loglog(xs, [p["cpu_sum"]["median"] for p in pts], "^-", label="CPU s, all ranks")
     ax.loglog(
         xs, [p["peak_rss_bytes_max_rank"]["median"] / MiB for p in pts], "s-", label="peak MiB per rank (above start)"
     )
@@ -669,7 +689,8 @@ def _plot_scaling(plt):
         color="gray",
         label="O(L^2) from the first point",
     )
-    ax.set_xticks(xs, [f"{x // 1024}K" for x in xs])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax.set_xticks(xs, [_k(x) for x in xs])
     ax.set_xlabel("sequence length")
     ax.set_title(f"Scaling at P={r['world_size']} (heads 8, head_dim 64, fp32)")
     ax.legend(fontsize=8)
