@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
-from cp_dtensor.layout import Run, check_layout, check_seq_len, shard_positions, shard_runs
+from cp_dtensor.layout import Run, check_layout, check_seq_len, padded_length, shard_positions, shard_runs
 
 __all__ = ["ContextParallelGroup", "init_context_parallel_group"]
 
@@ -30,11 +30,30 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def _as_timedelta(timeout: float | datetime.timedelta | None) -> datetime.timedelta | None:
-    if timeout is None or isinstance(timeout, datetime.timedelta):
+    if timeout is None or (isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0):
         return timeout
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout < float("inf"):
         return datetime.timedelta(seconds=timeout)
     raise ValueError(f"timeout must be a positive number of seconds or a timedelta, got {timeout!r}.")
+
+
+def _axis_options(device_type: str, backend: str | None, timeout: datetime.timedelta | None):
+    """A ``backend_override`` entry that gives the process groups of one mesh axis ``timeout``.
+
+    ``init_device_mesh`` creates the groups of its axes with the c10d default timeout (30 min), not
+    the default group's, and an axis that spans the world reuses the default group, which the user
+    may have made without one (both checked in torch 2.13). Backend options carrying ``_timeout``
+    are what DeviceMesh forwards to the groups it creates, so every axis gets fresh options.
+    """
+    if timeout is None:
+        return None
+    if device_type == "cuda":
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = False
+    else:
+        options = dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    return (backend or ("nccl" if device_type == "cuda" else "gloo"), options)
 
 
 def _init_default_process_group(device_type: str, backend: str | None, timeout) -> None:
@@ -127,21 +146,28 @@ class ContextParallelGroup:
         """Global positions of this rank's tokens, a ``(seq_len // P,)`` long tensor (for RoPE, labels)."""
         return shard_positions(seq_len, self.size, self.rank, self.layout).to(device or "cpu")
 
-    def partition_sequence(self, x: torch.Tensor, seq_dim: int = 1) -> torch.Tensor:
+    def partition_sequence(self, x: torch.Tensor, seq_dim: int = 1, pad: bool = False) -> torch.Tensor:
         """This rank's shard of a full sequence, in the group's layout.
 
         Args:
             x: The full tensor, identical on every rank of the cp axis; its ``seq_dim`` has length
-                ``L``, a multiple of ``P`` (contiguous) or ``2P`` (zigzag).
+                ``L``, a multiple of ``P`` (contiguous) or ``2P`` (zigzag) unless ``pad``.
             seq_dim: The sequence dimension.
+            pad: Append zeros up to the next multiple first (``padded_length(L, P, layout)``). Then
+                pass ``seq_len=L`` to :func:`~cp_dtensor.ring_attention` so the padding is masked.
 
         Returns:
-            The local shard, ``L // P`` long on ``seq_dim``. Differentiable.
+            The local shard, ``L // P`` (padded: ``L_pad // P``) long on ``seq_dim``. Differentiable.
 
         Raises:
-            ValueError: ``L`` does not split evenly (the message names the multiple and the fix).
+            ValueError: ``L`` does not split evenly and ``pad`` is off (the message names the multiple
+                and the fix), ``L`` is 0, or ``pad`` is not a bool.
         """
         seq_dim = _check_seq_dim(x, seq_dim)
+        if not isinstance(pad, bool):
+            raise ValueError(f"pad must be a bool, got {pad!r}.")
+        if pad:
+            x = _pad_to(x, seq_dim, padded_length(_seq_len(x, seq_dim), self.size, self.layout))
         runs = self.runs(_seq_len(x, seq_dim))
         return torch.cat([x.narrow(seq_dim, start, length) for start, length in runs], dim=seq_dim)
 
@@ -158,9 +184,11 @@ class ContextParallelGroup:
         seq_dim = _check_seq_dim(x_local, seq_dim)
         if self.size == 1:
             return x_local
-        from torch.distributed._functional_collectives import all_gather_tensor_autograd
+        import torch.distributed._functional_collectives as funcol
 
-        stacked = all_gather_tensor_autograd(x_local.movedim(seq_dim, 0).contiguous(), 0, self.process_group)
+        # all_gather_tensor_autograd is deprecated (a warning per call) in favour of the newer name
+        gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+        stacked = gather(x_local.movedim(seq_dim, 0).contiguous(), 0, self.process_group)
         shards = stacked.chunk(self.size, dim=0)  # rank r's shard, sequence first
         seq_len = stacked.shape[0]
         pieces: list[tuple[int, torch.Tensor]] = []
@@ -172,8 +200,8 @@ class ContextParallelGroup:
         full = torch.cat([piece for _, piece in sorted(pieces, key=lambda p: p[0])], dim=0)
         return full.movedim(0, seq_dim)
 
-    def distribute_sequence(self, x: torch.Tensor, seq_dim: int = 1) -> DTensor:
-        """A ``DTensor`` of ``x`` placed ``Shard(seq_dim)`` on the cp axis.
+    def distribute_sequence(self, x: torch.Tensor, seq_dim: int = 1, pad: bool = False) -> DTensor:
+        """A ``DTensor`` of ``x`` placed ``Shard(seq_dim)`` on the cp axis (``pad``: see :meth:`partition_sequence`).
 
         Under the zigzag layout the DTensor's logical tensor is the load-balanced *permutation* of
         the sequence (rank 0's two chunks, then rank 1's, ...), not ``x`` in its original order:
@@ -181,7 +209,7 @@ class ContextParallelGroup:
         the original order.
         """
         seq_dim = _check_seq_dim(x, seq_dim)
-        local = self.partition_sequence(x, seq_dim)
+        local = self.partition_sequence(x, seq_dim, pad=pad)
         return DTensor.from_local(local, self.cp_mesh, [Shard(seq_dim)], run_check=False)
 
 
@@ -195,6 +223,16 @@ def _check_seq_dim(x: torch.Tensor, seq_dim: int) -> int:
 
 def _seq_len(x: torch.Tensor, seq_dim: int) -> int:
     return x.shape[seq_dim]
+
+
+def _pad_to(x: torch.Tensor, seq_dim: int, length: int) -> torch.Tensor:
+    """``x`` with zeros appended on ``seq_dim`` up to ``length`` (differentiable)."""
+    missing = length - _seq_len(x, seq_dim)
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[seq_dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=seq_dim)
 
 
 def init_context_parallel_group(
@@ -218,7 +256,9 @@ def init_context_parallel_group(
         layout: How sequences are sharded: ``"zigzag"`` (balanced causal work) or ``"contiguous"``.
         device_type: ``"cuda"`` or ``"cpu"``; default ``"cuda"`` when available.
         backend: Process-group backend; default ``"nccl"`` on CUDA, ``"gloo"`` on CPU.
-        timeout: Seconds (or a timedelta) after which a collective that never completes raises.
+        timeout: Seconds (or a timedelta) after which a collective or ring transfer that never
+            completes raises (a peer that died or hangs). Applied to every process group of the
+            mesh, also when the default group was created without it. Default: the backend's.
         ulysses_size: For hybrid attention: ranks per Ulysses group ``u`` (divides ``cp_size``). The
             mesh is then ``("dp", "ring", "ulysses") = (dp_size, cp_size // u, u)`` with
             ``("ring", "ulysses")`` flattened to ``"cp"``: each Ulysses group is ``u`` consecutive
@@ -256,13 +296,16 @@ def init_context_parallel_group(
             f"dp_size * cp_size = {dp_size} * {cp_size} = {dp_size * cp_size} must equal the world size "
             f"{world_size}."
         )
+    names = ("dp", "cp") if ulysses_size is None else ("dp", "ring", "ulysses")
+    override = None if timeout is None else {n: _axis_options(device_type, backend, timeout) for n in names}
     if ulysses_size is None:
-        mesh = init_device_mesh(device_type, (dp_size, cp_size), mesh_dim_names=("dp", "cp"))
+        mesh = init_device_mesh(device_type, (dp_size, cp_size), mesh_dim_names=names, backend_override=override)
         return ContextParallelGroup(mesh=mesh, layout=layout)
     # Row-major: cp rank = ring rank * u + ulysses rank, so each Ulysses group is consecutive ranks.
     shape = (dp_size, cp_size // ulysses_size, ulysses_size)
-    mesh = init_device_mesh(device_type, shape, mesh_dim_names=("dp", "ring", "ulysses"))
-    return ContextParallelGroup(mesh=mesh, layout=layout, flat_cp_mesh=mesh["ring", "ulysses"]._flatten("cp"))
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names, backend_override=override)
+    flat_cp_mesh = mesh["ring", "ulysses"]._flatten("cp", backend_override=_axis_options(device_type, backend, timeout))
+    return ContextParallelGroup(mesh=mesh, layout=layout, flat_cp_mesh=flat_cp_mesh)
 
 
 def check_partitionable(seq_len: int, group: ContextParallelGroup) -> None:
