@@ -32,6 +32,7 @@ from torch.profiler import record_function
 
 from cp_dtensor.masks import MaskSpec
 from cp_dtensor.collectives import all_gather, group_size, reduce_scatter
+from cp_dtensor.debug import check_call, recheck_output
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.kernels import accum_dtype, block_backward
 from cp_dtensor.layout import Run
@@ -144,6 +145,8 @@ def allgather_kv_attention(
     document_ids: torch.Tensor | None = None,
     window: tuple[int | None, int | None] | None = None,
     seq_len: int | None = None,
+    validate: bool = False,
+    debug_check: bool = False,
 ) -> torch.Tensor:
     """Exact attention over the whole sequence by all-gathering K/V; the queries stay local.
 
@@ -160,6 +163,8 @@ def allgather_kv_attention(
         document_ids: Packed documents, as in :func:`cp_dtensor.ring_attention`.
         window: Sliding window ``(left, right)``, as in :func:`cp_dtensor.ring_attention`.
         seq_len: Real tokens of a padded sequence, as in :func:`cp_dtensor.ring_attention`.
+        validate: Check that all ranks agree on the call first, as in :func:`cp_dtensor.ring_attention`.
+        debug_check: Re-check the output against fp64 attention, as in :func:`cp_dtensor.ring_attention`.
 
     Returns:
         The local output ``(B, H, S_local, D)`` in ``q``'s dtype (a DTensor if ``q`` was one).
@@ -169,6 +174,9 @@ def allgather_kv_attention(
         ValueError: ``kv_heads_per_gather`` is not a positive int, or as
             :func:`cp_dtensor.ring_attention`.
     """
+    check_call("allgather_kv_attention", cp_group, q, k, v, validate=validate, debug_check=debug_check, causal=causal,
+               scale=scale, kv_heads_per_gather=kv_heads_per_gather, document_ids=document_ids, window=window,
+               seq_len=seq_len)
     q_l, k_l, v_l, like, total, scale, mask = local_inputs(
         q, k, v, cp_group, causal, scale, document_ids=document_ids, window=window, seq_len=seq_len
     )
@@ -190,4 +198,6 @@ def allgather_kv_attention(
         mask=mask,
     )
     out = _AllGatherKVAttention.apply(q_l, k_l, v_l, plan)
+    recheck_output("allgather_kv_attention", out, q_l, k_l, v_l, cp_group, debug_check=debug_check, scale=scale,
+                   mask=mask)
     return from_local_like(out, like)

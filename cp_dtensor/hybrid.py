@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from cp_dtensor.debug import check_call, recheck_output
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.ring import RingPlan
 from cp_dtensor.sharding import from_local_like
@@ -45,6 +46,8 @@ def hybrid_attention(
     document_ids: torch.Tensor | None = None,
     window: tuple[int | None, int | None] | None = None,
     seq_len: int | None = None,
+    validate: bool = False,
+    debug_check: bool = False,
 ) -> torch.Tensor:
     """Exact attention: Ulysses all-to-all within groups of ``u`` ranks, ring attention across groups.
 
@@ -60,6 +63,8 @@ def hybrid_attention(
         document_ids: Packed documents, as in :func:`cp_dtensor.ring_attention`.
         window: Sliding window ``(left, right)``, as in :func:`cp_dtensor.ring_attention`.
         seq_len: Real tokens of a padded sequence, as in :func:`cp_dtensor.ring_attention`.
+        validate: Check that all ranks agree on the call first, as in :func:`cp_dtensor.ring_attention`.
+        debug_check: Re-check the output against fp64 attention, as in :func:`cp_dtensor.ring_attention`.
 
     Returns:
         The local output ``(B, H, S_local, D)`` in ``q``'s dtype (a DTensor if ``q`` was one).
@@ -69,6 +74,8 @@ def hybrid_attention(
         ValueError: ``cp_group`` has no Ulysses axis, ``u`` does not divide ``H``, or as
             :func:`cp_dtensor.ring_attention`.
     """
+    check_call("hybrid_attention", cp_group, q, k, v, validate=validate, debug_check=debug_check, causal=causal,
+               scale=scale, document_ids=document_ids, window=window, seq_len=seq_len)
     u = cp_group.ulysses_size
     if u is None:
         raise ValueError(
@@ -97,4 +104,6 @@ def hybrid_attention(
         mask=mask,
     )
     out = attend_over_heads(q_l, k_l, v_l, exchange, plan)
+    recheck_output("hybrid_attention", out, q_l, k_l, v_l, cp_group, debug_check=debug_check, scale=scale,
+                   mask=mask)
     return from_local_like(out, like)

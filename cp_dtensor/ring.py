@@ -26,6 +26,7 @@ from torch.profiler import record_function
 
 from cp_dtensor.blocks import Block, plan_blocks
 from cp_dtensor.comm import RingAttentionCommunicator
+from cp_dtensor.debug import check_call, recheck_output
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.kernels import accum_dtype, block_backward, block_forward
 from cp_dtensor.layout import Run
@@ -243,6 +244,8 @@ def ring_attention(
     document_ids: torch.Tensor | None = None,
     window: tuple[int | None, int | None] | None = None,
     seq_len: int | None = None,
+    validate: bool = False,
+    debug_check: bool = False,
 ) -> torch.Tensor:
     """Exact attention over the whole sequence, from this rank's shards, by passing K/V around a ring.
 
@@ -261,6 +264,10 @@ def ring_attention(
             for an unbounded side.
         seq_len: Number of real tokens when the sequence was padded (``partition_sequence(...,
             pad=True)``); later positions are masked out as keys and produce zero output.
+        validate: First check that every rank passes the same shapes, dtypes and arguments (one
+            all-gather); also on with ``CP_DTENSOR_VALIDATE=1``. See :mod:`cp_dtensor.debug`.
+        debug_check: Recompute this rank's output with fp64 attention of the gathered sequence and
+            warn on mismatch (small runs only); also on with ``CP_DTENSOR_DEBUG_CHECK=1``.
 
     Returns:
         The local output ``(B, H, S_local, D)`` in ``q``'s dtype (a DTensor if ``q`` was one).
@@ -269,12 +276,15 @@ def ring_attention(
     Raises:
         ValueError: Bad shapes, dtypes, devices, head counts, a local length that does not fit the
             layout (zigzag needs an even local length), DTensors not sharded on the sequence dim, or a
-            malformed mask argument.
+            malformed mask argument; with ``validate``, ranks that disagree (the same error on every rank).
     """
+    check_call("ring_attention", cp_group, q, k, v, validate=validate, debug_check=debug_check, causal=causal,
+               scale=scale, document_ids=document_ids, window=window, seq_len=seq_len)
     local, like = to_local_checked((q, k, v), cp_group, seq_dim=2)
     q_l, k_l, v_l = local
     check_qkv(q_l, k_l, v_l)
     mask = mask_spec(cp_group, q_l, causal=causal, document_ids=document_ids, window=window, seq_len=seq_len)
     plan = make_plan(cp_group, q_l.shape[2], causal, resolve_scale(scale, q_l.shape[-1]), mask)
     out = _RingAttention.apply(q_l, k_l, v_l, plan)
+    recheck_output("ring_attention", out, q_l, k_l, v_l, cp_group, debug_check=debug_check, scale=plan.scale, mask=mask)
     return from_local_like(out, like)

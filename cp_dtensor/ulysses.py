@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from cp_dtensor.collectives import all_to_all
+from cp_dtensor.debug import check_call, recheck_output
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.layout import Run
 from cp_dtensor.masks import mask_spec
@@ -214,6 +215,8 @@ def ulysses_attention(
     document_ids: torch.Tensor | None = None,
     window: tuple[int | None, int | None] | None = None,
     seq_len: int | None = None,
+    validate: bool = False,
+    debug_check: bool = False,
 ) -> torch.Tensor:
     """Exact attention over the whole sequence by exchanging token shards for head shards.
 
@@ -231,6 +234,8 @@ def ulysses_attention(
         document_ids: Packed documents, as in :func:`cp_dtensor.ring_attention`.
         window: Sliding window ``(left, right)``, as in :func:`cp_dtensor.ring_attention`.
         seq_len: Real tokens of a padded sequence, as in :func:`cp_dtensor.ring_attention`.
+        validate: Check that all ranks agree on the call first, as in :func:`cp_dtensor.ring_attention`.
+        debug_check: Re-check the output against fp64 attention, as in :func:`cp_dtensor.ring_attention`.
 
     Returns:
         The local output ``(B, H, S_local, D)`` in ``q``'s dtype (a DTensor if ``q`` was one).
@@ -239,6 +244,8 @@ def ulysses_attention(
     Raises:
         ValueError: ``P`` does not divide ``H`` (use ring); or as :func:`cp_dtensor.ring_attention`.
     """
+    check_call("ulysses_attention", cp_group, q, k, v, validate=validate, debug_check=debug_check, causal=causal,
+               scale=scale, document_ids=document_ids, window=window, seq_len=seq_len)
     q_l, k_l, v_l, like, total, scale, mask = local_inputs(
         q, k, v, cp_group, causal, scale, document_ids=document_ids, window=window, seq_len=seq_len
     )
@@ -252,4 +259,6 @@ def ulysses_attention(
         group=None, rank=0, size=1, q_runs=runs, kv_runs=lambda _: runs, causal=causal, scale=scale, mask=mask
     )
     out = attend_over_heads(q_l, k_l, v_l, exchange, plan)
+    recheck_output("ulysses_attention", out, q_l, k_l, v_l, cp_group, debug_check=debug_check, scale=scale,
+                   mask=mask)
     return from_local_like(out, like)

@@ -6,7 +6,9 @@ import math
 
 import torch
 
-__all__ = ["check_qkv", "resolve_scale"]
+from cp_dtensor.group import ContextParallelGroup
+
+__all__ = ["check_qkv", "resolve_scale", "check_group"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -54,3 +56,12 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}.")
     return float(scale)
+
+
+def check_group(cp_group: object) -> None:
+    """Raise ``ValueError`` unless ``cp_group`` is a :class:`~cp_dtensor.ContextParallelGroup`."""
+    if not isinstance(cp_group, ContextParallelGroup):
+        raise ValueError(
+            "cp_group must be a ContextParallelGroup (from init_context_parallel_group), "
+            f"got {type(cp_group).__name__}."
+        )
