@@ -434,17 +434,32 @@ def block_gpu() -> str:
 
 
 def block_memory_harness() -> str:
-    r = load("memory")
+    r = load("memory_cpu")
     if not r:
         return (
-            "_The per-rank memory of the transformer model vs P comes from the memory harness (issue 6); "
-            "its results will be rendered here from `bench/results/memory.json`._"
+            "_The per-rank memory of the transformer model vs P comes from the memory harness "
+            "(`cp_dtensor.memory_measure`); it is rendered here from `bench/results/memory_cpu.json` once measured._"
         )
-    rows = r.get("rows") or []
-    if not rows:
-        return "```json\n" + json.dumps(r, indent=1)[:3000] + "\n```"
-    header = list(rows[0])
-    return md_table(header, [[row[h] for h in header] for row in rows]) + "\n\n" + provenance([r])
+    cases = [c["summary"] for c in r["cases"]]
+    single = {c["seq_len"]: c["measured_activation_peak_bytes"] for c in cases if c["cp_size"] == 1}
+    rows = [
+        [
+            _k(c["seq_len"]),
+            c["cp_size"],
+            f"{c['measured_peak_bytes'] / MiB:.0f}",
+            f"{c['measured_activation_peak_bytes'] / MiB:.0f}",
+            f"{c['measured_activation_peak_bytes'] / single[c['seq_len']]:.2f}" if c["seq_len"] in single else "-",
+            f"{c['relative_error']:+.1%}",
+        ]
+        for c in sorted(cases, key=lambda c: (c["seq_len"], c["cp_size"]))
+    ]
+    header = ["seq", "P", "peak per rank MiB", "activation peak MiB", "activations vs P = 1", "estimator error"]
+    model = r["cases"][0]["ranks"][0].get("model", {})
+    what = ", ".join(f"{k} {model[k]}" for k in ("hidden_size", "num_layers", "num_heads") if k in model)
+    return (
+        f"The memory harness's measurement of the small transformer ({what}, fp32, forward + backward, "
+        f"see [Memory](memory.md)): `{r['command']}`\n\n" + md_table(header, rows)
+    )
 
 
 # ------------------------------------------------------------------------------------------ targets
@@ -550,9 +565,9 @@ BLOCKS = {
 }
 
 
-def render_page(text: str) -> str:
-    """Replace every generated block of the page."""
-    for name, fn in BLOCKS.items():
+def render_page(text: str, blocks: dict | None = None) -> str:
+    """Replace every generated block of the page (or only ``blocks``)."""
+    for name, fn in (BLOCKS if blocks is None else blocks).items():
         pattern = re.compile(rf"(<!-- BEGIN bench:{name} -->\n).*?(<!-- END bench:{name} -->)", re.S)
         if pattern.search(text):
             body = fn().rstrip("\n") + "\n"
