@@ -82,7 +82,7 @@ def block_machine() -> str:
         return "_No results yet: run `bash bench/run_all.sh`._"
     m = every[0]["machine"]
     dates = sorted(r["date"] for r in every)
-    dirty = sorted({f for r in every for f in r["machine"].get("uncommitted_library_files", [])})
+    dirty = sorted({f.split()[-1] for r in every for f in r["machine"].get("uncommitted_library_files", [])})
     rows = [
         ["CPU", f"{m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), {m['memory_gb']} GB"],
         ["Software", f"torch {m['torch']}, Python {m['python']}, {m['platform']}"],
@@ -90,7 +90,7 @@ def block_machine() -> str:
         [
             "Measured",
             f"{dates[0]} to {dates[-1]} (UTC), cp_dtensor at commit `{m['git_commit']}`"
-            + (f" with uncommitted changes in {', '.join(d.split()[-1] for d in dirty)}" if dirty else ""),
+            + (f" with uncommitted changes in {', '.join(dirty)}" if dirty else ""),
         ],
     ]
     return md_table(["", ""], rows)
@@ -105,7 +105,7 @@ def block_cost() -> str:
             for name, res in entry["strategies"].items():
                 if "error" in res:
                     rows.append(
-                        [r["world_size"], c["seq_len"], _mask(c), name, f"error: {res['error'][:80]}", *[""] * 6]
+                        [r["world_size"], _k(c["seq_len"]), _mask(c), name, f"error: {res['error'][:80]}", *[""] * 6]
                     )
                     continue
                 rows.append(
@@ -123,7 +123,15 @@ def block_cost() -> str:
                         fmt_err(res["max_abs_err"]),
                     ]
                 )
-    rows.sort(key=lambda row: (row[0], row[1], row[2] != "causal", row[3] != "ring", row[3]))
+    rows.sort(
+        key=lambda row: (
+            row[0],
+            int(row[1].rstrip("K")) * (1024 if row[1].endswith("K") else 1),
+            row[2] != "causal",
+            row[3] != "ring",
+            row[3],
+        )
+    )
     header = [
         "P",
         "seq",
@@ -157,7 +165,7 @@ def block_balance() -> str:
                 rows.append(
                     [
                         r["world_size"],
-                        entry["case"]["seq_len"],
+                        _k(entry["case"]["seq_len"]),
                         layout,
                         fmt(res["kernel_max_over_mean"], 3),
                         f"{res['planned_max_over_mean']:.3f}",
@@ -185,13 +193,13 @@ def block_peers_torch() -> str:
                     continue
                 if "error" in res:
                     rows.append(
-                        [r["world_size"], entry["case"]["seq_len"], name, f"error: {res['error'][:80]}", "", "", ""]
+                        [r["world_size"], _k(entry["case"]["seq_len"]), name, f"error: {res['error'][:80]}", "", "", ""]
                     )
                     continue
                 rows.append(
                     [
                         r["world_size"],
-                        entry["case"]["seq_len"],
+                        _k(entry["case"]["seq_len"]),
                         name,
                         fmt(res["ours_over_theirs_wall"], 3),
                         fmt(res["ours_over_theirs_cpu"], 3),
@@ -203,7 +211,7 @@ def block_peers_torch() -> str:
             rows.append(
                 [
                     r["world_size"],
-                    entry["case"]["seq_len"],
+                    _k(entry["case"]["seq_len"]),
                     "**ours** (ring, zigzag)",
                     "1",
                     "1",
@@ -231,7 +239,7 @@ def block_peers_memory() -> str:
             for name, res in entry["contenders"].items():
                 if "error" in res:
                     rows.append(
-                        [r["world_size"], entry["case"]["seq_len"], name, f"error: {res['error'][:80]}", "", ""]
+                        [r["world_size"], _k(entry["case"]["seq_len"]), name, f"error: {res['error'][:80]}", "", ""]
                     )
                     continue
                 per_rank = [round(x["peak_rss_bytes"] / MiB) for x in res["reps"][0]]
@@ -239,7 +247,7 @@ def block_peers_memory() -> str:
                 rows.append(
                     [
                         r["world_size"],
-                        entry["case"]["seq_len"],
+                        _k(entry["case"]["seq_len"]),
                         name,
                         f"{s['median'] / MiB:.0f} [{s['min'] / MiB:.0f}-{s['max'] / MiB:.0f}]",
                         ", ".join(map(str, per_rank)),
@@ -265,7 +273,7 @@ def block_peers_yunchang() -> str:
             for name, res in entry["contenders"].items():
                 if "error" in res:
                     rows.append(
-                        [r["world_size"], entry["case"]["seq_len"], name, f"error: {res['error'][:80]}", "", ""]
+                        [r["world_size"], _k(entry["case"]["seq_len"]), name, f"error: {res['error'][:80]}", "", ""]
                     )
                     continue
                 ratio = "1" if name == "ours" else fmt(res["ours_over_theirs_wall"], 3)
@@ -274,7 +282,7 @@ def block_peers_yunchang() -> str:
                 rows.append(
                     [
                         r["world_size"],
-                        entry["case"]["seq_len"],
+                        _k(entry["case"]["seq_len"]),
                         name,
                         ratio,
                         fmt(res["wall"], 3),
@@ -285,7 +293,7 @@ def block_peers_yunchang() -> str:
             rows.append(
                 [
                     r["world_size"],
-                    entry["case"]["seq_len"],
+                    _k(entry["case"]["seq_len"]),
                     "yunchang-ulysses (not timed)",
                     "-",
                     "-",
@@ -319,12 +327,12 @@ def block_scaling() -> str:
     for pt in r["points"]:
         c = pt["case"]
         if "error" in pt:
-            rows.append([c["seq_len"], f"error: {pt['error'][:100]}", "", "", ""])
+            rows.append([_k(c["seq_len"]), f"error: {pt['error'][:100]}", "", "", ""])
             continue
         start = max(x["rss_start_bytes"] for x in pt["reps"][0]) / MiB
         rows.append(
             [
-                c["seq_len"],
+                _k(c["seq_len"]),
                 fmt(pt["wall"], 1),
                 fmt(pt["cpu_sum"], 1),
                 f"{pt['peak_rss_bytes_max_rank']['median'] / MiB:.0f}",
