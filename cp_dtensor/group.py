@@ -23,6 +23,12 @@ from cp_dtensor.layout import Run, check_layout, check_seq_len, padded_length, s
 __all__ = ["ContextParallelGroup", "init_context_parallel_group"]
 
 
+def _int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {value!r}.")
+    return value
+
+
 def _positive_int(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}.")
@@ -139,12 +145,21 @@ class ContextParallelGroup:
         return self.mesh.device_type
 
     def runs(self, seq_len: int, rank: int | None = None) -> list[Run]:
-        """Runs ``(start, length)`` of global positions held by ``rank`` (default: this rank)."""
-        return shard_runs(seq_len, self.size, self.rank if rank is None else rank, self.layout)
+        """Runs ``(start, length)`` of global positions held by ``rank`` (default: this rank).
+
+        Raises:
+            ValueError: ``seq_len`` does not split evenly, or ``rank`` is not an int in ``[0, P)``.
+        """
+        _int("seq_len", seq_len)
+        return shard_runs(seq_len, self.size, self.rank if rank is None else _int("rank", rank), self.layout)
 
     def position_ids(self, seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """Global positions of this rank's tokens, a ``(seq_len // P,)`` long tensor (for RoPE, labels)."""
-        return shard_positions(seq_len, self.size, self.rank, self.layout).to(device or "cpu")
+        """Global positions of this rank's tokens, a ``(seq_len // P,)`` long tensor (for RoPE, labels).
+
+        Raises:
+            ValueError: ``seq_len`` is not an int that splits evenly (the message names the fix).
+        """
+        return shard_positions(_int("seq_len", seq_len), self.size, self.rank, self.layout).to(device or "cpu")
 
     def partition_sequence(self, x: torch.Tensor, seq_dim: int = 1, pad: bool = False) -> torch.Tensor:
         """This rank's shard of a full sequence, in the group's layout.
@@ -272,6 +287,8 @@ def init_context_parallel_group(
             ``ulysses_size`` does not divide ``cp_size``, or the layout is unknown.
     """
     _positive_int("cp_size", cp_size)
+    if backend is not None and not isinstance(backend, str):
+        raise ValueError(f"backend must be None or a backend name such as 'gloo' or 'nccl', got {backend!r}.")
     if ulysses_size is not None and cp_size % _positive_int("ulysses_size", ulysses_size):
         raise ValueError(
             f"ulysses_size={ulysses_size} must divide cp_size={cp_size} (the cp axis is split into "
@@ -282,6 +299,8 @@ def init_context_parallel_group(
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"Invalid device_type {device_type!r}. Must be one of: 'cpu', 'cuda'.")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device_type='cuda' but torch.cuda.is_available() is False: use device_type='cpu' (gloo).")
     timeout = _as_timedelta(timeout)
     if not dist.is_initialized():
         _init_default_process_group(device_type, backend, timeout)
