@@ -82,7 +82,8 @@ INVALID_INIT = {
 @pytest.mark.parametrize("name,value", [(n, v) for n, values in INVALID_INIT.items() for v in values])
 def test_init_context_parallel_group_rejects_each_invalid_argument(name, value):
     kwargs = {"cp_size": 2, "device_type": "cpu"} | {name: value}
-    outcomes = mp_pool.run_on_ranks(WORLD_SIZE, call_on_rank, "init", (kwargs.pop("cp_size"),), kwargs, timeout=TIMEOUT_S)
+    cp_size = kwargs.pop("cp_size")
+    outcomes = mp_pool.run_on_ranks(WORLD_SIZE, call_on_rank, "init", (cp_size,), kwargs, timeout=TIMEOUT_S)
     assert [o["type"] for o in outcomes] == ["ValueError"] * WORLD_SIZE, outcomes[0].get("traceback", outcomes)
 
 
