@@ -1,0 +1,406 @@
+"""The training job: a small Llama-style model learns long-range key-value recall under CP x DP.
+
+Run it on one process, or on four (2-way data parallel x 2-way context parallel; gloo on CPU, NCCL
+when GPUs are present)::
+
+    python -m cp_dtensor.train
+    torchrun --standalone --nproc-per-node 4 -m cp_dtensor.train
+
+Both run the same computation on the same global batch (the global batch size is fixed, the ranks
+split it), so their loss curves agree up to floating-point summation order. Each sequence is split
+over the cp ranks in the zigzag layout; every attention call sees the whole sequence through ring
+attention (or ``--strategy``); gradients are summed over dp x cp
+(Note [Gradient sync over dp x cp] in :mod:`cp_dtensor.grad_sync`).
+
+The task (:class:`~cp_dtensor.LongSequenceDataset`): key-value pairs scattered over the whole
+sequence, queried at its end, so most answers sit on another rank's shard. Rank 0 prints progress
+(loss, recall accuracy, tokens/s, peak memory of every rank) and a summary; ``--out`` writes the
+summary and the loss/accuracy curve as JSON. The exit status is non-zero on failure (an exception,
+a non-finite loss, or an evaluation accuracy below ``--min-accuracy``).
+
+Checkpoints: ``--ckpt-dir DIR --save-every N`` saves through ``torch.distributed.checkpoint``;
+``--resume`` continues from the newest complete checkpoint with the same loss curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from cp_dtensor.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cp_dtensor.data import LongSequenceDataset
+from cp_dtensor.grad_sync import apply_ddp, replica_group
+from cp_dtensor.group import ContextParallelGroup, init_context_parallel_group
+from cp_dtensor.loss import IGNORE_INDEX, cross_entropy_across_shards
+from cp_dtensor.model import ModelConfig, TransformerWithCP
+
+__all__ = ["TrainConfig", "parse_args", "train", "main"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _opt(help: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of the job; each field is the command-line flag ``--field-name``."""
+
+    seq_len: int = _opt("tokens per sequence (split over the cp ranks)", default=1024)
+    batch_size: int = _opt("sequences per step, GLOBAL (split over the dp ranks)", default=8)
+    cp: int | None = _opt("context-parallel ranks; default 2 if the world size is even, else 1", default=None)
+    dp: int | None = _opt("data-parallel replicas; default world_size / cp", default=None)
+    layout: str = _opt("sequence layout: zigzag or contiguous", default="zigzag")
+    strategy: str = _opt("attention strategy over cp, a name in cp_dtensor.STRATEGIES", default="ring")
+    hidden_size: int = _opt("model width", default=64)
+    num_layers: int = _opt("decoder blocks", default=2)
+    num_heads: int = _opt("attention heads", default=2)
+    num_kv_heads: int | None = _opt("K/V heads (GQA); default num_heads", default=None)
+    intermediate_size: int | None = _opt("SwiGLU width; default 8/3 hidden_size rounded up to 32", default=None)
+    steps: int = _opt("optimizer steps", default=300)
+    lr: float = _opt("peak learning rate (AdamW)", default=3e-3)
+    warmup: int = _opt("linear warm-up steps, then cosine decay to lr/10", default=20)
+    weight_decay: float = _opt("AdamW weight decay", default=0.0)
+    grad_clip: float = _opt("clip the global gradient norm to this (0: off)", default=1.0)
+    dtype: str = _opt("float32, bfloat16 (autocast) or float64", default="float32")
+    seed: int = _opt("seed of the model init and the data", default=0)
+    num_pairs: int = _opt("key-value pairs per sequence (also the queries at its end)", default=8)
+    num_keys: int = _opt("key vocabulary", default=8)
+    num_values: int = _opt("value vocabulary", default=8)
+    num_filler: int = _opt("filler token ids", default=1)
+    eval_samples: int = _opt("held-out sequences scored at the end", default=64)
+    log_every: int = _opt("steps between progress lines", default=10)
+    ckpt_dir: str | None = _opt("directory for checkpoints (torch.distributed.checkpoint)", default=None)
+    save_every: int = _opt("save a checkpoint every N steps (0: never; the last step is always saved "
+                           "when --ckpt-dir is set)", default=0)
+    resume: bool = _opt("resume from the newest complete checkpoint in --ckpt-dir", default=False)
+    profile: str | None = _opt("write a torch.profiler trace of steps 3-5 per rank to this directory", default=None)
+    out: str | None = _opt("write the summary and the curve as JSON to this file", default=None)
+    min_accuracy: float | None = _opt("exit with status 3 if the eval accuracy ends below this", default=None)
+    timeout: float = _opt("seconds before a stuck collective raises", default=600.0)
+    crash_at_step: int | None = _opt("testing: os._exit(17) on every rank right after this step", default=None)
+    crash_in_save: bool = _opt("testing: with --crash-at-step, die inside that step's save", default=False)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Build a :class:`TrainConfig` from command-line flags (one ``--flag`` per field)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m cp_dtensor.train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
+        kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
+        parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+# ---- pieces of the loop --------------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of (1-based) ``step``: linear warm-up, then cosine decay to ``lr / 10``."""
+    if step <= cfg.warmup:
+        return cfg.lr * step / max(cfg.warmup, 1)
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def local_batch(
+    dataset: LongSequenceDataset, first: int, count: int, cp_group: ContextParallelGroup, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's shards of samples ``first .. first + count - 1``: ``(input_ids, labels)``, each ``(b, S)``.
+
+    Labels come shifted on the full sequence from the dataset, then both are partitioned alike.
+    """
+    items = [dataset[first + i] for i in range(count)]
+    ids_BL = torch.stack([it["input_ids"] for it in items])
+    labels_BL = torch.stack([it["labels"] for it in items])
+    return (cp_group.partition_sequence(ids_BL, seq_dim=1).to(device),
+            cp_group.partition_sequence(labels_BL, seq_dim=1).to(device))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank: CUDA allocator peak on GPU, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def gather_floats(value: float, device: torch.device) -> list[float]:
+    """``value`` from every rank, in rank order (collective)."""
+    mine = torch.tensor([value], dtype=torch.float64, device=device)
+    every = torch.empty(dist.get_world_size(), dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(every, mine)
+    return every.tolist()
+
+
+class Progress:
+    """A plain-text progress bar on rank 0: redrawn in place on a terminal, one line per log otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.tty = enabled and sys.stdout.isatty()
+        self.start = time.perf_counter()
+
+    def update(self, step: int, text: str, first_step: int) -> None:
+        """Draw ``step / total`` and ``text``."""
+        if not self.enabled:
+            return
+        done = step / self.total
+        bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(step - first_step, 1) * (self.total - step)
+        line = f"step {step:>{len(str(self.total))}}/{self.total} [{bar}] {text} eta {eta:4.0f}s"
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def close(self) -> None:
+        """End the in-place line."""
+        if self.tty:
+            print(flush=True)
+
+
+# ---- the job -------------------------------------------------------------------------------------
+
+
+def _setup(cfg: TrainConfig) -> tuple[ContextParallelGroup, torch.device]:
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"Invalid dtype {cfg.dtype!r}. Must be one of: {', '.join(map(repr, DTYPES))}.")
+    if not dist.is_initialized() and "WORLD_SIZE" in os.environ:
+        world = int(os.environ["WORLD_SIZE"])
+    else:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+    cp = cfg.cp if cfg.cp is not None else (2 if world % 2 == 0 else 1)
+    cp_group = init_context_parallel_group(cp, dp_size=cfg.dp, layout=cfg.layout, timeout=cfg.timeout)
+    device = torch.device("cuda", torch.cuda.current_device()) if cp_group.device_type == "cuda" else torch.device("cpu")
+    dp = cp_group.dp_mesh.size()
+    if cfg.batch_size % dp:
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of dp={dp} (it is the global batch).")
+    cp_group.runs(cfg.seq_len)  # ValueError with the fix if the sequence does not split evenly
+    return cp_group, device
+
+
+def _datasets(cfg: TrainConfig) -> tuple[LongSequenceDataset, LongSequenceDataset]:
+    kwargs = dict(num_pairs=cfg.num_pairs, num_keys=cfg.num_keys, num_values=cfg.num_values, num_filler=cfg.num_filler)
+    return (LongSequenceDataset(cfg.seq_len, seed=cfg.seed, **kwargs),
+            LongSequenceDataset(cfg.seq_len, seed=cfg.seed + 1, **kwargs))  # held out: other sequences
+
+
+def evaluate(model: TransformerWithCP, dataset: LongSequenceDataset, cfg: TrainConfig,
+             cp_group: ContextParallelGroup, device: torch.device, autocast) -> dict[str, float]:
+    """Recall accuracy on the first ``cfg.eval_samples`` sequences of ``dataset`` (collective).
+
+    Returns:
+        ``eval_accuracy``, and the same over the answers whose pair token lies on another cp rank's
+        shard (``eval_accuracy_remote``) and on the query's own shard (``eval_accuracy_local``): with
+        exact attention across shards the two agree up to sampling noise.
+    """
+    dp, dp_rank = cp_group.dp_mesh.size(), cp_group.dp_mesh.get_local_rank()
+    per_dp = cfg.batch_size // dp
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # remote: correct, total; local: correct, total
+    with torch.no_grad():
+        for first in range(dp_rank * per_dp, cfg.eval_samples - cfg.eval_samples % cfg.batch_size, cfg.batch_size):
+            items = [dataset[first + i] for i in range(per_dp)]
+            ids, labels, remote = (
+                cp_group.partition_sequence(t, seq_dim=1).to(device) for t in (
+                    torch.stack([it["input_ids"] for it in items]), torch.stack([it["labels"] for it in items]),
+                    torch.stack([dataset.remote_answers(it, cp_group.size, cp_group.layout) for it in items])))
+            with autocast():
+                logits = model(ids, return_logits=True)
+            asked = labels != IGNORE_INDEX
+            correct = (logits.argmax(-1) == labels) & asked
+            counts += torch.stack([(correct & remote).sum(), (asked & remote).sum(),
+                                   (correct & ~remote).sum(), (asked & ~remote).sum()]).double()
+    dist.all_reduce(counts, group=replica_group(cp_group))
+    c_remote, n_remote, c_local, n_local = counts.tolist()
+    ratio = lambda c, n: c / n if n else float("nan")  # noqa: E731
+    return {"eval_accuracy": ratio(c_remote + c_local, n_remote + n_local),
+            "eval_accuracy_remote": ratio(c_remote, n_remote), "eval_accuracy_local": ratio(c_local, n_local),
+            "eval_answers": int(n_remote + n_local)}
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the job described by ``cfg``; every rank returns the summary (rank 0's is the one to report).
+
+    Returns:
+        The summary: configuration, final loss and accuracies, chance levels, throughput, peak
+        memory per rank, and the per-step curve.
+
+    Raises:
+        ValueError: An inconsistent configuration (names the setting and the fix).
+        FloatingPointError: The loss became NaN or infinite.
+    """
+    cp_group, device = _setup(cfg)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp, dp_rank = cp_group.dp_mesh.size(), cp_group.dp_mesh.get_local_rank()
+    per_dp = cfg.batch_size // dp
+    dataset, eval_set = _datasets(cfg)
+    torch.manual_seed(cfg.seed)
+    model_cfg = ModelConfig(
+        vocab_size=dataset.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
+        strategy=cfg.strategy,
+    )
+    model = TransformerWithCP(model_cfg, cp_group=cp_group).to(device)
+    if cfg.dtype == "float64":
+        model = model.double()
+    ddp = apply_ddp(model, cp_group)
+    optimizer = torch.optim.AdamW(ddp.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bfloat16" \
+        else contextlib.nullcontext
+
+    start_step = 0
+    if cfg.resume:
+        if cfg.ckpt_dir is None:
+            raise ValueError("--resume needs --ckpt-dir.")
+        latest = latest_checkpoint(cfg.ckpt_dir)
+        if latest is not None:
+            start_step = load_checkpoint(latest, ddp, optimizer)["step"]
+    is_main = rank == 0
+    num_params = sum(p.numel() for p in model.parameters())
+    if is_main:
+        print(f"cp_dtensor.train: world {world} = dp {dp} x cp {cp_group.size} ({cp_group.layout}, "
+              f"{cfg.strategy}), {device.type}/{dist.get_backend()}, {num_params:,} parameters, {cfg.dtype}")
+        print(f"task: {cfg.seq_len} tokens/sequence ({cfg.seq_len // cp_group.size} per cp rank), "
+              f"{cfg.num_pairs} key-value pairs, {cfg.batch_size} sequences/step; answers on another cp "
+              f"rank's shard: {dataset.remote_fraction(cp_group.size, cp_group.layout):.0%}; chance accuracy "
+              f"{dataset.chance_accuracy:.1%}" + (f"; resuming after step {start_step}" if start_step else ""),
+              flush=True)
+
+    profiler = _profiler(cfg, rank, device) if cfg.profile else contextlib.nullcontext()
+    progress = Progress(cfg.steps, is_main)
+    curve: list[dict[str, float]] = []
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    mem_per_rank: list[float] = []
+    wall_start = time.perf_counter()
+    with profiler as prof:
+        for step in range(start_step + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            first = (step - 1) * cfg.batch_size + dp_rank * per_dp  # the data position is a function of step
+            ids, labels = local_batch(dataset, first, per_dp, cp_group, device)
+            with autocast():
+                logits = ddp(ids, return_logits=True)
+            out = cross_entropy_across_shards(logits, labels, cp_group)
+            out.loss.backward()  # DDP sums the gradients over dp x cp
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = out.loss.item()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}; try a lower --lr or --dtype float32")
+            dt = time.perf_counter() - t0
+            curve.append({"step": step, "loss": loss, "accuracy": out.accuracy, "lr": lr_at(step, cfg),
+                          "tokens_per_s": tokens_per_step / dt, "time_s": time.perf_counter() - wall_start})
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mem_per_rank = gather_floats(peak_memory_mb(device), device)
+                recent = curve[-cfg.log_every:]
+                acc = sum(c["accuracy"] for c in recent) / len(recent)
+                tps = tokens_per_step * len(recent) / sum(tokens_per_step / c["tokens_per_s"] for c in recent)
+                progress.update(step, f"loss {loss:.3f} acc {acc:.2f} {tps / 1e3:.1f}k tok/s "
+                                      f"mem/rank {'/'.join(f'{m:.0f}' for m in mem_per_rank)} MB", start_step)
+            if cfg.ckpt_dir and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
+                crash = cfg.crash_in_save and step == cfg.crash_at_step
+                save_checkpoint(cfg.ckpt_dir, step, ddp, optimizer, {"step": step, "next_sample": step * cfg.batch_size},
+                                before_rename=(lambda: os._exit(17)) if crash else None)
+            if step == cfg.crash_at_step:
+                os._exit(17)  # testing: a hard kill, no cleanup (see tests/test_train.py)
+            if prof is not None:
+                prof.step()
+    progress.close()
+    wall = time.perf_counter() - wall_start
+    evaluation = evaluate(model, eval_set, cfg, cp_group, device, autocast)
+    if cfg.profile and is_main:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    tail = curve[-max(len(curve) // 10, 1):] if curve else []
+    return {
+        "command": " ".join(sys.argv), "config": asdict(cfg), "world_size": world, "dp": dp, "cp": cp_group.size,
+        "device": device.type, "backend": dist.get_backend(), "torch": torch.__version__,
+        "num_params": num_params, "tokens_per_cp_rank": cfg.seq_len // cp_group.size,
+        "steps_run": len(curve), "first_step": start_step + 1, "wall_s": wall,
+        "tokens_per_s": tokens_per_step * len(curve[1:]) / max(sum(tokens_per_step / c["tokens_per_s"] for c in curve[1:]), 1e-9),
+        "final_loss": sum(c["loss"] for c in tail) / max(len(tail), 1),
+        "final_train_accuracy": sum(c["accuracy"] for c in tail) / max(len(tail), 1),
+        **evaluation, "chance_accuracy": dataset.chance_accuracy,
+        "remote_answer_fraction": dataset.remote_fraction(cp_group.size, cp_group.layout),
+        "peak_memory_mb_per_rank": mem_per_rank, "curve": curve,
+    }
+
+
+def _profiler(cfg: TrainConfig, rank: int, device: torch.device):
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    Path(cfg.profile).mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(
+        activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+        on_trace_ready=lambda p: p.export_chrome_trace(str(Path(cfg.profile) / f"rank{rank}.json")),
+    )
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    rows = [
+        ("ranks", f"{summary['world_size']} = dp {summary['dp']} x cp {summary['cp']} ({summary['device']}, "
+                  f"{summary['backend']})"),
+        ("steps", f"{summary['first_step']}..{summary['first_step'] + summary['steps_run'] - 1} "
+                  f"in {summary['wall_s']:.1f} s"),
+        ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s"),
+        ("final loss", f"{summary['final_loss']:.4f} (mean of the last 10% of steps)"),
+        ("recall accuracy", f"train {summary['final_train_accuracy']:.1%} (last 10% of steps); held-out "
+                            f"{summary['eval_accuracy']:.1%} of {summary['eval_answers']} answers; chance "
+                            f"{summary['chance_accuracy']:.1%}"),
+        ("  by location", f"answer on another cp rank's shard {summary['eval_accuracy_remote']:.1%}, on the "
+                          f"query's own shard {summary['eval_accuracy_local']:.1%}"),
+        ("answers remote", f"{summary['remote_answer_fraction']:.0%} on another cp rank's shard"),
+        ("peak memory", " / ".join(f"{m:.0f}" for m in summary["peak_memory_mb_per_rank"]) + " MB per rank"),
+    ]
+    print("summary:")
+    for name, value in rows:
+        print(f"  {name:<16} {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m cp_dtensor.train``; returns the exit status (0 = success)."""
+    cfg = parse_args(argv)
+    status = 0
+    try:
+        summary = train(cfg)
+        if dist.get_rank() == 0:
+            _print_summary(summary)
+            if cfg.out:
+                Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(cfg.out).write_text(json.dumps(summary, indent=1))
+        if cfg.min_accuracy is not None and not summary["eval_accuracy"] >= cfg.min_accuracy:
+            if dist.get_rank() == 0:
+                print(f"FAILED: eval accuracy {summary['eval_accuracy']:.1%} < --min-accuracy {cfg.min_accuracy:.1%}")
+            status = 3
+    except Exception:
+        traceback.print_exc()
+        status = 1
+    finally:
+        if dist.is_initialized() and status == 0:
+            dist.destroy_process_group()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
