@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from bench.cases import Case, cp_call, time_call
-from bench.harness import RESULTS, gather_objects, init_rank, log, now, rank, summary, world_size, write_result
+from bench.harness import RESULTS, finish, gather_objects, init_rank, log, now, rank, summary, world_size, write_result
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -94,3 +94,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

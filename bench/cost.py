@@ -30,7 +30,7 @@ from bench.cases import (
     time_baseline,
     time_call,
 )
-from bench.harness import RESULTS, gather_objects, init_rank, log, now, rank, summary, world_size, write_result
+from bench.harness import RESULTS, finish, gather_objects, init_rank, log, now, rank, summary, world_size, write_result
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -144,3 +144,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

@@ -45,6 +45,14 @@ def init_rank() -> None:
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
 
 
+def finish() -> None:
+    """Wait for every rank, then tear the process groups down (the peers' extra groups included), so
+    no communication thread is still running when the interpreter exits."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     """Global rank (0 without a process group)."""
     return dist.get_rank() if dist.is_initialized() else 0

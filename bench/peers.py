@@ -40,6 +40,7 @@ from bench.cases import Case, cp_call, max_errors, sdpa, time_call
 from bench.harness import (
     RESULTS,
     Run,
+    finish,
     gather_objects,
     init_rank,
     log,
@@ -302,3 +303,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.cases import Case, cp_call, time_call
-from bench.harness import RESULTS, gather_objects, init_rank, log, now, rank, world_size, write_result
+from bench.harness import RESULTS, finish, gather_objects, init_rank, log, now, rank, world_size, write_result
 
 LABEL_PREFIX = "cp_dtensor."
 
@@ -83,3 +83,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

@@ -20,7 +20,7 @@ import argparse
 import os
 
 from bench.cases import Case, cp_call, time_call
-from bench.harness import RESULTS, gather_objects, init_rank, log, now, rank, summary, world_size, write_result
+from bench.harness import RESULTS, finish, gather_objects, init_rank, log, now, rank, summary, world_size, write_result
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,3 +85,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    finish()
