@@ -15,12 +15,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_robustness import GROUP_KWARGS
 
 from cp_dtensor import STRATEGIES
 
 WORLD_SIZE = 2
 TIMEOUT_S = 60  # per example: a call that hangs fails the test instead of blocking CI
-GROUP_KWARGS = {"hybrid": {"ulysses_size": 2}}
 
 
 def call_on_rank(target: str, args: tuple, kwargs: dict) -> dict:
