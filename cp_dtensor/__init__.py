@@ -19,6 +19,7 @@ from cp_dtensor.model import ModelConfig, TransformerWithCP
 from cp_dtensor.module import ContextParallelAttention
 from cp_dtensor.ring import ring_attention
 from cp_dtensor.strategies import STRATEGIES, context_parallel_attention, get_strategy
+from cp_dtensor.tensor_parallel import parallelize_for_tp
 from cp_dtensor.ulysses import ulysses_attention
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "init_context_parallel_group",
     "latest_checkpoint",
     "load_checkpoint",
+    "parallelize_for_tp",
     "ring_attention",
     "save_checkpoint",
     "shard_positions",

@@ -23,11 +23,21 @@ comm hook that sums instead of averaging. Why this one:
   all-gathers in forward and backward and DTensor parameters. Choose it when the model's states,
   not the activations, are what does not fit; the loss needs no change (set its gradient divide
   factor to 1, since the loss is already a global mean).
+
+With tensor parallelism (a ``"tp"`` mesh axis, :mod:`cp_dtensor.tensor_parallel`) the replicas are the
+dp x cp ranks that hold the SAME tp shard: every tp rank already has the whole gradient of what it
+holds (Note [Tensor parallelism inside context parallelism]), so the sum runs over the flattened
+``"dp_cp"`` axis, never over tp. DDP does not take DTensor parameters (it fails broadcasting them,
+torch 2.13), so a tp-parallelized model gets the same sum from a gradient hook per parameter: an
+all-reduce of the local shard's gradient over dp x cp, in the order backward produces them (the
+same on every rank). On GPU the call only enqueues the collective; what is lost against DDP is the
+bucketing, not the overlap.
 """
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from cp_dtensor.group import ContextParallelGroup
@@ -36,15 +46,19 @@ __all__ = ["replica_group", "apply_ddp"]
 
 
 def replica_group(cp_group: ContextParallelGroup) -> dist.ProcessGroup:
-    """The process group of every rank that holds a replica of the parameters: the whole dp x cp mesh.
+    """The process group of every rank that holds a replica of this rank's parameters: the dp x cp ranks.
 
     Args:
         cp_group: The group from :func:`~cp_dtensor.init_context_parallel_group`.
 
     Returns:
-        The world group (the mesh spans every rank, as ``init_context_parallel_group`` builds it).
+        The world group when the mesh has no ``"tp"`` axis (the mesh spans every rank, as
+        ``init_context_parallel_group`` builds it); else the flattened ``"dp_cp"`` axis: the ranks
+        with this rank's tp index.
     """
-    assert cp_group.mesh.size() == dist.get_world_size(), "the (dp, cp) mesh must span the world"
+    assert cp_group.mesh.size() == dist.get_world_size(), "the (dp, cp, tp) mesh must span the world"
+    if cp_group.flat_dp_cp_mesh is not None:
+        return cp_group.flat_dp_cp_mesh.get_group()
     return dist.group.WORLD
 
 
@@ -58,11 +72,41 @@ def _sum_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.future
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def apply_ddp(model: nn.Module, cp_group: ContextParallelGroup, **ddp_kwargs) -> DistributedDataParallel:
+def _sum_over_replicas(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
+    """Make ``backward`` sum every (DTensor) gradient's local shard over ``group``; broadcast the weights first.
+
+    A tensor hook on a leaf sees the gradient of ONE backward before it is accumulated, so several
+    backwards before a step (gradient accumulation) each add their own reduced share, as with DDP.
+    """
+    src = dist.get_global_rank(group, 0)
+    for param in dict.fromkeys(model.parameters()):  # tied weights: once
+        local = param.to_local() if isinstance(param, DTensor) else param
+        with torch.no_grad():
+            dist.broadcast(local, src=src, group=group)
+        param.register_hook(lambda grad: _all_reduce_local(grad, group))
+    return model
+
+
+def _all_reduce_local(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``grad`` with its local tensor summed over ``group`` (out of place: the engine may share ``grad``)."""
+    if not isinstance(grad, DTensor):
+        summed = grad.clone()
+        dist.all_reduce(summed, group=group)
+        return summed
+    summed = grad.to_local().clone()
+    dist.all_reduce(summed, group=group)
+    return DTensor.from_local(summed, grad.device_mesh, grad.placements, shape=grad.shape, stride=grad.stride())
+
+
+def apply_ddp(
+    model: nn.Module, cp_group: ContextParallelGroup, **ddp_kwargs
+) -> DistributedDataParallel | nn.Module:
     """Wrap ``model`` so that ``backward`` sums its gradients over every dp and cp rank.
 
     See Note [Gradient sync over dp x cp]. Rank 0's parameters are broadcast to all ranks at wrap
-    time, so the replicas start identical.
+    time, so the replicas start identical. A model parallelized with
+    :func:`~cp_dtensor.parallelize_for_tp` (DTensor parameters) is not wrapped: it gets gradient
+    hooks that sum over the dp x cp ranks of its tp index, and is returned itself.
 
     Args:
         model: The model, on this rank's device; its loss must be a global-token mean as
@@ -71,9 +115,16 @@ def apply_ddp(model: nn.Module, cp_group: ContextParallelGroup, **ddp_kwargs) ->
         **ddp_kwargs: Passed to ``DistributedDataParallel`` (e.g. ``bucket_cap_mb``).
 
     Returns:
-        The wrapped model; ``wrapped.module`` is ``model``.
+        The wrapped model, ``wrapped.module`` being ``model``; or ``model`` itself under tensor parallelism.
+
+    Raises:
+        ValueError: ``ddp_kwargs`` given for a tensor-parallel model (there is no DDP to take them).
     """
     group = replica_group(cp_group)
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        if ddp_kwargs:
+            raise ValueError(f"A tensor-parallel model is synced without DDP; drop the DDP arguments {ddp_kwargs}.")
+        return _sum_over_replicas(model, group)
     if cp_group.device_type == "cuda":
         ddp_kwargs.setdefault("device_ids", [torch.cuda.current_device()])
     ddp = DistributedDataParallel(model, process_group=group, **ddp_kwargs)

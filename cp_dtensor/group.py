@@ -3,6 +3,7 @@
 Usage under ``torchrun --standalone --nproc-per-node 4 script.py``::
 
     cp_group = init_context_parallel_group(cp_size=2)       # mesh ("dp", "cp") = (2, 2)
+    cp_group = init_context_parallel_group(2, tp_size=2)    # mesh ("dp", "cp", "tp") = (1, 2, 2)
     x_local = cp_group.partition_sequence(x, seq_dim=1)      # this rank's zigzag shard
     pos = cp_group.position_ids(x.shape[1])                  # global positions, for RoPE
 """
@@ -80,15 +81,21 @@ class ContextParallelGroup:
 
     Attributes:
         mesh: The whole mesh, axes named ``("dp", "cp")``; with ``ulysses_size``, axes
-            ``("dp", "ring", "ulysses")`` and ``"cp"`` their flattened ``("ring", "ulysses")``.
+            ``("dp", "ring", "ulysses")`` and ``"cp"`` their flattened ``("ring", "ulysses")``. With
+            ``tp_size > 1`` a last axis ``"tp"`` follows (``("dp", "cp", "tp")``), so that a tensor-parallel
+            group is consecutive ranks.
         layout: ``"zigzag"`` (default, balances causal work) or ``"contiguous"``.
         flat_cp_mesh: The ``"cp"`` mesh flattened from ``("ring", "ulysses")``, kept here because torch
             deprecates slicing a flattened dim from the root mesh; ``None`` without ``ulysses_size``.
+        flat_dp_cp_mesh: The dp and cp axes flattened to one, ``"dp_cp"``: the ranks that hold the same
+            tensor-parallel shard, over which gradients are summed; ``None`` without a ``"tp"`` axis
+            (the dp and cp axes then span the world).
     """
 
     mesh: DeviceMesh
     layout: str = "zigzag"
     flat_cp_mesh: DeviceMesh | None = None
+    flat_dp_cp_mesh: DeviceMesh | None = None
 
     @property
     def cp_mesh(self) -> DeviceMesh:
@@ -130,6 +137,25 @@ class ContextParallelGroup:
     def ring_mesh(self) -> DeviceMesh:
         """The 1-D sub-mesh that links the ``P // u`` Ulysses groups in a ring (hybrid attention)."""
         return self.mesh[self._hybrid_axis("ring")]
+
+    @property
+    def tp_size(self) -> int:
+        """Ranks per tensor-parallel group; 1 when the mesh has no ``"tp"`` axis."""
+        return self.mesh["tp"].size() if "tp" in (self.mesh.mesh_dim_names or ()) else 1
+
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        """The 1-D sub-mesh of the ``tp_size`` consecutive ranks that split the heads and MLP width.
+
+        Raises:
+            ValueError: The group was built without ``tp_size > 1``.
+        """
+        if self.tp_size == 1:
+            raise ValueError(
+                "This group has no 'tp' axis: build it with init_context_parallel_group(cp_size, tp_size=t), "
+                "t > 1, for tensor parallelism."
+            )
+        return self.mesh["tp"]
 
     def _hybrid_axis(self, name: str) -> str:
         if self.ulysses_size is None:
@@ -259,8 +285,9 @@ def init_context_parallel_group(
     backend: str | None = None,
     timeout: float | datetime.timedelta | None = None,
     ulysses_size: int | None = None,
+    tp_size: int = 1,
 ) -> ContextParallelGroup:
-    """Build the ``("dp", "cp")`` device mesh for context parallelism.
+    """Build the ``("dp", "cp")`` device mesh for context parallelism (``("dp", "cp", "tp")`` with tensor parallelism).
 
     Initialises the default process group first if needed: from the torchrun environment (NCCL when
     CUDA is available, gloo on CPU), or as a one-process world under plain ``python``.
@@ -278,15 +305,21 @@ def init_context_parallel_group(
             mesh is then ``("dp", "ring", "ulysses") = (dp_size, cp_size // u, u)`` with
             ``("ring", "ulysses")`` flattened to ``"cp"``: each Ulysses group is ``u`` consecutive
             cp ranks. ``None`` (default): the plain ``("dp", "cp")`` mesh.
+        tp_size: Tensor-parallel ranks (``t``) that split the heads and MLP width of each layer
+            (:func:`~cp_dtensor.parallelize_for_tp`). With ``t > 1`` the mesh gets a last axis
+            ``"tp"``: ``("dp", "cp", "tp") = (dp_size, cp_size, t)`` (``"ring", "ulysses"`` in place of
+            ``"cp"`` with ``ulysses_size``), so each tp group is ``t`` consecutive ranks, the fastest
+            links on a node. 1 (default): no ``"tp"`` axis.
 
     Returns:
         The :class:`ContextParallelGroup`.
 
     Raises:
-        ValueError: A size is not a positive int, ``dp_size * cp_size`` is not the world size,
+        ValueError: A size is not a positive int, ``dp_size * cp_size * tp_size`` is not the world size,
             ``ulysses_size`` does not divide ``cp_size``, or the layout is unknown.
     """
     _positive_int("cp_size", cp_size)
+    _positive_int("tp_size", tp_size)
     if backend is not None and not isinstance(backend, str):
         raise ValueError(f"backend must be None or a backend name such as 'gloo' or 'nccl', got {backend!r}.")
     if ulysses_size is not None and cp_size % _positive_int("ulysses_size", ulysses_size):
@@ -305,26 +338,31 @@ def init_context_parallel_group(
     if not dist.is_initialized():
         _init_default_process_group(device_type, backend, timeout)
     world_size = dist.get_world_size()
+    replica_size = cp_size * tp_size  # ranks that hold one data-parallel replica
     if dp_size is None:
-        if world_size % cp_size:
-            raise ValueError(f"cp_size={cp_size} does not divide the world size {world_size}.")
-        dp_size = world_size // cp_size
+        if world_size % replica_size:
+            sizes = f"cp_size={cp_size}" if tp_size == 1 else f"cp_size * tp_size = {cp_size} * {tp_size}"
+            raise ValueError(f"{sizes} does not divide the world size {world_size}.")
+        dp_size = world_size // replica_size
     _positive_int("dp_size", dp_size)
-    if dp_size * cp_size != world_size:
-        raise ValueError(
-            f"dp_size * cp_size = {dp_size} * {cp_size} = {dp_size * cp_size} must equal the world size "
-            f"{world_size}."
-        )
-    names = ("dp", "cp") if ulysses_size is None else ("dp", "ring", "ulysses")
+    if dp_size * replica_size != world_size:
+        names, sizes = ("dp_size * cp_size", f"{dp_size} * {cp_size}")
+        if tp_size > 1:
+            names, sizes = names + " * tp_size", sizes + f" * {tp_size}"
+        raise ValueError(f"{names} = {sizes} = {dp_size * replica_size} must equal the world size {world_size}.")
+    cp_names = ("cp",) if ulysses_size is None else ("ring", "ulysses")
+    cp_shape = (cp_size,) if ulysses_size is None else (cp_size // ulysses_size, ulysses_size)
+    tp_names, tp_shape = (("tp",), (tp_size,)) if tp_size > 1 else ((), ())
+    names = ("dp", *cp_names, *tp_names)
     override = None if timeout is None else {n: _axis_options(device_type, backend, timeout) for n in names}
-    if ulysses_size is None:
-        mesh = init_device_mesh(device_type, (dp_size, cp_size), mesh_dim_names=names, backend_override=override)
-        return ContextParallelGroup(mesh=mesh, layout=layout)
-    # Row-major: cp rank = ring rank * u + ulysses rank, so each Ulysses group is consecutive ranks.
-    shape = (dp_size, cp_size // ulysses_size, ulysses_size)
+    # Row-major: the last axis varies fastest, so each tp group (and, inside cp, each Ulysses group:
+    # cp rank = ring rank * u + ulysses rank) is consecutive ranks.
+    shape = (dp_size, *cp_shape, *tp_shape)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=names, backend_override=override)
-    flat_cp_mesh = mesh["ring", "ulysses"]._flatten("cp", backend_override=_axis_options(device_type, backend, timeout))
-    return ContextParallelGroup(mesh=mesh, layout=layout, flat_cp_mesh=flat_cp_mesh)
+    flat_options = _axis_options(device_type, backend, timeout)
+    flat_cp_mesh = None if ulysses_size is None else mesh[cp_names]._flatten("cp", backend_override=flat_options)
+    flat_dp_cp_mesh = None if tp_size == 1 else mesh[("dp", *cp_names)]._flatten("dp_cp", backend_override=flat_options)
+    return ContextParallelGroup(mesh=mesh, layout=layout, flat_cp_mesh=flat_cp_mesh, flat_dp_cp_mesh=flat_dp_cp_mesh)
 
 
 def check_partitionable(seq_len: int, group: ContextParallelGroup) -> None:

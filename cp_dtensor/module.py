@@ -117,9 +117,11 @@ class ContextParallelAttention(nn.Module):
                 f"x must be (batch, seq_local, hidden_size={self.hidden_size}), got shape {tuple(x_local.shape)}."
             )
         b, s, _ = x_local.shape
-        q_BHSD = self.q_proj(x_local).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k_BHSD = self.k_proj(x_local).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v_BHSD = self.v_proj(x_local).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # Head counts come from the projections' widths: under tensor parallelism (cp_dtensor.tensor_parallel)
+        # each rank projects to its own H / tp query heads and K/V heads, and attends over those alone.
+        q_BHSD = self.q_proj(x_local).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k_BHSD = self.k_proj(x_local).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v_BHSD = self.v_proj(x_local).view(b, s, -1, self.head_dim).transpose(1, 2)
         if self.rope:
             if position_ids is None:
                 position_ids = self.cp_group.position_ids(s * self.cp_group.size, device=x_local.device)
@@ -129,7 +131,7 @@ class ContextParallelAttention(nn.Module):
         out_BHSD = context_parallel_attention(
             q_BHSD, k_BHSD, v_BHSD, self.cp_group, strategy=self.strategy, causal=self.causal, **attn_kwargs
         )
-        out_BSE = self.o_proj(out_BHSD.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        out_BSE = self.o_proj(out_BHSD.transpose(1, 2).reshape(b, s, -1))
         return from_local_like(out_BSE, like)
 
     def extra_repr(self) -> str:
