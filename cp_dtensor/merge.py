@@ -11,10 +11,12 @@ where ``o_X`` is the softmax-normalised output over block ``X`` alone and ``l_X`
 Written with ``sigmoid(x) = 1 / (1 + e^{-x})`` this never exponentiates a large number:
 
 .. math::
-    o = o_A - \\sigma(l_B - l_A)(o_A - o_B), \\qquad l = l_A - \\log\\sigma(l_A - l_B).
+    o = o_A - \\sigma(l_B - l_A)(o_A - o_B), \\qquad l = \\max(l_A, l_B) + \\log(1 + e^{-|l_A - l_B|}).
 
-(The form used by ring-flash-attention PR #34 and PyTorch's own CP.) The seed's ``output += attn``
-drops both weights and is only right for a single block.
+The output update is the sigmoid form of ring-flash-attention PR #34 and PyTorch's own CP; their
+log-sum-exp update ``l_A - log(sigmoid(l_A - l_B))`` is the same number, but rounds once more when one
+block dominates (logits ~1e4), so the max / log1p form is used. The seed's ``output += attn`` drops
+both weights and is only right for a single block.
 
 A block a row cannot see at all has ``l_B = -inf``: then ``sigma(l_B - l_A) = 0`` and the row is left
 unchanged. A row whose running ``l_A`` is still ``-inf`` takes the block's values as they are.
@@ -23,7 +25,6 @@ unchanged. A row whose running ``l_A`` is still ``-inf`` takes the block's value
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["merge_into"]
 
@@ -44,5 +45,7 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, bl
         return
     diff = (block_lse - lse).masked_fill(empty, float("inf"))  # sigmoid(+inf) = 1: take the block
     out.sub_(torch.sigmoid(diff).unsqueeze(-1) * (out - block_out.to(out.dtype)))
-    new_lse = lse - F.logsigmoid(-diff)
+    # log(e^a + e^b) = max(a, b) + log1p(e^-|a - b|): exact to the last bit when one block dominates,
+    # where lse - logsigmoid(-diff) loses a rounding step (visible at logits ~1e4).
+    new_lse = torch.maximum(lse, block_lse) + torch.log1p(torch.exp(-diff.abs()))
     lse.copy_(torch.where(empty, block_lse, new_lse))

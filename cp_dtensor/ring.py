@@ -29,7 +29,7 @@ from cp_dtensor.comm import RingAttentionCommunicator
 from cp_dtensor.debug import check_call, recheck_output
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.kernels import accum_dtype, block_backward, block_forward
-from cp_dtensor.layout import Run
+from cp_dtensor.layout import Run, shard_runs
 from cp_dtensor.masks import MaskSpec, mask_spec, positions, refine_block, window_hides_block
 from cp_dtensor.merge import merge_into
 from cp_dtensor.sharding import from_local_like, to_local_checked
@@ -219,14 +219,15 @@ def make_plan(
     cp_group: ContextParallelGroup, seq_len_local: int, causal: bool, scale: float, mask: MaskSpec | None = None
 ) -> RingPlan:
     """The :class:`RingPlan` of ``cp_group`` for local shards of ``seq_len_local`` tokens."""
-    seq_len = seq_len_local * cp_group.size
-    cp_group.runs(seq_len)  # raises ValueError if the local length does not fit the layout
+    size, rank = cp_group.size, cp_group.rank  # read the mesh once, not at every step
+    seq_len = seq_len_local * size
+    all_runs = [shard_runs(seq_len, size, r, cp_group.layout) for r in range(size)]  # ValueError if it does not fit
     return RingPlan(
-        group=cp_group.process_group if cp_group.size > 1 else None,
-        rank=cp_group.rank,
-        size=cp_group.size,
-        q_runs=cp_group.runs(seq_len),
-        kv_runs=lambda src: cp_group.runs(seq_len, src),
+        group=cp_group.process_group if size > 1 else None,
+        rank=rank,
+        size=size,
+        q_runs=all_runs[rank],
+        kv_runs=all_runs.__getitem__,
         causal=causal,
         scale=scale,
         mask=mask,
