@@ -16,7 +16,11 @@ final names.
 What is saved: the model and optimizer states (by parameter name, from
 ``torch.distributed.checkpoint.state_dict.get_state_dict``, so a DDP wrapper makes no difference),
 and a ``train`` dict the caller fills (step, data position, ...), plus each rank's RNG states.
-Parameters are replicated, so DCP writes each tensor once (deduplicated across ranks).
+Parameters are replicated, so DCP writes each tensor once (deduplicated across ranks). Under tensor
+parallelism (:func:`~cp_dtensor.parallelize_for_tp`) parameters and optimizer states are DTensors on
+the tp mesh: each tp shard is written once (its dp x cp replicas deduplicated) with its place in the
+whole tensor, so the checkpoint loads into another dp x cp x tp split too, one process included
+(DCP reads what each rank's shard covers; tests/test_tensor_parallel.py).
 """
 
 from __future__ import annotations

@@ -201,13 +201,15 @@ def resume_case(ckpt_dir: str, sizes: tuple[int, int, int], batches: list[dict],
     return out
 
 
-def test_checkpoint_resumes_across_dp_cp_tp_and_into_one_process(tmp_path):
+def test_checkpoint_resumes_across_dp_cp_tp_and_into_other_splits(tmp_path):
     batches = [make_batch(seed=21), make_batch(seed=22)]
     ranks = mp_pool.run_on_ranks(8, resume_case, str(tmp_path), (2, 2, 2), batches, True)
+    # Resharded: tp 4 splits the 4 query heads 1 per rank and replicates the 2 K/V heads (saved as shards).
+    tp4 = mp_pool.run_on_ranks(8, resume_case, str(tmp_path), (2, 1, 4), batches, False)
     (single,) = mp_pool.run_on_ranks(1, resume_case, str(tmp_path), (1, 1, 1), batches, False)
-    for r in [*ranks, single]:
+    for r in [*ranks, *tp4, single]:
         assert r["train_state"] == {"step": 1}
-        # fp64; the resumed dp x cp x tp run repeats the straight run's sums, the one process sums in
+        # fp64; the resumed dp x cp x tp run repeats the straight run's sums, the other splits sum in
         # another order (~1e-16 relative).
         assert r["resumed_loss"] == pytest.approx(ranks[0]["straight_loss"], rel=1e-12, abs=0)
         for name, expected in ranks[0]["straight_params"].items():
