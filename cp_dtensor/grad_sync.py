@@ -34,6 +34,8 @@ same on every rank). On GPU the call only enqueues the collective; what is lost 
 bucketing, not the overlap.
 """
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -99,7 +101,7 @@ def _all_reduce_local(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Ten
 
 
 def apply_ddp(
-    model: nn.Module, cp_group: ContextParallelGroup, **ddp_kwargs
+    model: nn.Module, cp_group: ContextParallelGroup, **ddp_kwargs: Any
 ) -> DistributedDataParallel | nn.Module:
     """Wrap ``model`` so that ``backward`` sums its gradients over every dp and cp rank.
 
