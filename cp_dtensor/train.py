@@ -18,6 +18,11 @@ sequence, queried at its end, so most answers sit on another rank's shard. Rank 
 summary and the loss/accuracy curve as JSON. The exit status is non-zero on failure (an exception,
 a non-finite loss, or an evaluation accuracy below ``--min-accuracy``).
 
+Tensor parallelism: ``--tp T`` splits each layer's heads and MLP width over ``T`` consecutive ranks
+(:mod:`cp_dtensor.tensor_parallel`), e.g. dp 2 x cp 2 x tp 2 on 8 processes::
+
+    torchrun --standalone --nproc-per-node 8 -m cp_dtensor.train --dp 2 --cp 2 --tp 2
+
 Checkpoints: ``--ckpt-dir DIR --save-every N`` saves through ``torch.distributed.checkpoint``;
 ``--resume`` continues from the newest complete checkpoint with the same loss curve.
 """
@@ -46,6 +51,7 @@ from cp_dtensor.grad_sync import apply_ddp, replica_group
 from cp_dtensor.group import ContextParallelGroup, init_context_parallel_group
 from cp_dtensor.loss import IGNORE_INDEX, cross_entropy_across_shards
 from cp_dtensor.model import ModelConfig, TransformerWithCP
+from cp_dtensor.tensor_parallel import parallelize_for_tp
 
 __all__ = ["TrainConfig", "parse_args", "train", "main"]
 
@@ -63,7 +69,8 @@ class TrainConfig:
     seq_len: int = _opt("tokens per sequence (split over the cp ranks)", default=1024)
     batch_size: int = _opt("sequences per step, GLOBAL (split over the dp ranks)", default=8)
     cp: int | None = _opt("context-parallel ranks; default 2 if the world size is even, else 1", default=None)
-    dp: int | None = _opt("data-parallel replicas; default world_size / cp", default=None)
+    dp: int | None = _opt("data-parallel replicas; default world_size / (cp * tp)", default=None)
+    tp: int = _opt("tensor-parallel ranks: each holds num_heads / tp heads and 1/tp of the MLP (1: off)", default=1)
     layout: str = _opt("sequence layout: zigzag or contiguous", default="zigzag")
     strategy: str = _opt("attention strategy over cp, a name in cp_dtensor.STRATEGIES", default="ring")
     hidden_size: int = _opt("model width", default=64)
@@ -187,8 +194,10 @@ def _setup(cfg: TrainConfig) -> tuple[ContextParallelGroup, torch.device]:
         world = int(os.environ["WORLD_SIZE"])
     else:
         world = dist.get_world_size() if dist.is_initialized() else 1
-    cp = cfg.cp if cfg.cp is not None else (2 if world % 2 == 0 else 1)
-    cp_group = init_context_parallel_group(cp, dp_size=cfg.dp, layout=cfg.layout, timeout=cfg.timeout)
+    cp = cfg.cp if cfg.cp is not None else (2 if (world // cfg.tp) % 2 == 0 else 1)
+    cp_group = init_context_parallel_group(
+        cp, dp_size=cfg.dp, layout=cfg.layout, timeout=cfg.timeout, tp_size=cfg.tp
+    )
     device = torch.device("cuda", torch.cuda.current_device()) if cp_group.device_type == "cuda" else torch.device("cpu")
     dp = cp_group.dp_mesh.size()
     if cfg.batch_size % dp:
@@ -261,6 +270,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = TransformerWithCP(model_cfg, cp_group=cp_group).to(device)
     if cfg.dtype == "float64":
         model = model.double()
+    model = parallelize_for_tp(model, cp_group)  # heads and MLP width over tp; unchanged when --tp 1
     ddp = apply_ddp(model, cp_group)
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bfloat16" \
@@ -276,7 +286,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     is_main = rank == 0
     num_params = sum(p.numel() for p in model.parameters())
     if is_main:
-        print(f"cp_dtensor.train: world {world} = dp {dp} x cp {cp_group.size} ({cp_group.layout}, "
+        print(f"cp_dtensor.train: world {world} = dp {dp} x cp {cp_group.size} x tp {cp_group.tp_size} "
+              f"({cp_group.layout}, "
               f"{cfg.strategy}), {device.type}/{dist.get_backend()}, {num_params:,} parameters, {cfg.dtype}")
         print(f"task: {cfg.seq_len} tokens/sequence ({cfg.seq_len // cp_group.size} per cp rank), "
               f"{cfg.num_pairs} key-value pairs, {cfg.batch_size} sequences/step; answers on another cp "
@@ -334,6 +345,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tail = curve[-max(len(curve) // 10, 1):] if curve else []
     return {
         "command": " ".join(sys.argv), "config": asdict(cfg), "world_size": world, "dp": dp, "cp": cp_group.size,
+        "tp": cp_group.tp_size,
         "device": device.type, "backend": dist.get_backend(), "torch": torch.__version__,
         "num_params": num_params, "tokens_per_cp_rank": cfg.seq_len // cp_group.size,
         "steps_run": len(curve), "first_step": start_step + 1, "wall_s": wall,
@@ -359,7 +371,8 @@ def _profiler(cfg: TrainConfig, rank: int, device: torch.device):
 
 def _print_summary(summary: dict[str, Any]) -> None:
     rows = [
-        ("ranks", f"{summary['world_size']} = dp {summary['dp']} x cp {summary['cp']} ({summary['device']}, "
+        ("ranks", f"{summary['world_size']} = dp {summary['dp']} x cp {summary['cp']} x tp {summary['tp']} "
+                  f"({summary['device']}, "
                   f"{summary['backend']})"),
         ("steps", f"{summary['first_step']}..{summary['first_step'] + summary['steps_run'] - 1} "
                   f"in {summary['wall_s']:.1f} s"),
