@@ -1,0 +1,66 @@
+"""The ("dp", "cp") DeviceMesh, its sub-meshes, and a sequence as a DTensor, on 4 real processes.
+
+``init_context_parallel_group(cp_size=2)`` on 4 ranks makes a 2 x 2 mesh: 2 data-parallel replicas,
+each splitting its sequences over 2 context-parallel ranks. Each rank prints where it sits; then a
+sequence is placed ``Shard(1)`` on the cp sub-mesh with ``distribute_sequence``, and rank 0 shows
+that, under zigzag, the DTensor's logical tensor is the load-balanced PERMUTATION of the sequence.
+Finally ``ContextParallelAttention`` takes the DTensor and returns one placed the same way. Run it
+(CPU, gloo):
+
+    torchrun --standalone --nproc-per-node 4 docs/examples/production_mesh.py
+"""
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
+
+from cp_dtensor import ContextParallelAttention, init_context_parallel_group, shard_positions
+
+L, E = 16, 8  # tokens per sequence, hidden size
+
+
+def main() -> None:
+    cp_group = init_context_parallel_group(cp_size=2, timeout=60)  # world 4 -> mesh ("dp", "cp") = (2, 2)
+    mesh, rank = cp_group.mesh, dist.get_rank()
+    if rank == 0:
+        print(f"{mesh}\n  rank grid (rows: dp, columns: cp) = {mesh.mesh.tolist()}", flush=True)
+    dist.barrier()
+    print(f"rank {rank}: coordinate (dp, cp) = {tuple(mesh.get_coordinate())}, my cp ring = ranks "
+          f"{cp_group.cp_mesh.mesh.tolist()}, my dp group = ranks {cp_group.dp_mesh.mesh.tolist()}", flush=True)
+    dist.barrier()
+
+    # Each dp replica has its own sequence; the cp ranks of a replica share it.
+    dp_rank = cp_group.dp_mesh.get_local_rank()
+    x = (torch.arange(L, dtype=torch.float32) + 100 * dp_rank).reshape(1, L, 1)  # (batch, seq, hidden)
+    x_dt = cp_group.distribute_sequence(x, seq_dim=1)
+    assert isinstance(x_dt, DTensor) and tuple(x_dt.placements) == (Shard(1),)
+    assert x_dt.device_mesh == cp_group.cp_mesh and x_dt.shape == x.shape  # global shape, local data
+
+    # The logical tensor is rank 0's two chunks, then rank 1's: the zigzag permutation of x.
+    permutation = torch.cat([shard_positions(L, cp_group.size, r, cp_group.layout) for r in range(cp_group.size)])
+    logical = x_dt.full_tensor()  # an all-gather over the cp axis only
+    assert torch.equal(logical, x[:, permutation])
+    in_order = cp_group.gather_sequence(x_dt.to_local(), seq_dim=1)  # original order (collective too)
+    assert torch.equal(in_order, x)
+    if rank == 0:
+        print(f"placements {x_dt.placements} on the cp mesh; local {tuple(x_dt.to_local().shape)}, "
+              f"global {tuple(x_dt.shape)}")
+        print("x                      :", x.flatten().int().tolist())
+        print("x_dt.full_tensor()     :", logical.flatten().int().tolist())
+        print("gather_sequence(local) :", in_order.flatten().int().tolist())
+
+    # The attention layer takes the DTensor and returns one, placed the same way.
+    torch.manual_seed(0)  # the same weights on every rank
+    attention = ContextParallelAttention(hidden_size=E, num_heads=2, cp_group=cp_group, causal=True)
+    h = torch.randn(1, L, E, generator=torch.Generator().manual_seed(dp_rank))
+    out_dt = attention(cp_group.distribute_sequence(h, seq_dim=1))
+    out_local = attention(cp_group.partition_sequence(h, seq_dim=1))
+    assert isinstance(out_dt, DTensor) and tuple(out_dt.placements) == (Shard(1),)
+    torch.testing.assert_close(out_dt.to_local(), out_local, rtol=0, atol=0)  # same computation, same bits
+    if rank == 0:
+        print(f"attention(DTensor) -> DTensor {tuple(out_dt.shape)} placed {out_dt.placements}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The seed's examples and the README's first look run as shown, and agree with one process.
+
+The seed's examples live in ``docs/examples/seed_*.py`` (shown on the Production page). Each runs
+here with the command of its docstring (``torchrun`` on 4 gloo ranks, under a timeout), and its
+output is checked: against the same computation on one process where there is one (the layer, the
+CP x DP training loop), else against what the example claims to show.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mp_pool
+import torch
+
+from cp_dtensor import ContextParallelAttention
+from reference import full_attention
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "docs" / "examples"
+TIMEOUT_S = 240
+
+
+def run(argv: list[str]) -> str:
+    """Run a command from the repository root (under a timeout); return its stdout, failing on a non-zero exit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, f"{' '.join(argv)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def torchrun(example: str, *args: str) -> str:
+    """``torchrun --standalone --nproc-per-node 4 docs/examples/<example> args``: the docstrings' command."""
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                str(EXAMPLES / example), *args])
+
+
+# ---- Basic Setup: the seed's layer, full size ------------------------------------------------------
+
+
+def basic_setup_on_one_process(x: torch.Tensor) -> torch.Tensor:
+    """Runs in a one-rank world: the seed's layer, seeded as in the example, over the whole sequence."""
+    cp_group = mp_pool.group(1)
+    torch.manual_seed(0)  # as the example: the same weights
+    attention = ContextParallelAttention(hidden_size=4096, num_heads=32, cp_group=cp_group, causal=True)
+    with torch.no_grad():
+        return attention(x)
+
+
+def test_seed_basic_setup_matches_one_process(tmp_path: Path) -> None:
+    out = torchrun("seed_basic_setup.py", "--save", str(tmp_path / "basic.pt"))
+    assert sorted(re.findall(r"rank (\d): x_local \(1, 32, 4096\) -> output \(1, 32, 4096\)", out)) == list("0123")
+    saved = torch.load(tmp_path / "basic.pt")
+    (expected,) = mp_pool.run_on_ranks(1, basic_setup_on_one_process, saved["x"])
+    # fp32; the ring merges four key blocks with the log-sum-exp instead of one softmax, so sums
+    # of 4096-wide products are taken in another order: ~1e-7 relative per value.
+    torch.testing.assert_close(saved["output"], expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- Complete Training Example: CP x DP vs one process -------------------------------------------
+
+
+def test_seed_training_cp_x_dp_matches_one_process(tmp_path: Path) -> None:
+    out = torchrun("seed_training.py", "--save", str(tmp_path / "cp_dp.pt"))
+    assert "on each of 4 ranks = dp 2 x cp 2" in out
+    run([sys.executable, str(EXAMPLES / "seed_training.py"), "--cp-size", "1", "--save", str(tmp_path / "one.pt")])
+    sharded, single = torch.load(tmp_path / "cp_dp.pt"), torch.load(tmp_path / "one.pt")
+    assert len(sharded["losses"]) == len(single["losses"]) == 5
+    # fp32: the global-mean loss is the same sum taken in another order (per shard, then all-reduced).
+    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+    assert single["losses"][-1] < single["losses"][0] - 0.5  # it trains: the answers' values are learnt first
+    for name, expected in single["params"].items():
+        # Adam divides each gradient element by its running magnitude, which magnifies fp32 summation
+        # noise in near-zero elements; 5 steps move a weight by at most 5 * lr = 5e-3.
+        torch.testing.assert_close(sharded["params"][name], expected, rtol=0, atol=2e-4, msg=name)
+
+
+# ---- Memory Estimation and Debugging ---------------------------------------------------------------
+
+
+def test_seed_memory_prints_the_estimators_numbers() -> None:
+    out = run([sys.executable, str(EXAMPLES / "seed_memory.py")])
+    number = r"([\d,.]+)"
+    without, with_cp, saved, reduction, max_len = (
+        float(re.search(label + number, out).group(1).replace(",", ""))
+        for label in (r"Without CP: ", r"With CP: +", r"Savings: +", r"Reduction: +", r"Max seq len \(theoretical\): ")
+    )
+    assert saved == round(without - with_cp, 1) or abs(saved - (without - with_cp)) <= 0.1  # printed to 0.1 GB
+    assert abs(reduction - without / with_cp) <= 0.05 + 1e-9  # printed to 0.1x
+    assert with_cp < without and 0 < max_len < 1_000_000  # 8-way CP helps, but 1M tokens do not fit 80 GiB
+
+
+def test_seed_debugging_snippets_show_shards_rotations_and_waits() -> None:
+    out = torchrun("seed_debugging.py")
+    shapes = re.findall(r"rank (\d): seq shape torch.Size\(\[2, 16, 32\]\)", out)
+    assert sorted(shapes) == list("0123")  # (batch, seq_len / cp_size, hidden) on every rank
+    assert out.count("ring_forward on rank 0: send") == 3  # P - 1 rotations in one causal forward
+    assert "cp_dtensor.ring.comm_wait" in out  # the profiler table shows the ring's waits
+
+
+# ---- README: "A first look" --------------------------------------------------------------------------
+
+
+def readme_blocks() -> list[str]:
+    """The ```python blocks of README.md, in order."""
+    return re.findall(r"^```python\n(.*?)^```", (REPO / "README.md").read_text(), re.S | re.M)
+
+
+def exec_readme(blocks: list[str]) -> dict[str, torch.Tensor]:
+    """Runs in a one-rank world: the README's blocks in one namespace, as a reader pastes them."""
+    namespace: dict = {"__name__": "__readme__"}
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), namespace)
+    return {name: namespace[name] for name in ("q", "k", "v", "out")}
+
+
+def test_readme_first_look_runs_and_is_full_causal_attention() -> None:
+    blocks = readme_blocks()
+    assert blocks, "README.md has no ```python block"
+    (got,) = mp_pool.run_on_ranks(1, exec_readme, blocks)
+    # The README's comment says out == full causal attention; fp32 flash kernel vs fp64 math attention.
+    expected = full_attention(*(got[n].double() for n in "qkv"), causal=True)
+    torch.testing.assert_close(got["out"].double(), expected, rtol=1e-5, atol=1e-5)
