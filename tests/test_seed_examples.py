@@ -3,7 +3,9 @@
 The seed's examples live in ``docs/examples/seed_*.py`` (shown on the Production page). Each runs
 here with the command of its docstring (``torchrun`` on 4 gloo ranks, under a timeout), and its
 output is checked: against the same computation on one process where there is one (the layer, the
-CP x DP training loop), else against what the example claims to show.
+CP x DP training loop), else against what the example claims to show. ``seed_debugging.py`` asserts
+what it shows itself (each rank's shard shape, the P - 1 rotations, the profiler's wait label) and
+``tests/test_docs.py::test_example`` runs it; running it twice would only cost time.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def test_seed_training_cp_x_dp_matches_one_process(tmp_path: Path) -> None:
         torch.testing.assert_close(sharded["params"][name], expected, rtol=0, atol=2e-4, msg=name)
 
 
-# ---- Memory Estimation and Debugging ---------------------------------------------------------------
+# ---- Memory Estimation --------------------------------------------------------------------------
 
 
 def test_seed_memory_prints_the_estimators_numbers() -> None:
@@ -90,17 +92,9 @@ def test_seed_memory_prints_the_estimators_numbers() -> None:
         float(re.search(label + number, out).group(1).replace(",", ""))
         for label in (r"Without CP: ", r"With CP: +", r"Savings: +", r"Reduction: +", r"Max seq len \(theoretical\): ")
     )
-    assert saved == round(without - with_cp, 1) or abs(saved - (without - with_cp)) <= 0.1  # printed to 0.1 GB
-    assert abs(reduction - without / with_cp) <= 0.05 + 1e-9  # printed to 0.1x
+    assert abs(saved - (without - with_cp)) <= 0.1 + 1e-9  # each printed to 0.1 GB
+    assert abs(reduction - without / with_cp) <= 0.05 + 1e-3  # printed to 0.1x, from numbers rounded to 0.1 GB
     assert with_cp < without and 0 < max_len < 1_000_000  # 8-way CP helps, but 1M tokens do not fit 80 GiB
-
-
-def test_seed_debugging_snippets_show_shards_rotations_and_waits() -> None:
-    out = torchrun("seed_debugging.py")
-    shapes = re.findall(r"rank (\d): seq shape torch.Size\(\[2, 16, 32\]\)", out)
-    assert sorted(shapes) == list("0123")  # (batch, seq_len / cp_size, hidden) on every rank
-    assert out.count("ring_forward on rank 0: send") == 3  # P - 1 rotations in one causal forward
-    assert "cp_dtensor.ring.comm_wait" in out  # the profiler table shows the ring's waits
 
 
 # ---- README: "A first look" --------------------------------------------------------------------------
