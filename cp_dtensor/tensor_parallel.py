@@ -67,6 +67,11 @@ def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
     Query heads must divide by ``tp_size``. K/V heads must divide by ``tp_size`` (each rank gets
     ``H_kv / t``), or ``tp_size`` must divide by them (each K/V head replicated on ``t / H_kv`` ranks).
 
+    Args:
+        num_heads: ``H``, query heads.
+        num_kv_heads: ``H_kv``, K/V heads (dividing ``H``).
+        tp_size: ``t``.
+
     Raises:
         ValueError: Names the head counts, ``tp_size`` and the valid choices.
     """
@@ -128,8 +133,9 @@ class ReplicatedKVParallel(ParallelStyle):
         head = tp_rank // (tp_size // self.num_kv_heads)
         cols = slice(head * self.head_dim, (head + 1) * self.head_dim)
 
-        def keep_own_head(mod: nn.Module, out_BSK: DTensor, mesh: DeviceMesh) -> torch.Tensor:
-            return out_BSK.to_local(grad_placements=[Partial()])[..., cols]  # (B, S, D)
+        def keep_own_head(mod: nn.Module, out: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+            # out: (B, S, H_kv * D), the same on every tp rank -> (B, S, D), this rank's K/V head
+            return out.to_local(grad_placements=[Partial()])[..., cols]
 
         distribute_module(module, device_mesh, input_fn=_replicate_input, output_fn=keep_own_head)
         for param in module.parameters():
