@@ -56,7 +56,7 @@ def basic_setup_on_one_process(x: torch.Tensor) -> torch.Tensor:
 
 def test_seed_basic_setup_matches_one_process(tmp_path: Path) -> None:
     out = torchrun("seed_basic_setup.py", "--save", str(tmp_path / "basic.pt"))
-    assert sorted(re.findall(r"rank (\d): x_local \(1, 32, 4096\) -> output \(1, 32, 4096\)", out)) == list("0123")
+    assert sorted(re.findall(r"rank (\d): x_local \(1, 16, 4096\) -> output \(1, 16, 4096\)", out)) == list("0123")
     saved = torch.load(tmp_path / "basic.pt")
     (expected,) = mp_pool.run_on_ranks(1, basic_setup_on_one_process, saved["x"])
     # fp32; the ring merges four key blocks with the log-sum-exp instead of one softmax, so sums

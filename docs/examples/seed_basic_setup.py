@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from cp_dtensor import ContextParallelAttention, init_context_parallel_group
 
-SEQ_LEN, HIDDEN = 128, 4096
+SEQ_LEN, HIDDEN = 64, 4096
 
 
 def main() -> None:
