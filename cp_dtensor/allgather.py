@@ -30,12 +30,12 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from cp_dtensor.masks import MaskSpec
 from cp_dtensor.collectives import all_gather, group_size, reduce_scatter
 from cp_dtensor.debug import check_call, recheck_output
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.kernels import accum_dtype, block_backward
 from cp_dtensor.layout import Run
+from cp_dtensor.masks import MaskSpec
 from cp_dtensor.ring import Call, RingPlan, ring_forward
 from cp_dtensor.sharding import from_local_like
 from cp_dtensor.ulysses import local_inputs

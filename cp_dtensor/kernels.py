@@ -10,9 +10,9 @@ local queries and a visiting K/V block. They never build a score matrix on the f
   whose memory is ``O(S_q_block * S_k_block)`` (one block, never the whole sequence).
 
 Conventions shared with the rest of the package: tensors are ``(B, H, S, D)`` (SDPA layout); ``lse``
-is ``(B, H, S_q)`` in fp32 (fp64 for fp64 inputs) and is ``-inf`` for a query row that sees no key in the block (the CPU kernel
-returns 0 there, which :func:`block_forward` corrects). GQA: ``k``/``v`` may carry ``H_kv`` heads with
-``H % H_kv == 0``; each K/V head serves ``H // H_kv`` consecutive query heads.
+is ``(B, H, S_q)`` in fp32 (fp64 for fp64 inputs) and is ``-inf`` for a query row that sees no key in
+the block (the CPU kernel returns 0 there, which :func:`block_forward` corrects). GQA: ``k``/``v`` may
+carry ``H_kv`` heads with ``H % H_kv == 0``; each K/V head serves ``H // H_kv`` consecutive query heads.
 """
 
 from __future__ import annotations

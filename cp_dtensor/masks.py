@@ -31,7 +31,15 @@ import torch
 from cp_dtensor.blocks import Block
 from cp_dtensor.layout import Run
 
-__all__ = ["MaskSpec", "mask_spec", "positions", "refine_block", "window_hides_block", "document_ids_from_cu_seqlens", "check_window"]
+__all__ = [
+    "MaskSpec",
+    "check_window",
+    "document_ids_from_cu_seqlens",
+    "mask_spec",
+    "positions",
+    "refine_block",
+    "window_hides_block",
+]
 
 DEFAULT_TILE = 256
 
@@ -241,7 +249,8 @@ def mask_spec(
     if document_ids is not None:
         if not isinstance(document_ids, torch.Tensor) or document_ids.is_floating_point() or document_ids.dim() != 2:
             raise ValueError(
-                f"document_ids must be an integer tensor (batch, seq), got {getattr(document_ids, 'shape', document_ids)!r}."
+                "document_ids must be an integer tensor (batch, seq), got "
+                f"{getattr(document_ids, 'shape', document_ids)!r}."
             )
         if document_ids.shape[0] != batch or document_ids.shape[1] not in (seq_local, total):
             raise ValueError(

@@ -1,17 +1,17 @@
-"""Merging partial attention results with their log-sum-exp (the online softmax).
+r"""Merging partial attention results with their log-sum-exp (the online softmax).
 
 Note [LSE merge]
 ----------------
 Attention of a query row over keys split into blocks ``A`` and ``B`` is
 
 .. math::
-    o = \\frac{e^{l_A} o_A + e^{l_B} o_B}{e^{l_A} + e^{l_B}}, \\qquad l = \\log(e^{l_A} + e^{l_B}),
+    o = \frac{e^{l_A} o_A + e^{l_B} o_B}{e^{l_A} + e^{l_B}}, \qquad l = \log(e^{l_A} + e^{l_B}),
 
 where ``o_X`` is the softmax-normalised output over block ``X`` alone and ``l_X`` its log-sum-exp.
 Written with ``sigmoid(x) = 1 / (1 + e^{-x})`` this never exponentiates a large number:
 
 .. math::
-    o = o_A - \\sigma(l_B - l_A)(o_A - o_B), \\qquad l = \\max(l_A, l_B) + \\log(1 + e^{-|l_A - l_B|}).
+    o = o_A - \sigma(l_B - l_A)(o_A - o_B), \qquad l = \max(l_A, l_B) + \log(1 + e^{-|l_A - l_B|}).
 
 The output update is the sigmoid form of ring-flash-attention PR #34 and PyTorch's own CP; their
 log-sum-exp update ``l_A - log(sigmoid(l_A - l_B))`` is the same number, but rounds once more when one

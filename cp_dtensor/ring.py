@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.profiler import record_function
 
 from cp_dtensor.blocks import Block, plan_blocks

@@ -17,7 +17,7 @@ import queue
 import socket
 import traceback
 from dataclasses import replace
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.multiprocessing as mp
@@ -145,7 +145,7 @@ def close_all() -> None:
 # ---- helpers for code running INSIDE a worker -------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cached_group(cp_size: int, dp_size: int | None, extra: tuple):
     from cp_dtensor import init_context_parallel_group
 

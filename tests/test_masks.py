@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import mp_pool
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_ring import DTYPES, make_inputs, unshard
 
-import mp_pool
 from cp_dtensor import context_parallel_attention, count_comm
 from cp_dtensor.layout import num_chunks
 from cp_dtensor.masks import MaskSpec, document_ids_from_cu_seqlens, window_hides_block
 from reference import full_attention
-from test_ring import DTYPES, make_inputs, unshard
 
 
 def dense_mask(cfg: dict) -> torch.Tensor:

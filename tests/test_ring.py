@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import mp_pool
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import mp_pool
 from cp_dtensor import count_comm, ring_attention
 from cp_dtensor.layout import num_chunks, shard_positions
 from reference import full_attention, simulate_ring_attention
@@ -120,7 +120,7 @@ def test_ring_matches_full_attention(world_size, raw):
     floor = {"float32": 2e-5, "bfloat16": 2e-2}[cfg["dtype"]]
     for name in got:
         err = (got[name] - expected[name]).abs().max().item()
-        assert err <= 2 * baseline[name] + floor, f"{name}: ring error {err:.3g} vs one-process SDPA {baseline[name]:.3g}"
+        assert err <= 2 * baseline[name] + floor, f"{name}: ring {err:.3g} vs one-process SDPA {baseline[name]:.3g}"
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
