@@ -34,7 +34,7 @@ class ModelConfig:
     """Model width ``E``."""
     num_layers: int = 2
     """Decoder blocks."""
-    num_heads: int = 4
+    num_heads: int = 8
     """Query heads; must divide ``hidden_size``."""
     num_kv_heads: int | None = None
     """K/V heads (GQA); default ``num_heads``."""
@@ -42,8 +42,8 @@ class ModelConfig:
     """SwiGLU width; default ``8/3 * hidden_size`` rounded up to a multiple of 32 (Llama)."""
     tie_embeddings: bool = False
     """Share the embedding matrix with the LM head."""
-    rope_base: float = 10_000.0
-    """RoPE base (theta)."""
+    rope_base: float = 500_000.0
+    """RoPE base (theta); Llama 3's, whose slow frequencies let content match across long distances."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     causal: bool = True

@@ -135,6 +135,7 @@ class ContextParallelAttention(nn.Module):
         return from_local_like(out_BSE, like)
 
     def extra_repr(self) -> str:
+        """Sizes and options, shown by ``print(module)``."""
         return (
             f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"causal={self.causal}, rope={self.rope}, strategy={self.strategy!r}, cp_size={self.cp_group.size}"

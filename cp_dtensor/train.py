@@ -34,7 +34,9 @@ import contextlib
 import json
 import math
 import os
+import platform
 import resource
+import shlex
 import sys
 import time
 import traceback
@@ -66,19 +68,20 @@ def _opt(help: str, **kwargs: Any) -> Any:
 class TrainConfig:
     """Every setting of the job; each field is the command-line flag ``--field-name``."""
 
-    seq_len: int = _opt("tokens per sequence (split over the cp ranks)", default=1024)
+    seq_len: int = _opt("tokens per sequence (split over the cp ranks)", default=512)
     batch_size: int = _opt("sequences per step, GLOBAL (split over the dp ranks)", default=8)
     cp: int | None = _opt("context-parallel ranks; default 2 if the world size is even, else 1", default=None)
     dp: int | None = _opt("data-parallel replicas; default world_size / (cp * tp)", default=None)
     tp: int = _opt("tensor-parallel ranks: each holds num_heads / tp heads and 1/tp of the MLP (1: off)", default=1)
     layout: str = _opt("sequence layout: zigzag or contiguous", default="zigzag")
     strategy: str = _opt("attention strategy over cp, a name in cp_dtensor.STRATEGIES", default="ring")
-    hidden_size: int = _opt("model width", default=64)
+    hidden_size: int = _opt("model width", default=128)
     num_layers: int = _opt("decoder blocks", default=2)
-    num_heads: int = _opt("attention heads", default=2)
+    num_heads: int = _opt("attention heads", default=8)
     num_kv_heads: int | None = _opt("K/V heads (GQA); default num_heads", default=None)
     intermediate_size: int | None = _opt("SwiGLU width; default 8/3 hidden_size rounded up to 32", default=None)
-    steps: int = _opt("optimizer steps", default=300)
+    rope_base: float = _opt("RoPE base (theta)", default=ModelConfig.rope_base)
+    steps: int = _opt("optimizer steps", default=600)
     lr: float = _opt("peak learning rate (AdamW)", default=3e-3)
     warmup: int = _opt("linear warm-up steps, then cosine decay to lr/10", default=20)
     weight_decay: float = _opt("AdamW weight decay", default=0.0)
@@ -154,9 +157,9 @@ def peak_memory_mb(device: torch.device) -> float:
 def gather_floats(value: float, device: torch.device) -> list[float]:
     """``value`` from every rank, in rank order (collective)."""
     mine = torch.tensor([value], dtype=torch.float64, device=device)
-    every = torch.empty(dist.get_world_size(), dtype=torch.float64, device=device)
-    dist.all_gather_into_tensor(every, mine)
-    return every.tolist()
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [t.item() for t in every]
 
 
 class Progress:
@@ -198,7 +201,7 @@ def _setup(cfg: TrainConfig) -> tuple[ContextParallelGroup, torch.device]:
     cp_group = init_context_parallel_group(
         cp, dp_size=cfg.dp, layout=cfg.layout, timeout=cfg.timeout, tp_size=cfg.tp
     )
-    device = torch.device("cuda", torch.cuda.current_device()) if cp_group.device_type == "cuda" else torch.device("cpu")
+    device = torch.device(cp_group.device_type, torch.cuda.current_device() if cp_group.device_type == "cuda" else None)
     dp = cp_group.dp_mesh.size()
     if cfg.batch_size % dp:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of dp={dp} (it is the global batch).")
@@ -245,12 +248,79 @@ def evaluate(model: TransformerWithCP, dataset: LongSequenceDataset, cfg: TrainC
             "eval_answers": int(n_remote + n_local)}
 
 
+def _build(cfg: TrainConfig, cp_group: ContextParallelGroup, device: torch.device, vocab_size: int):
+    """The model (same initial weights on every rank), its gradient-syncing wrapper and the optimizer."""
+    torch.manual_seed(cfg.seed)
+    model_cfg = ModelConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
+        rope_base=cfg.rope_base, strategy=cfg.strategy,
+    )
+    model = TransformerWithCP(model_cfg, cp_group=cp_group).to(device)
+    if cfg.dtype == "float64":
+        model = model.double()
+    model = parallelize_for_tp(model, cp_group)  # heads and MLP width over tp; unchanged when --tp 1
+    ddp = apply_ddp(model, cp_group)  # see Note [Gradient sync over dp x cp]
+    optimizer = torch.optim.AdamW(ddp.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    return model, ddp, optimizer
+
+
+def _resume(cfg: TrainConfig, ddp: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """The last completed step: from the newest complete checkpoint with ``--resume``, else 0."""
+    if not cfg.resume:
+        return 0
+    if cfg.ckpt_dir is None:
+        raise ValueError("--resume needs --ckpt-dir.")
+    latest = latest_checkpoint(cfg.ckpt_dir)
+    return 0 if latest is None else load_checkpoint(latest, ddp, optimizer)["step"]
+
+
+def _step(cfg: TrainConfig, step: int, ddp, model, optimizer, batch, cp_group, autocast):
+    """One optimizer step on this rank's share of the global batch; returns its :class:`ShardedLoss`."""
+    ids, labels = batch
+    with autocast():
+        logits = ddp(ids, return_logits=True)
+    out = cross_entropy_across_shards(logits, labels, cp_group)
+    out.loss.backward()  # the wrapper sums the gradients over dp x cp
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not math.isfinite(out.loss.item()):
+        raise FloatingPointError(f"loss is {out.loss.item()} at step {step}; try a lower --lr or --dtype float32")
+    return out
+
+
+def _mean(curve: list[dict[str, float]], key: str) -> float:
+    return sum(c[key] for c in curve) / len(curve) if curve else float("nan")
+
+
+def _throughput(curve: list[dict[str, float]], tokens_per_step: int) -> float:
+    """Tokens per second over ``curve``'s steps (harmonic: total tokens / total time)."""
+    seconds = sum(tokens_per_step / c["tokens_per_s"] for c in curve)
+    return tokens_per_step * len(curve) / seconds if seconds else float("nan")
+
+
+def _banner(cfg: TrainConfig, cp_group: ContextParallelGroup, dataset: LongSequenceDataset, device: torch.device,
+            num_params: int, start_step: int) -> None:
+    print(f"cp_dtensor.train: world {dist.get_world_size()} = dp {cp_group.dp_mesh.size()} x cp {cp_group.size} x tp "
+          f"{cp_group.tp_size} ({cp_group.layout}, {cfg.strategy}), {device.type}/{dist.get_backend()}, "
+          f"{num_params:,} parameters, {cfg.dtype}")
+    print(f"task: {cfg.seq_len} tokens/sequence ({cfg.seq_len // cp_group.size} per cp rank), "
+          f"{cfg.num_pairs} key-value pairs, {cfg.batch_size} sequences/step; answers on another cp "
+          f"rank's shard: {dataset.remote_fraction(cp_group.size, cp_group.layout):.0%}; chance accuracy "
+          f"{dataset.chance_accuracy:.1%}" + (f"; resuming after step {start_step}" if start_step else ""),
+          flush=True)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the job described by ``cfg``; every rank returns the summary (rank 0's is the one to report).
 
     Returns:
         The summary: configuration, final loss and accuracies, chance levels, throughput, peak
-        memory per rank, and the per-step curve.
+        memory per rank, the machine, and the per-step curve.
 
     Raises:
         ValueError: An inconsistent configuration (names the setting and the fix).
@@ -261,77 +331,38 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     dp, dp_rank = cp_group.dp_mesh.size(), cp_group.dp_mesh.get_local_rank()
     per_dp = cfg.batch_size // dp
     dataset, eval_set = _datasets(cfg)
-    torch.manual_seed(cfg.seed)
-    model_cfg = ModelConfig(
-        vocab_size=dataset.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
-        strategy=cfg.strategy,
-    )
-    model = TransformerWithCP(model_cfg, cp_group=cp_group).to(device)
-    if cfg.dtype == "float64":
-        model = model.double()
-    model = parallelize_for_tp(model, cp_group)  # heads and MLP width over tp; unchanged when --tp 1
-    ddp = apply_ddp(model, cp_group)
-    optimizer = torch.optim.AdamW(ddp.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    model, ddp, optimizer = _build(cfg, cp_group, device, dataset.vocab_size)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bfloat16" \
         else contextlib.nullcontext
-
-    start_step = 0
-    if cfg.resume:
-        if cfg.ckpt_dir is None:
-            raise ValueError("--resume needs --ckpt-dir.")
-        latest = latest_checkpoint(cfg.ckpt_dir)
-        if latest is not None:
-            start_step = load_checkpoint(latest, ddp, optimizer)["step"]
-    is_main = rank == 0
+    start_step = _resume(cfg, ddp, optimizer)
     num_params = sum(p.numel() for p in model.parameters())
-    if is_main:
-        print(f"cp_dtensor.train: world {world} = dp {dp} x cp {cp_group.size} x tp {cp_group.tp_size} "
-              f"({cp_group.layout}, "
-              f"{cfg.strategy}), {device.type}/{dist.get_backend()}, {num_params:,} parameters, {cfg.dtype}")
-        print(f"task: {cfg.seq_len} tokens/sequence ({cfg.seq_len // cp_group.size} per cp rank), "
-              f"{cfg.num_pairs} key-value pairs, {cfg.batch_size} sequences/step; answers on another cp "
-              f"rank's shard: {dataset.remote_fraction(cp_group.size, cp_group.layout):.0%}; chance accuracy "
-              f"{dataset.chance_accuracy:.1%}" + (f"; resuming after step {start_step}" if start_step else ""),
-              flush=True)
+    if rank == 0:
+        _banner(cfg, cp_group, dataset, device, num_params, start_step)
 
-    profiler = _profiler(cfg, rank, device) if cfg.profile else contextlib.nullcontext()
-    progress = Progress(cfg.steps, is_main)
+    progress = Progress(cfg.steps, rank == 0)
     curve: list[dict[str, float]] = []
     tokens_per_step = cfg.batch_size * cfg.seq_len
     mem_per_rank: list[float] = []
     wall_start = time.perf_counter()
-    with profiler as prof:
+    with (_profiler(cfg, rank, device) if cfg.profile else contextlib.nullcontext()) as prof:
         for step in range(start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             first = (step - 1) * cfg.batch_size + dp_rank * per_dp  # the data position is a function of step
-            ids, labels = local_batch(dataset, first, per_dp, cp_group, device)
-            with autocast():
-                logits = ddp(ids, return_logits=True)
-            out = cross_entropy_across_shards(logits, labels, cp_group)
-            out.loss.backward()  # DDP sums the gradients over dp x cp
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = out.loss.item()
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}; try a lower --lr or --dtype float32")
-            dt = time.perf_counter() - t0
-            curve.append({"step": step, "loss": loss, "accuracy": out.accuracy, "lr": lr_at(step, cfg),
-                          "tokens_per_s": tokens_per_step / dt, "time_s": time.perf_counter() - wall_start})
+            out = _step(cfg, step, ddp, model, optimizer, local_batch(dataset, first, per_dp, cp_group, device),
+                        cp_group, autocast)
+            curve.append({"step": step, "loss": out.loss.item(), "accuracy": out.accuracy, "lr": lr_at(step, cfg),
+                          "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
+                          "time_s": time.perf_counter() - wall_start})
             if step % cfg.log_every == 0 or step == cfg.steps:
                 mem_per_rank = gather_floats(peak_memory_mb(device), device)
                 recent = curve[-cfg.log_every:]
-                acc = sum(c["accuracy"] for c in recent) / len(recent)
-                tps = tokens_per_step * len(recent) / sum(tokens_per_step / c["tokens_per_s"] for c in recent)
-                progress.update(step, f"loss {loss:.3f} acc {acc:.2f} {tps / 1e3:.1f}k tok/s "
+                progress.update(step, f"loss {curve[-1]['loss']:.3f} acc {_mean(recent, 'accuracy'):.2f} "
+                                      f"{_throughput(recent, tokens_per_step) / 1e3:.1f}k tok/s "
                                       f"mem/rank {'/'.join(f'{m:.0f}' for m in mem_per_rank)} MB", start_step)
             if cfg.ckpt_dir and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
                 crash = cfg.crash_in_save and step == cfg.crash_at_step
-                save_checkpoint(cfg.ckpt_dir, step, ddp, optimizer, {"step": step, "next_sample": step * cfg.batch_size},
+                save_checkpoint(cfg.ckpt_dir, step, ddp, optimizer,
+                                {"step": step, "next_sample": step * cfg.batch_size},
                                 before_rename=(lambda: os._exit(17)) if crash else None)
             if step == cfg.crash_at_step:
                 os._exit(17)  # testing: a hard kill, no cleanup (see tests/test_train.py)
@@ -340,18 +371,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     progress.close()
     wall = time.perf_counter() - wall_start
     evaluation = evaluate(model, eval_set, cfg, cp_group, device, autocast)
-    if cfg.profile and is_main:
+    if cfg.profile and rank == 0:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-    tail = curve[-max(len(curve) // 10, 1):] if curve else []
+    tail = curve[-max(len(curve) // 10, 1):]
     return {
-        "command": " ".join(sys.argv), "config": asdict(cfg), "world_size": world, "dp": dp, "cp": cp_group.size,
-        "tp": cp_group.tp_size,
-        "device": device.type, "backend": dist.get_backend(), "torch": torch.__version__,
-        "num_params": num_params, "tokens_per_cp_rank": cfg.seq_len // cp_group.size,
-        "steps_run": len(curve), "first_step": start_step + 1, "wall_s": wall,
-        "tokens_per_s": tokens_per_step * len(curve[1:]) / max(sum(tokens_per_step / c["tokens_per_s"] for c in curve[1:]), 1e-9),
-        "final_loss": sum(c["loss"] for c in tail) / max(len(tail), 1),
-        "final_train_accuracy": sum(c["accuracy"] for c in tail) / max(len(tail), 1),
+        "command": _command(world), "machine": _machine(), "config": asdict(cfg), "world_size": world,
+        "dp": dp, "cp": cp_group.size, "tp": cp_group.tp_size, "device": device.type,
+        "backend": dist.get_backend(), "torch": torch.__version__, "num_params": num_params,
+        "tokens_per_cp_rank": cfg.seq_len // cp_group.size, "steps_run": len(curve), "first_step": start_step + 1,
+        "wall_s": wall, "tokens_per_s": _throughput(curve[1:], tokens_per_step),  # the first step warms up
+        "final_loss": _mean(tail, "loss"), "final_train_accuracy": _mean(tail, "accuracy"),
         **evaluation, "chance_accuracy": dataset.chance_accuracy,
         "remote_answer_fraction": dataset.remote_fraction(cp_group.size, cp_group.layout),
         "peak_memory_mb_per_rank": mem_per_rank, "curve": curve,
@@ -369,6 +398,26 @@ def _profiler(cfg: TrainConfig, rank: int, device: torch.device):
     )
 
 
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.1%}"
+
+
+def _machine() -> dict[str, Any]:
+    """What the numbers were measured on: CPU model and count, GPU, and the load when measured."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu,
+            "loadavg_1m": os.getloadavg()[0]}
+
+
+def _command(world: int) -> str:
+    args = shlex.join(sys.argv[1:])
+    launcher = f"torchrun --standalone --nproc-per-node {world}" if world > 1 else "python"
+    return f"{launcher} -m cp_dtensor.train {args}".strip()
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     rows = [
         ("ranks", f"{summary['world_size']} = dp {summary['dp']} x cp {summary['cp']} x tp {summary['tp']} "
@@ -378,13 +427,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
                   f"in {summary['wall_s']:.1f} s"),
         ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s"),
         ("final loss", f"{summary['final_loss']:.4f} (mean of the last 10% of steps)"),
-        ("recall accuracy", f"train {summary['final_train_accuracy']:.1%} (last 10% of steps); held-out "
-                            f"{summary['eval_accuracy']:.1%} of {summary['eval_answers']} answers; chance "
-                            f"{summary['chance_accuracy']:.1%}"),
-        ("  by location", f"answer on another cp rank's shard {summary['eval_accuracy_remote']:.1%}, on the "
-                          f"query's own shard {summary['eval_accuracy_local']:.1%}"),
+        ("recall accuracy", f"train {_pct(summary['final_train_accuracy'])} (last 10% of steps); held-out "
+                            f"{_pct(summary['eval_accuracy'])} of {summary['eval_answers']} answers; chance "
+                            f"{_pct(summary['chance_accuracy'])}"),
+        ("  by location", f"answer on another cp rank's shard {_pct(summary['eval_accuracy_remote'])}, on the "
+                          f"query's own shard {_pct(summary['eval_accuracy_local'])}"),
         ("answers remote", f"{summary['remote_answer_fraction']:.0%} on another cp rank's shard"),
         ("peak memory", " / ".join(f"{m:.0f}" for m in summary["peak_memory_mb_per_rank"]) + " MB per rank"),
+        ("machine", f"{summary['machine']['cpu_count']} x {summary['machine']['cpu']}"
+                    + (f", {summary['machine']['gpu']}" if summary["machine"]["gpu"] else "")
+                    + f", load average {summary['machine']['loadavg_1m']:.1f} at the end"),
     ]
     print("summary:")
     for name, value in rows:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import mp_pool
 import pytest
 import torch
 import torch.distributed as dist
 
-import mp_pool
 from cp_dtensor import ModelConfig, TransformerWithCP, apply_ddp, shift_labels
 
 CONFIG = ModelConfig(vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import mp_pool
 import pytest
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
-import mp_pool
-from cp_dtensor import ContextParallelAttention, STRATEGIES
+from cp_dtensor import STRATEGIES, ContextParallelAttention
 from cp_dtensor.layout import shard_positions
 from cp_dtensor.rope import apply_rope, rope_cos_sin
 

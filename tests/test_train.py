@@ -1,0 +1,141 @@
+"""The recall dataset, and the training job end to end: one process vs four ranks, kill -> resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cp_dtensor import LongSequenceDataset, shift_labels
+from cp_dtensor.loss import IGNORE_INDEX
+from cp_dtensor.train import TrainConfig, lr_at, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---- the dataset --------------------------------------------------------------------------------
+
+
+def test_dataset_is_deterministic_and_every_label_is_the_queried_pairs_value():
+    ds = LongSequenceDataset(seq_len=256, num_pairs=6, num_keys=8, num_values=10, seed=3)
+    item = ds[5]
+    assert all(torch.equal(item[k], ds[5][k]) for k in item)  # a pure function of (seed, index)
+    assert not torch.equal(item["input_ids"], LongSequenceDataset(256, num_pairs=6, num_keys=8, num_values=10,
+                                                                  seed=4)[5]["input_ids"])
+    ids, labels = item["input_ids"], item["labels"]
+    assert (labels != IGNORE_INDEX).sum() == ds.num_queries
+    for q, src in zip(item["query_positions"].tolist(), item["source_positions"].tolist()):
+        pair = int(ids[src]) - ds.pair_start
+        key, value = divmod(pair, ds.num_values)
+        assert src < ds.context_len <= q
+        assert int(ids[q]) == ds.key_start + key  # the query asks for the pair's key...
+        assert int(labels[q]) == ds.value_start + value  # ...and its label is the pair's value
+    pairs = ids[: ds.context_len][(ids[: ds.context_len] >= ds.pair_start) & (ids[: ds.context_len] < ds.filler_start)]
+    assert len(pairs) == ds.num_pairs
+    assert len(set(((pairs - ds.pair_start) // ds.num_values).tolist())) == ds.num_pairs  # distinct keys
+    assert len(set(((pairs - ds.pair_start) % ds.num_values).tolist())) == ds.num_pairs  # distinct values
+    assert ds.chance_accuracy == 1 / 10
+
+
+def test_dataset_puts_answers_on_other_shards():
+    ds = LongSequenceDataset(seq_len=512)
+    assert ds.remote_fraction(1) == 0
+    # Pairs are uniform over the context; under zigzag the query's rank holds 1/P of it.
+    assert 0.4 < ds.remote_fraction(2, "zigzag") < 0.65
+    assert 0.65 < ds.remote_fraction(4, "zigzag") < 0.85
+
+
+def test_dataset_rejects_inconsistent_sizes():
+    with pytest.raises(ValueError, match="num_pairs=9 must be <= num_keys=8"):
+        LongSequenceDataset(seq_len=256, num_pairs=9)
+    with pytest.raises(ValueError, match="seq_len=20 is too short"):
+        LongSequenceDataset(seq_len=20)
+    with pytest.raises(ValueError, match="seq_len must be a positive int"):
+        LongSequenceDataset(seq_len=0)
+
+
+def test_shift_labels_uses_the_next_token_of_the_full_sequence():
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert shift_labels(ids).tolist() == [[6, 7, 8, IGNORE_INDEX]]
+    mask = torch.tensor([[True, False, True, True]])  # position 1 is no target
+    assert shift_labels(ids, mask).tolist() == [[IGNORE_INDEX, 7, 8, IGNORE_INDEX]]
+
+
+# ---- the job's configuration ----------------------------------------------------------------------
+
+
+def test_every_config_field_is_a_flag():
+    cfg = parse_args(["--seq-len", "64", "--cp", "1", "--strategy", "ring", "--resume", "--dtype", "float64"])
+    assert (cfg.seq_len, cfg.cp, cfg.strategy, cfg.resume, cfg.dtype) == (64, 1, "ring", True, "float64")
+    assert parse_args([]) == TrainConfig()
+
+
+def test_lr_warms_up_then_decays_to_a_tenth():
+    cfg = TrainConfig(lr=1.0, warmup=10, steps=110)
+    assert lr_at(5, cfg) == pytest.approx(0.5)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+# ---- the job, end to end (torchrun subprocesses) ---------------------------------------------------
+
+TINY = ["--seq-len", "32", "--batch-size", "4", "--hidden-size", "16", "--num-heads", "2", "--num-layers", "1",
+        "--num-pairs", "4", "--num-keys", "4", "--num-values", "4", "--steps", "6", "--warmup", "2",
+        "--eval-samples", "8", "--log-every", "1", "--dtype", "float64", "--seed", "5"]
+
+
+def run_job(tmp: Path, name: str, *flags: str, nproc: int = 4) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """Run the job (torchrun for nproc > 1), return the process and its JSON summary (None if none)."""
+    out = tmp / f"{name}.json"
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "cp_dtensor.train", *TINY, "--out", str(out), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return proc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def losses(summary: dict) -> dict[int, float]:
+    return {c["step"]: c["loss"] for c in summary["curve"]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """Four ranks (dp 2 x cp 2), six steps, a checkpoint every two."""
+    tmp = tmp_path_factory.mktemp("job")
+    proc, summary = run_job(tmp, "a", "--ckpt-dir", str(tmp / "ckpt_a"), "--save-every", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (summary["dp"], summary["cp"]) == (2, 2)
+    return summary
+
+
+def test_kill_mid_save_then_resume_reproduces_the_losses(uninterrupted, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    # Killed (os._exit on every rank) inside step 4's save, after the data is written, before it is published.
+    proc, _ = run_job(tmp_path, "b", "--ckpt-dir", str(ckpt), "--save-every", "2", "--crash-at-step", "4",
+                      "--crash-in-save")
+    assert proc.returncode != 0
+    assert sorted(p.name for p in ckpt.iterdir()) == [".tmp_step_00000004", "step_00000002"]
+    proc, resumed = run_job(tmp_path, "c", "--ckpt-dir", str(ckpt), "--save-every", "2", "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert resumed["first_step"] == 3  # from the last complete checkpoint
+    expected = losses(uninterrupted)
+    # fp64; model, optimizer and data position restored exactly, so only the order of the gradient
+    # all-reduce's sums may differ (DDP rebuilds its buckets after the first step of each run).
+    for step, loss in losses(resumed).items():
+        assert loss == pytest.approx(expected[step], rel=1e-12, abs=0), step
+    assert resumed["eval_accuracy"] == pytest.approx(uninterrupted["eval_accuracy"], abs=0)
+
+
+def test_one_process_run_matches_four_ranks_and_fails_below_min_accuracy(uninterrupted, tmp_path):
+    # The same global batch in one process (cp = dp = 1): the same computation, so the same losses.
+    proc, single = run_job(tmp_path, "single", "--min-accuracy", "1.01", nproc=1)
+    assert (single["dp"], single["cp"]) == (1, 1)
+    # fp64; sharding changes only the order of sums (ring blocks, gradient all-reduce).
+    for step, loss in losses(single).items():
+        assert loss == pytest.approx(losses(uninterrupted)[step], rel=1e-10, abs=0), step
+    assert proc.returncode == 3, "an accuracy below --min-accuracy must fail the job"
+    assert "FAILED: eval accuracy" in proc.stdout
