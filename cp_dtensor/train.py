@@ -75,6 +75,7 @@ class TrainConfig:
     tp: int = _opt("tensor-parallel ranks: each holds num_heads / tp heads and 1/tp of the MLP (1: off)", default=1)
     layout: str = _opt("sequence layout: zigzag or contiguous", default="zigzag")
     strategy: str = _opt("attention strategy over cp, a name in cp_dtensor.STRATEGIES", default="ring")
+    ulysses_size: int | None = _opt("Ulysses ranks inside cp, for --strategy hybrid (a divisor of cp)", default=None)
     hidden_size: int = _opt("model width", default=128)
     num_layers: int = _opt("decoder blocks", default=2)
     num_heads: int = _opt("attention heads", default=8)
@@ -199,7 +200,7 @@ def _setup(cfg: TrainConfig) -> tuple[ContextParallelGroup, torch.device]:
         world = dist.get_world_size() if dist.is_initialized() else 1
     cp = cfg.cp if cfg.cp is not None else (2 if (world // cfg.tp) % 2 == 0 else 1)
     cp_group = init_context_parallel_group(
-        cp, dp_size=cfg.dp, layout=cfg.layout, timeout=cfg.timeout, tp_size=cfg.tp
+        cp, dp_size=cfg.dp, layout=cfg.layout, timeout=cfg.timeout, tp_size=cfg.tp, ulysses_size=cfg.ulysses_size
     )
     device = torch.device(cp_group.device_type, torch.cuda.current_device() if cp_group.device_type == "cuda" else None)
     dp = cp_group.dp_mesh.size()
