@@ -1,0 +1,89 @@
+"""Figure of page 6 (Production): the training job's loss and recall accuracy, step by step.
+
+    python docs/scripts/fig_training.py              # writes docs/assets/figures/training_curve.png
+    python docs/scripts/fig_training.py --out /tmp/f # somewhere else (the docs test does this)
+
+The data is ``docs/assets/data/train_curve.json``: the summary that ``python -m cp_dtensor.train
+--out FILE`` writes (its ``curve`` holds one entry per step; ``command`` and ``machine`` say what
+produced it). Nothing here runs the job; only matplotlib (Agg) and the JSON file are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "docs" / "assets" / "data" / "train_curve.json"
+SAVE = {"dpi": 120, "bbox_inches": "tight", "metadata": {"Software": None}}
+WINDOW = 10  # steps in the running mean of the per-step accuracy (each step scores only a few answers)
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last ``window`` values at each index (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def fig_training_curve(summary: dict, out: Path) -> None:
+    """Loss (left) and recall accuracy (right) per step, with chance and the held-out accuracy."""
+    curve = summary["curve"]
+    steps = [c["step"] for c in curve]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+
+    num_values = summary["config"]["num_values"]
+    ax_loss.plot(steps, [c["loss"] for c in curve], color="C0", lw=1, label="train loss")
+    ax_loss.axhline(math.log(num_values), color="gray", ls="--", lw=1,
+                    label=f"ln {num_values}: a uniform guess among the values")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss (mean over the answers of the global batch)")
+    ax_loss.set_ylim(0, None)
+    ax_loss.grid(True, alpha=0.3)
+    ax_loss.legend(loc="upper right", fontsize=8)
+
+    accuracy = [c["accuracy"] for c in curve]
+    ax_acc.plot(steps, accuracy, color="C0", lw=0.6, alpha=0.35, label="train, per step")
+    ax_acc.plot(steps, running_mean(accuracy, WINDOW), color="C0", lw=1.6, label=f"train, mean of {WINDOW} steps")
+    ax_acc.axhline(summary["chance_accuracy"], color="gray", ls="--", lw=1,
+                   label=f"chance ({summary['chance_accuracy']:.1%})")
+    ax_acc.plot([steps[-1]], [summary["eval_accuracy"]], "o", color="C3",
+                label=f"held-out, end ({summary['eval_accuracy']:.1%})")
+    ax_acc.set_ylim(0, 1.02)
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("recall accuracy")
+    ax_acc.grid(True, alpha=0.3)
+    ax_acc.legend(loc="lower right", fontsize=8)
+
+    config = summary["config"]
+    fig.suptitle(
+        f"{summary['world_size']} ranks = dp {summary['dp']} x cp {summary['cp']} ({summary['device']}, "
+        f"{summary['backend']}): {config['seq_len']} tokens/sequence, {config['batch_size']} sequences/step",
+        fontsize=10,
+    )
+    fig.savefig(out / "training_curve.png", **SAVE)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "assets" / "figures")
+    parser.add_argument("--data", type=Path, default=DATA)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    fig_training_curve(json.loads(args.data.read_text()), args.out)
+
+
+if __name__ == "__main__":
+    main()
