@@ -29,6 +29,7 @@ from bench.harness import (
     RESULTS,
     Stopwatch,
     barrier,
+    finish,
     gather_objects,
     init_rank,
     log,
@@ -170,6 +171,7 @@ def main(argv=None) -> None:
     ratio = result["packed"]["packed_over_plain_cpu_s"]
     log(f"packed / plain causal CPU s: median {ratio['median']:.3f} (min {ratio['min']:.3f}, max {ratio['max']:.3f})")
     write_result(args.out, result, started)
+    finish()  # no gloo thread may still run when the interpreter exits (it aborts otherwise)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Usage under ``torchrun --standalone --nproc-per-node 4 script.py``::
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -73,6 +74,14 @@ def _init_default_process_group(device_type: str, backend: str | None, timeout) 
         dist.init_process_group(backend=backend, **kwargs)
     else:  # plain `python script.py`: a world of one, so the same code runs unchanged
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+    # We started it, so we end it: gloo aborts the interpreter ("terminate called without an active
+    # exception") when its threads are still alive at exit.
+    atexit.register(_destroy_default_process_group)
+
+
+def _destroy_default_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass
