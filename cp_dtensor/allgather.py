@@ -37,8 +37,7 @@ from cp_dtensor.kernels import accum_dtype, block_backward
 from cp_dtensor.layout import Run
 from cp_dtensor.masks import MaskSpec
 from cp_dtensor.ring import Call, RingPlan, ring_forward
-from cp_dtensor.sharding import from_local_like
-from cp_dtensor.ulysses import local_inputs
+from cp_dtensor.sharding import from_local_like, local_inputs
 
 __all__ = ["allgather_kv_attention"]
 

@@ -24,8 +24,8 @@ import torch
 from cp_dtensor.debug import check_call, recheck_output
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.ring import RingPlan
-from cp_dtensor.sharding import from_local_like
-from cp_dtensor.ulysses import HeadExchange, attend_over_heads, check_heads, local_inputs
+from cp_dtensor.sharding import from_local_like, local_inputs
+from cp_dtensor.ulysses import HeadExchange, attend_over_heads, check_heads
 
 __all__ = ["hybrid_attention"]
 

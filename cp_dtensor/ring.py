@@ -29,10 +29,9 @@ from cp_dtensor.debug import check_call, recheck_output
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.kernels import accum_dtype, block_backward, block_forward
 from cp_dtensor.layout import Run, shard_runs
-from cp_dtensor.masks import MaskSpec, mask_spec, positions, refine_block, window_hides_block
+from cp_dtensor.masks import MaskSpec, positions, refine_block, window_hides_block
 from cp_dtensor.merge import merge_into
-from cp_dtensor.sharding import from_local_like, to_local_checked
-from cp_dtensor.validate import check_qkv, resolve_scale
+from cp_dtensor.sharding import from_local_like, local_inputs
 
 __all__ = ["ring_attention", "RingPlan", "ring_forward", "ring_backward"]
 
@@ -280,11 +279,10 @@ def ring_attention(
     """
     check_call("ring_attention", cp_group, q, k, v, validate=validate, debug_check=debug_check, causal=causal,
                scale=scale, document_ids=document_ids, window=window, seq_len=seq_len)
-    local, like = to_local_checked((q, k, v), cp_group, seq_dim=2)
-    q_l, k_l, v_l = local
-    check_qkv(q_l, k_l, v_l)
-    mask = mask_spec(cp_group, q_l, causal=causal, document_ids=document_ids, window=window, seq_len=seq_len)
-    plan = make_plan(cp_group, q_l.shape[2], causal, resolve_scale(scale, q_l.shape[-1]), mask)
+    q_l, k_l, v_l, like, _, scale, mask = local_inputs(
+        q, k, v, cp_group, causal, scale, document_ids=document_ids, window=window, seq_len=seq_len
+    )
+    plan = make_plan(cp_group, q_l.shape[2], causal, scale, mask)
     out = _RingAttention.apply(q_l, k_l, v_l, plan)
     recheck_output("ring_attention", out, q_l, k_l, v_l, cp_group, debug_check=debug_check, scale=plan.scale, mask=mask)
     return from_local_like(out, like)

@@ -42,10 +42,8 @@ from cp_dtensor.collectives import all_to_all
 from cp_dtensor.debug import check_call, recheck_output
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.layout import Run
-from cp_dtensor.masks import mask_spec
 from cp_dtensor.ring import RingPlan, _RingAttention
-from cp_dtensor.sharding import from_local_like, to_local_checked
-from cp_dtensor.validate import check_qkv, resolve_scale
+from cp_dtensor.sharding import from_local_like, local_inputs
 
 __all__ = ["ulysses_attention", "HeadExchange", "kv_replication", "check_heads", "attend_over_heads"]
 
@@ -174,34 +172,6 @@ def attend_over_heads(
     out_h = _RingAttention.apply(q_h, k_h, v_h, plan)
     with record_function("cp_dtensor.ulysses.to_sequence"):
         return exchange.to_sequence(out_h)
-
-
-def local_inputs(q, k, v, cp_group: ContextParallelGroup, causal: bool, scale: float | None, **mask_args):
-    """Unwrap DTensors and validate like :func:`cp_dtensor.ring_attention`.
-
-    Args:
-        q: Queries (local or DTensor).
-        k: Keys.
-        v: Values.
-        cp_group: The context-parallel group.
-        causal: Causal masking.
-        scale: Softmax scale or ``None``.
-        **mask_args: ``document_ids``, ``window``, ``seq_len`` (see :mod:`cp_dtensor.masks`).
-
-    Returns:
-        ``(q, k, v, like, seq_len, scale, mask)``: local shards, the DTensor to wrap the output like
-        (or ``None``), the global (padded) sequence length, the resolved scale and the
-        :class:`~cp_dtensor.masks.MaskSpec`.
-
-    Raises:
-        ValueError: As :func:`cp_dtensor.ring_attention`.
-    """
-    (q_l, k_l, v_l), like = to_local_checked((q, k, v), cp_group, seq_dim=2)
-    check_qkv(q_l, k_l, v_l)
-    mask = mask_spec(cp_group, q_l, causal=causal, **mask_args)
-    seq_len = q_l.shape[2] * cp_group.size
-    cp_group.runs(seq_len)  # raises ValueError if the local length does not fit the layout
-    return q_l, k_l, v_l, like, seq_len, resolve_scale(scale, q_l.shape[-1]), mask
 
 
 def ulysses_attention(
