@@ -58,6 +58,7 @@ def main() -> None:
         print("packed documents: output and gradients match fp64 full attention; sends:", packed_sends)
         for layout, sends in window_sends.items():
             print(f"window (3, 0), {layout:10s}: match; sends per rank: {sends}")
+    dist.barrier()  # every rank done sending before gloo tears down (it can abort at exit otherwise)
     dist.destroy_process_group()
 
 

@@ -59,6 +59,7 @@ def main() -> None:
     torch.testing.assert_close(out_dt.to_local(), out_local, rtol=0, atol=0)  # same computation, same bits
     if rank == 0:
         print(f"attention(DTensor) -> DTensor {tuple(out_dt.shape)} placed {out_dt.placements}")
+    dist.barrier()  # every rank done sending before gloo tears down (it can abort at exit otherwise)
     dist.destroy_process_group()
 
 

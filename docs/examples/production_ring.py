@@ -46,6 +46,7 @@ def main() -> None:
             assert err < 1e-10, name  # fp64: only the order of the additions differs
         print(f"rank 0 sent {comm.total_bytes:,} bytes in {sum(comm.calls.values())} transfers "
               f"({dict(comm.calls)})")
+    dist.barrier()  # every rank done sending before gloo tears down (it can abort at exit otherwise)
     dist.destroy_process_group()
 
 

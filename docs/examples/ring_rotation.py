@@ -45,6 +45,7 @@ def main() -> None:
         print("        " + "  ".join(f"step {s}" for s in range(world_size)))
         for r, row in enumerate(table):
             print(f"rank {r}  " + "  ".join(f"{src:6d}" for src in row))
+    dist.barrier()  # every rank done sending before gloo tears down (it can abort at exit otherwise)
     dist.destroy_process_group()
 
 

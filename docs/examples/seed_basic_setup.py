@@ -49,6 +49,7 @@ def main() -> None:
     full_output = cp_group.gather_sequence(output, seq_dim=1)  # (1, SEQ_LEN, HIDDEN), in sequence order
     if args.save and dist.get_rank() == 0:
         torch.save({"x": x, "output": full_output}, args.save)
+    dist.barrier()  # every rank done sending before gloo tears down (it can abort at exit otherwise)
     dist.destroy_process_group()
 
 

@@ -60,6 +60,7 @@ def main() -> None:
         # Look for send/recv/wait operations: the ring's waits are labelled cp_dtensor.ring.comm_wait
         assert any(e.key == "cp_dtensor.ring.comm_wait" for e in prof.key_averages())
     assert output.shape == local_seq.shape
+    dist.barrier()  # every rank done sending before gloo tears down (it can abort at exit otherwise)
     dist.destroy_process_group()
 
 

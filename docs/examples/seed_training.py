@@ -78,6 +78,7 @@ def main() -> None:
     if args.save and dist.get_rank() == 0:
         params = {name: p.detach().clone() for name, p in model.module.named_parameters()}
         torch.save({"losses": losses, "params": params}, args.save)
+    dist.barrier()  # every rank done sending before gloo tears down (it can abort at exit otherwise)
     dist.destroy_process_group()
 
 

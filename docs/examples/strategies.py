@@ -54,6 +54,7 @@ def main() -> None:
         print(f"{'strategy':<10} {'max error':>10} {'forward B':>10} {'backward B':>11}  = model")
         for strategy, error, fwd_bytes, bwd_bytes, matches in rows:
             print(f"{strategy:<10} {error:10.1e} {fwd_bytes:10d} {bwd_bytes:11d}  {'yes' if matches else 'no'}")
+    dist.barrier()  # every rank done sending before gloo tears down (it can abort at exit otherwise)
     dist.destroy_process_group()
 
 

@@ -57,6 +57,7 @@ def main() -> None:
         for rank, d, c, t, h, _ in rows:
             print(f"{rank:>4} {d:>3} {c:>3} {t:>3}  {h}")
         print("loss per step:", " ".join(f"{x:.4f}" for x in losses))
+    dist.barrier()  # every rank done sending before gloo tears down (it can abort at exit otherwise)
     dist.destroy_process_group()
 
 
