@@ -21,6 +21,13 @@ model must first grow an induction circuit (two composed layers), which takes fa
 than a CPU demo can afford. The attention pattern that matters for context parallelism is the same:
 a query reads one token anywhere in the sequence.
 
+Packing (``num_documents=D > 1``): the sequence is cut into ``D`` documents of random lengths (at
+least :attr:`LongSequenceDataset.min_document_len` tokens each), every one a whole recall task of its
+own, with its pairs, then its queries at its end. Keys recur across documents with other values, so a
+query is only answerable inside its own document: train with the item's ``document_ids`` as the
+attention's document mask (see docs/packed-and-windows.md); plain causal attention over the packed
+sequence also sees the other documents' pairs, which contradict the right one.
+
 Every sample is a pure function of ``(seed, index)``: the same on every rank, in every run.
 
 Token ids: ``0`` unused, keys ``[1, 1 + K)``, values ``[1 + K, 1 + K + V)``, pairs
@@ -57,6 +64,8 @@ class LongSequenceDataset(Dataset):
         num_keys: Key vocabulary ``K >= N``.
         num_values: Value vocabulary ``V >= N``.
         num_filler: Filler token ids.
+        num_documents: Documents packed into each sequence (``D``); 1 = no packing. Their lengths are
+            random, each at least :attr:`min_document_len`.
         seed: Seed of the whole dataset.
 
     Raises:
@@ -73,13 +82,17 @@ class LongSequenceDataset(Dataset):
         num_keys: int = 8,
         num_values: int = 8,
         num_filler: int = 1,
+        num_documents: int = 1,
         seed: int = 0,
     ) -> None:
         num_queries = num_pairs if num_queries is None else num_queries
         self.seq_len, self.num_samples, self.seed = seq_len, num_samples, seed
         self.num_pairs, self.num_queries = num_pairs, num_queries
         self.num_keys, self.num_values, self.num_filler = num_keys, num_values, num_filler
-        for name in ("seq_len", "num_samples", "num_pairs", "num_queries", "num_keys", "num_values", "num_filler"):
+        self.num_documents = num_documents
+        names = ("seq_len", "num_samples", "num_pairs", "num_queries", "num_keys", "num_values", "num_filler",
+                 "num_documents")
+        for name in names:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
@@ -90,10 +103,11 @@ class LongSequenceDataset(Dataset):
                 f"num_pairs={num_pairs} must be <= num_keys={num_keys} and <= num_values={num_values} "
                 "(keys and values are distinct within a sequence)."
             )
-        if num_pairs > self.context_len:
+        if seq_len < num_documents * self.min_document_len:
             raise ValueError(
-                f"seq_len={seq_len} is too short for {num_pairs} pairs and {num_queries} queries: "
-                f"need seq_len >= {num_pairs + 2 * num_queries}."
+                f"seq_len={seq_len} is too short for {num_documents} document(s) of {num_pairs} pairs and "
+                f"{num_queries} queries: need seq_len >= {num_documents * self.min_document_len} "
+                f"(num_documents * min_document_len = {num_documents} * {self.min_document_len})."
             )
 
     @property
@@ -123,8 +137,18 @@ class LongSequenceDataset(Dataset):
 
     @property
     def context_len(self) -> int:
-        """Tokens before the queries: ``seq_len - 2 * num_queries``."""
+        """Tokens before the queries of a one-document sequence: ``seq_len - 2 * num_queries``."""
         return self.seq_len - 2 * self.num_queries
+
+    @property
+    def min_document_len(self) -> int:
+        """Shortest document: its pairs and its queries, ``num_pairs + 2 * num_queries``."""
+        return self.num_pairs + 2 * self.num_queries
+
+    @property
+    def answers_per_sequence(self) -> int:
+        """Supervised tokens per sequence: ``num_documents * num_queries``."""
+        return self.num_documents * self.num_queries
 
     @property
     def chance_accuracy(self) -> float:
@@ -138,36 +162,64 @@ class LongSequenceDataset(Dataset):
         """One sequence.
 
         Returns:
-            A dict of tensors:
+            A dict of tensors (``A = num_documents * num_queries`` answers):
 
             * ``input_ids`` ``(L,)`` long.
             * ``labels`` ``(L,)`` long: the value after each queried key, ``-100`` elsewhere (already
               shifted on the full sequence; partition it like ``input_ids``).
-            * ``query_positions`` ``(Q,)``: positions of the queried keys (where labels are set).
-            * ``source_positions`` ``(Q,)``: positions of their pair tokens in the context.
+            * ``document_ids`` ``(L,)`` long: the document of each token, ``0 .. D - 1`` in order (all
+              0 without packing); the attention's ``document_ids=`` for packed training.
+            * ``query_positions`` ``(A,)``: positions of the queried keys (where labels are set).
+            * ``source_positions`` ``(A,)``: positions of their pair tokens, in the same document.
         """
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for a dataset of {self.num_samples} samples")
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        k, v, n, q = self.num_keys, self.num_values, self.num_pairs, self.num_queries
-        ids_L = torch.randint(self.filler_start, self.vocab_size, (self.seq_len,), generator=gen)
-        keys_N = torch.randperm(k, generator=gen)[:n]  # distinct keys
-        values_N = torch.randperm(v, generator=gen)[:n]  # distinct values: no guessing a common one
-        pair_pos_N = torch.randperm(self.context_len, generator=gen)[:n]
-        ids_L[pair_pos_N] = self.pair_start + keys_N * v + values_N
-        asked_Q = torch.randperm(n, generator=gen)[:q]
-        query_pos_Q = self.context_len + 2 * torch.arange(q)
-        ids_L[query_pos_Q] = self.key_start + keys_N[asked_Q]
-        ids_L[query_pos_Q + 1] = self.value_start + values_N[asked_Q]
-        answer_mask_L = torch.zeros(self.seq_len, dtype=torch.bool)
-        answer_mask_L[query_pos_Q + 1] = True
-        labels_L = shift_labels(ids_L[None], answer_mask_L[None])[0]
+        lengths = [self.seq_len] if self.num_documents == 1 else self._document_lengths(gen)
+        docs = []
+        start = 0
+        for length in lengths:
+            docs.append(self._document(gen, length, start))
+            start += length
+        ids_L = torch.cat([d[0] for d in docs])
+        answer_mask_L = torch.cat([d[1] for d in docs])
+        document_ids_L = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lengths)])
         return {
             "input_ids": ids_L,
-            "labels": labels_L,
-            "query_positions": query_pos_Q,
-            "source_positions": pair_pos_N[asked_Q],
+            "labels": shift_labels(ids_L[None], answer_mask_L[None])[0],
+            "document_ids": document_ids_L,
+            "query_positions": torch.cat([d[2] for d in docs]),
+            "source_positions": torch.cat([d[3] for d in docs]),
         }
+
+    def _document_lengths(self, gen: torch.Generator) -> list[int]:
+        """``D`` random lengths summing to ``seq_len``, each at least :attr:`min_document_len`."""
+        spare = self.seq_len - self.num_documents * self.min_document_len
+        cuts = torch.randint(0, spare + 1, (self.num_documents - 1,), generator=gen).sort().values.tolist()
+        bounds = [0, *cuts, spare]
+        return [self.min_document_len + b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _document(self, gen: torch.Generator, length: int, start: int):
+        """One recall task of ``length`` tokens starting at global position ``start``.
+
+        Returns:
+            ``(ids (length,), answer_mask (length,), query_positions (Q,), source_positions (Q,))``,
+            positions global.
+        """
+        k, v, n, q = self.num_keys, self.num_values, self.num_pairs, self.num_queries
+        context_len = length - 2 * q
+        ids = torch.randint(self.filler_start, self.vocab_size, (length,), generator=gen)
+        keys_N = torch.randperm(k, generator=gen)[:n]  # distinct keys
+        values_N = torch.randperm(v, generator=gen)[:n]  # distinct values: no guessing a common one
+        pair_pos_N = torch.randperm(context_len, generator=gen)[:n]
+        ids[pair_pos_N] = self.pair_start + keys_N * v + values_N
+        asked_Q = torch.randperm(n, generator=gen)[:q]
+        query_pos_Q = context_len + 2 * torch.arange(q)
+        ids[query_pos_Q] = self.key_start + keys_N[asked_Q]
+        ids[query_pos_Q + 1] = self.value_start + values_N[asked_Q]
+        answer_mask = torch.zeros(length, dtype=torch.bool)
+        answer_mask[query_pos_Q + 1] = True
+        return ids, answer_mask, start + query_pos_Q, start + pair_pos_N[asked_Q]
 
     def remote_answers(self, item: dict[str, torch.Tensor], cp_size: int, layout: str = "zigzag") -> torch.Tensor:
         """Where ``item``'s answers need another rank's shard.
@@ -201,4 +253,4 @@ class LongSequenceDataset(Dataset):
         """
         count = min(num_samples, self.num_samples)
         remote = sum(int(self.remote_answers(self[i], cp_size, layout).sum()) for i in range(count))
-        return remote / (count * self.num_queries)
+        return remote / (count * self.answers_per_sequence)

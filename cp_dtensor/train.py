@@ -25,6 +25,13 @@ Tensor parallelism: ``--tp T`` splits each layer's heads and MLP width over ``T`
 
     torchrun --standalone --nproc-per-node 8 -m cp_dtensor.train --dp 2 --cp 2 --tp 2
 
+Packed documents and windows: ``--packed N`` packs N recall documents of random lengths into each
+sequence and passes their ``document_ids`` to every attention call, so a token attends only within its
+document; ``--window W`` lets each token see itself and the ``W - 1`` tokens before it. Both are exact
+and skip the blocks the mask hides (docs/packed-and-windows.md)::
+
+    torchrun --standalone --nproc-per-node 4 -m cp_dtensor.train --packed 4 --seq-len 1024
+
 Checkpoints: ``--ckpt-dir DIR --save-every N`` saves through ``torch.distributed.checkpoint``;
 ``--resume`` continues from the newest complete checkpoint with the same loss curve.
 """
@@ -95,6 +102,13 @@ class TrainConfig:
     num_keys: int = _opt("key vocabulary", default=8)
     num_values: int = _opt("value vocabulary", default=8)
     num_filler: int = _opt("filler token ids", default=1)
+    packed: int = _opt("pack this many recall documents of random lengths into each sequence; attention stays "
+                       "inside each document (document_ids mask); 0: one document per sequence, no mask", default=0)
+    no_document_mask: bool = _opt("with --packed: drop the document mask and attend causally across the packed "
+                                  "documents, to measure what a CP path that ignores the mask costs", default=False)
+    window: int | None = _opt("sliding window: each token attends to itself and the window - 1 tokens before "
+                              "it (exact; blocks outside every window are skipped); default: full causal",
+                              default=None)
     eval_samples: int = _opt("held-out sequences scored at the end", default=64)
     log_every: int = _opt("steps between progress lines", default=10)
     ckpt_dir: str | None = _opt("directory for checkpoints (torch.distributed.checkpoint)", default=None)
@@ -136,18 +150,45 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def local_batch(
-    dataset: LongSequenceDataset, first: int, count: int, cp_group: ContextParallelGroup, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's shards of samples ``first .. first + count - 1``: ``(input_ids, labels)``, each ``(b, S)``.
+def attention_kwargs(cfg: TrainConfig, document_ids_BL: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """The masks every attention call of the job gets (see docs/packed-and-windows.md).
 
-    Labels come shifted on the full sequence from the dataset, then both are partitioned alike.
+    Args:
+        cfg: The job; ``--packed`` adds ``document_ids`` (unless ``--no-document-mask``), ``--window W``
+            adds ``window=(W - 1, 0)``.
+        document_ids_BL: The batch's document ids ``(b, L)`` in GLOBAL order: passed whole, so no
+            attention call has to all-gather them.
+        device: Where the ids go.
+
+    Returns:
+        Keyword arguments for :class:`~cp_dtensor.TransformerWithCP` (empty for plain causal attention).
+    """
+    kwargs: dict[str, Any] = {}
+    if cfg.packed and not cfg.no_document_mask:
+        kwargs["document_ids"] = document_ids_BL.to(device)
+    if cfg.window is not None:
+        kwargs["window"] = (cfg.window - 1, 0)
+    return kwargs
+
+
+def local_batch(
+    dataset: LongSequenceDataset, first: int, count: int, cp_group: ContextParallelGroup, device: torch.device,
+    cfg: TrainConfig,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """This rank's shards of samples ``first .. first + count - 1``.
+
+    Labels come shifted on the full sequence from the dataset, then ids and labels are partitioned alike.
+
+    Returns:
+        ``(input_ids, labels, attn_kwargs)``: the ids and labels ``(b, S)`` of this rank, and the
+        masks of :func:`attention_kwargs`.
     """
     items = [dataset[first + i] for i in range(count)]
-    ids_BL = torch.stack([it["input_ids"] for it in items])
-    labels_BL = torch.stack([it["labels"] for it in items])
+    ids_BL, labels_BL, docs_BL = (torch.stack([it[key] for it in items])
+                                  for key in ("input_ids", "labels", "document_ids"))
     return (cp_group.partition_sequence(ids_BL, seq_dim=1).to(device),
-            cp_group.partition_sequence(labels_BL, seq_dim=1).to(device))
+            cp_group.partition_sequence(labels_BL, seq_dim=1).to(device),
+            attention_kwargs(cfg, docs_BL, device))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -196,6 +237,12 @@ class Progress:
 def _setup(cfg: TrainConfig) -> tuple[ContextParallelGroup, torch.device]:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"Invalid dtype {cfg.dtype!r}. Must be one of: {', '.join(map(repr, DTYPES))}.")
+    if cfg.packed < 0:
+        raise ValueError(f"--packed {cfg.packed} must be >= 0 (documents per sequence; 0: no packing).")
+    if cfg.no_document_mask and not cfg.packed:
+        raise ValueError("--no-document-mask needs --packed N (there is no document mask to drop).")
+    if cfg.window is not None and cfg.window < 1:
+        raise ValueError(f"--window {cfg.window} must be >= 1 (tokens each token attends to, itself included).")
     if not dist.is_initialized() and "WORLD_SIZE" in os.environ:
         world = int(os.environ["WORLD_SIZE"])
     else:
@@ -213,7 +260,8 @@ def _setup(cfg: TrainConfig) -> tuple[ContextParallelGroup, torch.device]:
 
 
 def _datasets(cfg: TrainConfig) -> tuple[LongSequenceDataset, LongSequenceDataset]:
-    kwargs = dict(num_pairs=cfg.num_pairs, num_keys=cfg.num_keys, num_values=cfg.num_values, num_filler=cfg.num_filler)
+    kwargs = dict(num_pairs=cfg.num_pairs, num_keys=cfg.num_keys, num_values=cfg.num_values, num_filler=cfg.num_filler,
+                  num_documents=max(cfg.packed, 1))
     return (LongSequenceDataset(cfg.seq_len, seed=cfg.seed, **kwargs),
             LongSequenceDataset(cfg.seq_len, seed=cfg.seed + 1, **kwargs))  # held out: other sequences
 
@@ -232,13 +280,12 @@ def evaluate(model: TransformerWithCP, dataset: LongSequenceDataset, cfg: TrainC
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # remote: correct, total; local: correct, total
     with torch.no_grad():
         for first in range(dp_rank * per_dp, cfg.eval_samples - cfg.eval_samples % cfg.batch_size, cfg.batch_size):
-            items = [dataset[first + i] for i in range(per_dp)]
-            ids, labels, remote = (
-                cp_group.partition_sequence(t, seq_dim=1).to(device) for t in (
-                    torch.stack([it["input_ids"] for it in items]), torch.stack([it["labels"] for it in items]),
-                    torch.stack([dataset.remote_answers(it, cp_group.size, cp_group.layout) for it in items])))
+            ids, labels, attn_kwargs = local_batch(dataset, first, per_dp, cp_group, device, cfg)
+            remote = cp_group.partition_sequence(torch.stack([
+                dataset.remote_answers(dataset[first + i], cp_group.size, cp_group.layout) for i in range(per_dp)
+            ]), seq_dim=1).to(device)
             with autocast():
-                logits = model(ids, return_logits=True)
+                logits = model(ids, return_logits=True, **attn_kwargs)
             asked = labels != IGNORE_INDEX
             correct = (logits.argmax(-1) == labels) & asked
             counts += torch.stack([(correct & remote).sum(), (asked & remote).sum(),
@@ -280,9 +327,9 @@ def _resume(cfg: TrainConfig, ddp: torch.nn.Module, optimizer: torch.optim.Optim
 
 def _step(cfg: TrainConfig, step: int, ddp, model, optimizer, batch, cp_group, autocast):
     """One optimizer step on this rank's share of the global batch; returns its :class:`ShardedLoss`."""
-    ids, labels = batch
+    ids, labels, attn_kwargs = batch
     with autocast():
-        logits = ddp(ids, return_logits=True)
+        logits = ddp(ids, return_logits=True, **attn_kwargs)
     out = cross_entropy_across_shards(logits, labels, cp_group)
     out.loss.backward()  # the wrapper sums the gradients over dp x cp
     if cfg.grad_clip > 0:
@@ -311,7 +358,10 @@ def _banner(cfg: TrainConfig, cp_group: ContextParallelGroup, dataset: LongSeque
     print(f"cp_dtensor.train: world {dist.get_world_size()} = dp {cp_group.dp_mesh.size()} x cp {cp_group.size} x tp "
           f"{cp_group.tp_size} ({cp_group.layout}, {cfg.strategy}), {device.type}/{dist.get_backend()}, "
           f"{num_params:,} parameters, {cfg.dtype}")
-    print(f"task: {cfg.seq_len} tokens/sequence ({cfg.seq_len // cp_group.size} per cp rank), "
+    mask = "NO document mask" if cfg.no_document_mask else "document mask"
+    packing = f"{cfg.packed} packed documents ({mask}) of " if cfg.packed else ""
+    window = f", sliding window {cfg.window}" if cfg.window is not None else ""
+    print(f"task: {cfg.seq_len} tokens/sequence ({cfg.seq_len // cp_group.size} per cp rank{window}), {packing}"
           f"{cfg.num_pairs} key-value pairs, {cfg.batch_size} sequences/step; answers on another cp "
           f"rank's shard: {dataset.remote_fraction(cp_group.size, cp_group.layout):.0%}; chance accuracy "
           f"{dataset.chance_accuracy:.1%}" + (f"; resuming after step {start_step}" if start_step else ""),
@@ -351,7 +401,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for step in range(start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             first = (step - 1) * cfg.batch_size + dp_rank * per_dp  # the data position is a function of step
-            out = _step(cfg, step, ddp, model, optimizer, local_batch(dataset, first, per_dp, cp_group, device),
+            out = _step(cfg, step, ddp, model, optimizer, local_batch(dataset, first, per_dp, cp_group, device, cfg),
                         cp_group, autocast)
             curve.append({"step": step, "loss": out.loss.item(), "accuracy": out.accuracy, "lr": lr_at(step, cfg),
                           "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),

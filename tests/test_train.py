@@ -49,6 +49,28 @@ def test_dataset_puts_answers_on_other_shards():
     assert 0.65 < ds.remote_fraction(4, "zigzag") < 0.85
 
 
+@pytest.mark.parametrize("num_documents", [2, 5])
+def test_packed_documents_are_whole_recall_tasks(num_documents):
+    ds = LongSequenceDataset(seq_len=300, num_pairs=5, num_keys=6, num_values=7, num_documents=num_documents, seed=1)
+    item = ds[3]
+    assert all(torch.equal(item[k], ds[3][k]) for k in item)  # still a pure function of (seed, index)
+    ids, labels, docs = item["input_ids"], item["labels"], item["document_ids"]
+    lengths = torch.bincount(docs).tolist()
+    assert docs.tolist() == sorted(docs.tolist()) and len(lengths) == num_documents  # 0, 0, ..., D-1 in order
+    assert sum(lengths) == 300 and min(lengths) >= ds.min_document_len
+    assert len(set(lengths)) > 1  # random lengths, not equal splits
+    assert (labels != IGNORE_INDEX).sum() == ds.answers_per_sequence == num_documents * 5
+    for q, src in zip(item["query_positions"].tolist(), item["source_positions"].tolist()):
+        assert docs[q] == docs[src] and src < q  # the answer lies earlier in the query's own document
+        key, value = divmod(int(ids[src]) - ds.pair_start, ds.num_values)
+        assert int(ids[q]) == ds.key_start + key and int(labels[q]) == ds.value_start + value
+    end = torch.cumsum(torch.tensor(lengths), 0) - 1  # every document ends with its last query's value
+    assert (ids[end] >= ds.value_start).all() and (ids[end] < ds.pair_start).all()
+    # One document is the unpacked task: the same tokens, document ids all 0.
+    one = LongSequenceDataset(seq_len=300, num_pairs=5, num_keys=6, num_values=7, seed=1)[3]
+    assert one["document_ids"].eq(0).all() and one["query_positions"].min() >= 300 - 2 * 5
+
+
 def test_dataset_rejects_inconsistent_sizes():
     with pytest.raises(ValueError, match="num_pairs=9 must be <= num_keys=8"):
         LongSequenceDataset(seq_len=256, num_pairs=9)
@@ -56,6 +78,10 @@ def test_dataset_rejects_inconsistent_sizes():
         LongSequenceDataset(seq_len=20)
     with pytest.raises(ValueError, match="seq_len must be a positive int"):
         LongSequenceDataset(seq_len=0)
+    with pytest.raises(ValueError, match=r"need seq_len >= 96 \(num_documents \* min_document_len = 4 \* 24\)"):
+        LongSequenceDataset(seq_len=95, num_documents=4)
+    with pytest.raises(ValueError, match="num_documents must be a positive int"):
+        LongSequenceDataset(seq_len=95, num_documents=0)
 
 
 def test_shift_labels_uses_the_next_token_of_the_full_sequence():
@@ -72,6 +98,18 @@ def test_every_config_field_is_a_flag():
     cfg = parse_args(["--seq-len", "64", "--cp", "1", "--strategy", "ring", "--resume", "--dtype", "float64"])
     assert (cfg.seq_len, cfg.cp, cfg.strategy, cfg.resume, cfg.dtype) == (64, 1, "ring", True, "float64")
     assert parse_args([]) == TrainConfig()
+    cfg = parse_args(["--packed", "3", "--window", "64"])
+    assert (cfg.packed, cfg.window, cfg.no_document_mask) == (3, 64, False)
+
+
+def test_packed_and_window_flags_become_attention_masks():
+    from cp_dtensor.train import attention_kwargs
+
+    docs = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    kw = attention_kwargs(TrainConfig(packed=3, window=4), docs, torch.device("cpu"))
+    assert torch.equal(kw["document_ids"], docs) and kw["window"] == (3, 0)  # itself and the 3 before
+    assert attention_kwargs(TrainConfig(), docs, torch.device("cpu")) == {}
+    assert attention_kwargs(TrainConfig(packed=3, no_document_mask=True), docs, torch.device("cpu")) == {}
 
 
 def test_lr_warms_up_then_decays_to_a_tenth():
@@ -139,3 +177,22 @@ def test_one_process_run_matches_four_ranks_and_fails_below_min_accuracy(uninter
         assert loss == pytest.approx(losses(uninterrupted)[step], rel=1e-10, abs=0), step
     assert proc.returncode == 3, "an accuracy below --min-accuracy must fail the job"
     assert "FAILED: eval accuracy" in proc.stdout
+
+
+def test_packed_windowed_job_on_four_ranks_matches_one_process(tmp_path):
+    # --packed 2: two recall documents per 32-token sequence; --window 6: each token sees itself and 5 before.
+    flags = ("--packed", "2", "--window", "6")
+    proc, four = run_job(tmp_path, "packed4", *flags)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (four["dp"], four["cp"]) == (2, 2) and "2 packed documents (document mask)" in proc.stdout
+    proc, single = run_job(tmp_path, "packed1", *flags, nproc=1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # fp64; the same masked computation, sharded or not: only the order of sums differs.
+    for step, loss in losses(single).items():
+        assert loss == pytest.approx(losses(four)[step], rel=1e-10, abs=0), step
+    # The masks reach the attention: dropping either changes the losses (beyond rounding).
+    for name, changed in (("nomask", ("--packed", "2", "--window", "6", "--no-document-mask")),
+                          ("nowindow", ("--packed", "2"))):
+        proc, other = run_job(tmp_path, name, *changed, nproc=1)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert abs(losses(other)[6] - losses(single)[6]) > 1e-6, name
