@@ -13,6 +13,16 @@ Conventions shared with the rest of the package: tensors are ``(B, H, S, D)`` (S
 is ``(B, H, S_q)`` in fp32 (fp64 for fp64 inputs) and is ``-inf`` for a query row that sees no key in
 the block (the CPU kernel returns 0 there, which :func:`block_forward` corrects). GQA: ``k``/``v`` may
 carry ``H_kv`` heads with ``H % H_kv == 0``; each K/V head serves ``H // H_kv`` consecutive query heads.
+
+Note [Non-square causal calls]
+------------------------------
+``causal=True`` here always means top-left: query ``i`` of the call sees key ``j <= i``. The fused
+kernels do not agree on a causal call with ``S_q != S_k``: FlashAttention-2 (PyTorch's CUDA flash
+path) aligns the triangle to the bottom-right corner. So such a call is cut into square causal
+pieces before any kernel sees it: with ``S_q < S_k`` the keys past ``S_q`` are hidden from every row
+(the call runs on the first ``S_q`` keys, and their gradient is 0); with ``S_q > S_k`` the first
+``S_k`` rows are a square causal call and the rest see every key. The ring's own plan only makes
+square causal calls (:func:`cp_dtensor.blocks.plan_blocks`), so this costs it nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +56,16 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     if mask is None:
         return None
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _rows(mask: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    """Query rows ``start:stop`` of a mask broadcastable to ``(B, H, S_q, S_k)``."""
+    return mask if mask is None or mask.shape[-2] == 1 else mask[..., start:stop, :]
+
+
+def _cols(mask: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    """Key columns ``start:stop`` of a mask broadcastable to ``(B, H, S_q, S_k)``."""
+    return mask if mask is None or mask.shape[-1] == 1 else mask[..., start:stop]
 
 
 def _use_math(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -115,6 +135,13 @@ def block_forward(
         ``(out, lse)``: ``out`` ``(B, H, S_q, D)`` in ``q``'s dtype (0 for rows with no visible key)
         and ``lse`` ``(B, H, S_q)`` in ``accum_dtype(q.dtype)`` (``-inf`` for such rows).
     """
+    sq, sk = q.shape[2], k.shape[2]
+    if causal and sq != sk:  # see Note [Non-square causal calls]
+        if sq < sk:  # keys past the last query are hidden from every row
+            return block_forward(q, k[:, :, :sq], v[:, :, :sq], causal=True, scale=scale, mask=_cols(mask, 0, sq))
+        out_a, lse_a = block_forward(q[:, :, :sk], k, v, causal=True, scale=scale, mask=_rows(mask, 0, sk))
+        out_b, lse_b = block_forward(q[:, :, sk:], k, v, causal=False, scale=scale, mask=_rows(mask, sk, sq))
+        return torch.cat([out_a, out_b], dim=2), torch.cat([lse_a, lse_b], dim=2)
     num_heads = q.shape[1]
     k, v = _expand_kv(k, num_heads), _expand_kv(v, num_heads)
     if _use_math(q, mask):
@@ -130,7 +157,10 @@ def block_forward(
         lse = lse[..., : q.shape[2]]
     lse = lse.to(accum_dtype(q.dtype)).contiguous()
     if mask is not None:  # the CPU kernel reports lse = 0 for rows that see nothing: make it -inf
-        lse = lse.masked_fill(~mask.expand(*lse.shape, mask.shape[-1]).any(-1), -torch.inf)
+        visible = mask.expand(*lse.shape, k.shape[2])
+        if causal:  # a row may be hidden by the mask and the triangle together (square here)
+            visible = visible & torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        lse = lse.masked_fill(~visible.any(-1), -torch.inf)
     return out, lse
 
 
@@ -166,25 +196,42 @@ def block_backward(
     Returns:
         ``(dq, dk, dv)`` with the shapes and dtypes of ``q``, ``k``, ``v``.
     """
+    sq, sk = q.shape[2], k.shape[2]
+    if causal and sq != sk:  # see Note [Non-square causal calls]
+        kw = dict(scale=scale)
+        if sq < sk:
+            dq, dk, dv = block_backward(dout, q, k[:, :, :sq], v[:, :, :sq], out, lse, causal=True,
+                                        mask=_cols(mask, 0, sq), **kw)
+            pad = (0, 0, 0, sk - sq)  # the hidden keys get gradient 0
+            return dq, torch.nn.functional.pad(dk, pad), torch.nn.functional.pad(dv, pad)
+        a, b = slice(0, sk), slice(sk, sq)
+        dq_a, dk_a, dv_a = block_backward(dout[:, :, a], q[:, :, a], k, v, out[:, :, a], lse[:, :, a], causal=True,
+                                          mask=_rows(mask, 0, sk), **kw)
+        dq_b, dk_b, dv_b = block_backward(dout[:, :, b], q[:, :, b], k, v, out[:, :, b], lse[:, :, b], causal=False,
+                                          mask=_rows(mask, sk, sq), **kw)
+        return torch.cat([dq_a, dq_b], dim=2), dk_a + dk_b, dv_a + dv_b
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     k_exp, v_exp = _expand_kv(k, num_heads), _expand_kv(v, num_heads)
     # Rows that see nothing: any finite lse gives probabilities 0. The kernels want fp32 (fp64 for fp64).
     lse = lse.nan_to_num(neginf=0.0).to(accum_dtype(q.dtype))
     if _use_math(q, mask):
-        dq, dk, dv = _math_backward(dout, q, k_exp, v_exp, out, lse, causal, scale, mask)
+        dq, dk, dv = (g.to(q.dtype) for g in _math_backward(dout, q, k_exp, v_exp, out, lse, causal, scale, mask))
     elif q.device.type == "cpu":
         dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k_exp, v_exp, out, lse, 0.0, causal, attn_mask=_additive(mask, q.dtype), scale=scale
         )
     elif _use_cuda_flash(q):
         sq, sk = q.shape[2], k.shape[2]
-        empty = torch.empty(0, dtype=torch.long, device=q.device)
-        zero = torch.zeros((), dtype=torch.long, device=q.device)
+        zero = torch.zeros((), dtype=torch.long, device=q.device)  # RNG state: unused without dropout
+        # cum_seq_q / cum_seq_k = None (an undefined tensor): the kernel takes the dense path. A defined
+        # tensor, even an empty one, selects the variable-length kernel.
         dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k_exp, v_exp, out, lse, empty, empty, sq, sk, 0.0, causal, zero, zero, scale=scale
+            dout, q, k_exp, v_exp, out, lse, None, None, sq, sk, 0.0, causal, zero, zero, scale=scale
         )
     else:
         zero = torch.zeros((), dtype=torch.long, device=q.device)
+        # The forward's log-sum-exp is padded to a multiple of 32 queries; give the backward that layout.
+        lse = torch.nn.functional.pad(lse, (0, -lse.shape[-1] % 32))
         dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
             dout, q, k_exp, v_exp, None, out, lse, zero, zero, 0.0, [True, True, True, False], causal, scale=scale
         )

@@ -427,7 +427,7 @@ def _sweep(args: argparse.Namespace) -> None:
     report = {
         "command": " ".join(["python -m cp_dtensor.memory_measure", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, torch {torch.__version__}",
-        "device": "cpu",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "threads_per_rank": args.threads,
         "cases": cases,
     }

@@ -135,7 +135,8 @@ def random_mask(shape: str, causal: bool, seed: int = 1) -> tuple[torch.Tensor, 
     """A random bool mask (~60% visible) with empty rows, and which (batch, query) rows see no key at all.
 
     Rows 3, 17 and 40 of every batch see nothing, row 5 exactly one key. With ``causal`` the mask is
-    and-ed with the causal triangle first, as the ring's masks are (see the xfail test below for why).
+    and-ed with the causal triangle first, as the ring's masks are (the test after this one covers a
+    row that only the two together hide).
 
     Returns:
         ``(mask, empty)``: mask ``(B, 1, S_q, S_k)`` or ``(S_q, S_k)``; empty ``(B, S_q)`` bool.
@@ -173,21 +174,7 @@ def test_mask_with_empty_rows(device, dtype, causal, mask_shape):
         assert bool(got[name].isfinite().all()), f"{name} has non-finite values"
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        pytest.param(
-            d,
-            marks=pytest.mark.xfail(
-                d == "cpu",
-                strict=True,
-                reason="kernels.py bug: on CPU, a row whose mask is non-empty but which causal hides entirely "
-                "gets lse 0 (the fix-up looks at the mask alone, not mask & causal)",
-            ),
-        )
-        for d in DEVICES
-    ],
-)
+@pytest.mark.parametrize("device", DEVICES)
 def test_row_hidden_by_causal_and_mask_together(device):
     """Row 0 under causal sees key 0 only; the mask hides key 0 but shows others: the row sees nothing."""
     inputs = make_inputs(torch.float32, device, s_q=8, s_k=8)
