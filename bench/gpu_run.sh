@@ -12,6 +12,7 @@
 # 5. cp_dtensor.memory_measure: estimated vs measured peak memory (torch.cuda.max_memory_allocated), bf16.
 #
 # All output goes to OUT_DIR/gpu_run.log; each step's JSON to OUT_DIR. Exit status 1 if any step failed.
+# STEPS="kernels gpu_check" bash bench/gpu_run.sh runs only the steps named.
 set -u -o pipefail
 OUT_DIR=${1:-bench/results/gpu}
 mkdir -p "$OUT_DIR"
@@ -21,6 +22,7 @@ status=0
 step() {
     local name=$1 limit=$2
     shift 2
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
     echo "=== $name: $*" | tee -a "$LOG"
     local t0=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee -a "$LOG"

@@ -175,8 +175,8 @@ def recheck_output(
         q_full, k_full, v_full = (cp_group.gather_sequence(x.detach(), seq_dim=2).double() for x in (q, k, v))
         record_comm("debug_check", sum(x.numel() * x.element_size() for x in (q, k, v)) * (cp_group.size - 1))
         seq_len = q_full.shape[2]
-        all_pos = torch.arange(seq_len, device=q_full.device)
-        visible = mask.visible(all_pos, all_pos)[:, None]  # (B or 1, 1, L, L)
+        all_pos = torch.arange(seq_len)  # masks are evaluated on the host, like the ring's plans
+        visible = mask.visible(all_pos, all_pos)[:, None].to(q_full.device)  # (B or 1, 1, L, L)
         expected_full = full_attention(q_full, k_full, v_full, scale=scale, mask=visible)  # (B, H, L, D)
         expected = expected_full[:, :, positions(cp_group.runs(seq_len)).to(q_full.device)]  # this rank's rows
         error = (out.detach().double() - expected).abs().max().item()

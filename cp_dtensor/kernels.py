@@ -129,13 +129,16 @@ def block_forward(
         v: Values ``(B, H_kv, S_k, D)``.
         causal: Top-left causal mask inside the block (query ``i`` sees key ``j <= i``).
         scale: Softmax scale (usually ``D ** -0.5``).
-        mask: Optional bool mask broadcastable to ``(B, H, S_q, S_k)``, True where visible.
+        mask: Optional bool mask broadcastable to ``(B, H, S_q, S_k)``, True where visible; on any
+            device (the ring's plans build masks on the CPU), copied to ``q``'s.
 
     Returns:
         ``(out, lse)``: ``out`` ``(B, H, S_q, D)`` in ``q``'s dtype (0 for rows with no visible key)
         and ``lse`` ``(B, H, S_q)`` in ``accum_dtype(q.dtype)`` (``-inf`` for such rows).
     """
     sq, sk = q.shape[2], k.shape[2]
+    if mask is not None and mask.device != q.device:  # plans build masks on the host
+        mask = mask.to(q.device, non_blocking=True)
     if causal and sq != sk:  # see Note [Non-square causal calls]
         if sq < sk:  # keys past the last query are hidden from every row
             return block_forward(q, k[:, :, :sq], v[:, :, :sq], causal=True, scale=scale, mask=_cols(mask, 0, sq))
@@ -197,6 +200,8 @@ def block_backward(
         ``(dq, dk, dv)`` with the shapes and dtypes of ``q``, ``k``, ``v``.
     """
     sq, sk = q.shape[2], k.shape[2]
+    if mask is not None and mask.device != q.device:  # plans build masks on the host
+        mask = mask.to(q.device, non_blocking=True)
     if causal and sq != sk:  # see Note [Non-square causal calls]
         kw = dict(scale=scale)
         if sq < sk:

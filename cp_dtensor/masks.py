@@ -230,8 +230,9 @@ def mask_spec(
 ) -> MaskSpec:
     """Validate the mask arguments of an attention call and build its :class:`MaskSpec`.
 
-    ``document_ids`` may be global ``(B, L)`` or this rank's shard ``(B, S_local)``; a shard is
-    all-gathered over the cp axis once per call (``B * L`` integers, counted as ``"mask_gather"``).
+    ``document_ids`` may be global ``(B, L)`` or this rank's shard ``(B, S_local)``, on any device; a
+    shard is all-gathered over the cp axis once per call (``B * L`` integers, counted as
+    ``"mask_gather"``). The plan is built on the CPU, so global ids already there cost no copy.
 
     Raises:
         ValueError: naming the bad argument and the expected form.
@@ -257,9 +258,11 @@ def mask_spec(
                 f"document_ids has shape {tuple(document_ids.shape)}; expected ({batch}, {total}) in global order "
                 f"or this rank's shard ({batch}, {seq_local})."
             )
-        if document_ids.shape[1] != total:
-            document_ids = _gather_ids(cp_group, document_ids)
-        document_ids = document_ids.to(q_local.device)
+        if document_ids.shape[1] != total:  # the collective runs on q's device (NCCL wants CUDA tensors)
+            document_ids = _gather_ids(cp_group, document_ids.to(q_local.device))
+        # Plans are arithmetic on the host (a GPU would sync at every tile's any()/all()): the ids live
+        # on the CPU, and each mask goes to the device when its kernel call runs.
+        document_ids = document_ids.to("cpu")
     return MaskSpec(causal=causal, window=window, document_ids=document_ids, seq_len=seq_len, tile=DEFAULT_TILE)
 
 

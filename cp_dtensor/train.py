@@ -150,22 +150,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def attention_kwargs(cfg: TrainConfig, document_ids_BL: torch.Tensor, device: torch.device) -> dict[str, Any]:
+def attention_kwargs(cfg: TrainConfig, document_ids_BL: torch.Tensor) -> dict[str, Any]:
     """The masks every attention call of the job gets (see docs/packed-and-windows.md).
 
     Args:
         cfg: The job; ``--packed`` adds ``document_ids`` (unless ``--no-document-mask``), ``--window W``
             adds ``window=(W - 1, 0)``.
-        document_ids_BL: The batch's document ids ``(b, L)`` in GLOBAL order: passed whole, so no
-            attention call has to all-gather them.
-        device: Where the ids go.
+        document_ids_BL: The batch's document ids ``(b, L)`` in GLOBAL order, on the CPU: passed whole,
+            so no attention call has to all-gather them, and where the ring plans its masks.
 
     Returns:
         Keyword arguments for :class:`~cp_dtensor.TransformerWithCP` (empty for plain causal attention).
     """
     kwargs: dict[str, Any] = {}
     if cfg.packed and not cfg.no_document_mask:
-        kwargs["document_ids"] = document_ids_BL.to(device)
+        kwargs["document_ids"] = document_ids_BL
     if cfg.window is not None:
         kwargs["window"] = (cfg.window - 1, 0)
     return kwargs
@@ -188,7 +187,7 @@ def local_batch(
                                   for key in ("input_ids", "labels", "document_ids"))
     return (cp_group.partition_sequence(ids_BL, seq_dim=1).to(device),
             cp_group.partition_sequence(labels_BL, seq_dim=1).to(device),
-            attention_kwargs(cfg, docs_BL, device))
+            attention_kwargs(cfg, docs_BL))
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -106,10 +106,10 @@ def test_packed_and_window_flags_become_attention_masks():
     from cp_dtensor.train import attention_kwargs
 
     docs = torch.tensor([[0, 0, 1, 1, 1, 2]])
-    kw = attention_kwargs(TrainConfig(packed=3, window=4), docs, torch.device("cpu"))
+    kw = attention_kwargs(TrainConfig(packed=3, window=4), docs)
     assert torch.equal(kw["document_ids"], docs) and kw["window"] == (3, 0)  # itself and the 3 before
-    assert attention_kwargs(TrainConfig(), docs, torch.device("cpu")) == {}
-    assert attention_kwargs(TrainConfig(packed=3, no_document_mask=True), docs, torch.device("cpu")) == {}
+    assert attention_kwargs(TrainConfig(), docs) == {}
+    assert attention_kwargs(TrainConfig(packed=3, no_document_mask=True), docs) == {}
 
 
 def test_lr_warms_up_then_decays_to_a_tenth():
