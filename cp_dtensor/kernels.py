@@ -6,7 +6,7 @@ local queries and a visiting K/V block. They never build a score matrix on the f
 * CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` (fp32, fp64, bf16, fp16).
 * CUDA: ``aten._scaled_dot_product_flash_attention`` for fp16/bf16 with head_dim <= 256, else
   ``aten._scaled_dot_product_efficient_attention``.
-* Anything else (other devices, CUDA fp64): :func:`_math_forward`, an explicit per-block softmax
+* Anything else (other devices, CUDA fp64, masked calls on CUDA): :func:`_math_forward`, an explicit per-block softmax
   whose memory is ``O(S_q_block * S_k_block)`` (one block, never the whole sequence).
 
 Conventions shared with the rest of the package: tensors are ``(B, H, S, D)`` (SDPA layout); ``lse``
