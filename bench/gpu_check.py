@@ -45,7 +45,7 @@ def check_case(group, device, *, strategy, dtype, causal, mask, seq, heads=(4, 2
     dout = torch.randn(2, h, seq, dim, generator=gen, dtype=torch.float64)
     kwargs = {}
     if mask == "documents":
-        lengths = [n * seq // 1024 for n in (100, 7, 300, 500, 117)]  # shorter and longer than a 256-token tile
+        lengths = [max(1, n * seq // 1024) for n in (100, 7, 300, 500, 117)]  # shorter and longer than a tile
         kwargs["document_ids"] = reference.document_ids_from_lengths(lengths, seq)[None].expand(2, seq)
     elif mask == "window":
         kwargs["window"] = (127, 0)

@@ -192,6 +192,20 @@ def test_gpu_blocks_dry_run_agrees(tmp_path):
         assert x["efficiency_fwd_bwd"]["n"] == 1 and x["kernel_calls_per_rank"]
 
 
+def test_gpu_check_runs_on_cpu():
+    """bench/gpu_check.py (the one-GPU check of every strategy vs fp64) works: here on CPU with gloo.
+
+    Its own comparisons are the test: it exits 1 if any case misses its tolerance.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+           "-m", "bench.gpu_check", "--cpu", "--seq", "128"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu_check: 0 failure(s)" in proc.stdout
+    assert proc.stdout.count("ok ") == 4 * 2 * 4 + 2  # strategies x dtypes x masks, + the module per dtype
+
+
 def test_report_regenerates_the_committed_page(tmp_path):
     """The tables on docs/performance.md are what bench/report.py makes of the committed JSON."""
     from bench import report
