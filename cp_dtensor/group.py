@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 
@@ -69,8 +70,10 @@ def _init_default_process_group(device_type: str, backend: str | None, timeout) 
     backend = backend or ("nccl" if device_type == "cuda" else "gloo")
     kwargs = {} if timeout is None else {"timeout": timeout}
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if device_type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        if device_type == "cuda":  # bind the rank to its GPU: NCCL need not guess the device from the rank
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local_rank)
+            kwargs["device_id"] = torch.device("cuda", local_rank)
         dist.init_process_group(backend=backend, **kwargs)
     else:  # plain `python script.py`: a world of one, so the same code runs unchanged
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
@@ -106,12 +109,12 @@ class ContextParallelGroup:
     flat_cp_mesh: DeviceMesh | None = None
     flat_dp_cp_mesh: DeviceMesh | None = None
 
-    @property
+    @functools.cached_property
     def cp_mesh(self) -> DeviceMesh:
-        """The 1-D sub-mesh of the context-parallel axis."""
+        """The 1-D sub-mesh of the context-parallel axis (sliced once: slicing a mesh is not free)."""
         return self.mesh["cp"] if self.flat_cp_mesh is None else self.flat_cp_mesh
 
-    @property
+    @functools.cached_property
     def dp_mesh(self) -> DeviceMesh:
         """The 1-D sub-mesh of the data-parallel axis."""
         return self.mesh["dp"]
