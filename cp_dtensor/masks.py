@@ -14,7 +14,14 @@ The causal block plan (:func:`cp_dtensor.blocks.plan_blocks`) is refined tile by
 call is cut into ``tile x tile`` tiles, and for each tile we evaluate the visibility above on the
 tile's global positions (a ``(B, tile, tile)`` boolean, never a sequence-sized matrix). Tiles with
 no visible pair are skipped; neighbouring tiles of one row band that are all-visible go to the
-kernel without a mask; only bands that straddle a boundary get an explicit mask. For windows the
+kernel without a mask; only bands that straddle a boundary get an explicit mask.
+
+Classifying a tile does not need its pairs. Causality, a window and padding let each query row see
+one interval of key positions, and so do documents whose tokens are contiguous (packing); with the
+block's keys in increasing order, a row's visible keys are then a range of columns ``[first, stop)``
+found by binary search (:meth:`MaskSpec.row_intervals`). A tile is hidden, all visible or partly
+visible from two comparisons per row, and a mask is built only for a partly visible tile. Ids that
+recur after other ids fall back to evaluating the pairs of one row band at a time. For windows the
 "any pair visible" question is also answered per K/V block with interval arithmetic, so a ring can
 stop rotating once no rank needs another block (see :func:`window_hides_block`).
 
@@ -24,6 +31,7 @@ corrects it), and a row that sees no key at all ends with output 0 and gradient 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +140,63 @@ class MaskSpec:
             vis = vis & (doc_q[:, :, None] == doc_k[:, None, :]) & (doc_q[:, :, None] >= 0)
         return vis
 
+    @functools.cached_property
+    def _document_bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """First and last global position of each token's document, ``(B, L)`` each.
+
+        ``None`` when some document's tokens are not one contiguous range of positions (then
+        visibility is evaluated pair by pair, see :meth:`visible`).
+        """
+        ids = self.document_ids
+        batch, n = ids.shape
+        pos = torch.arange(n, device=ids.device).expand(batch, n)
+        starts = torch.ones(batch, n, dtype=torch.bool, device=ids.device)
+        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        for row in range(batch):  # contiguous: as many runs of real ids as distinct real ids
+            real = ids[row] >= 0
+            if int((starts[row] & real).sum()) != torch.unique(ids[row][real]).numel():
+                return None
+        ends = torch.ones(batch, n, dtype=torch.bool, device=ids.device)
+        ends[:, :-1] = starts[:, 1:]
+        first = torch.where(starts, pos, 0).cummax(1).values
+        last = torch.where(ends, pos, n).flip(1).cummin(1).values.flip(1)
+        return first, last
+
+    def row_intervals(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The keys each query may see, as ONE interval of global positions ``[lo, hi]``.
+
+        Causality, the window and padding bound every row by an interval; documents whose tokens are
+        contiguous (packing) do too. Evaluating a tile then costs two comparisons per row instead of
+        one per pair (:func:`refine_block`).
+
+        Args:
+            q_pos: Global query positions ``(n_q,)``.
+
+        Returns:
+            ``(lo, hi)``, int64 ``(B or 1, n_q)`` each, inclusive; ``lo > hi`` for a row that sees
+            nothing. ``None`` when some document is not contiguous (use :meth:`visible`).
+        """
+        lo = torch.zeros(len(q_pos), dtype=torch.long, device=q_pos.device)
+        hi = torch.full((len(q_pos),), 2**62, dtype=torch.long, device=q_pos.device)
+        if self.causal:
+            hi = torch.minimum(hi, q_pos)
+        if self.window is not None:
+            left, right = self.window
+            if left is not None:
+                lo = torch.maximum(lo, q_pos - left)
+            if right is not None:
+                hi = torch.minimum(hi, q_pos + right)
+        if self.seq_len is not None:
+            hi = torch.where(q_pos < self.seq_len, torch.clamp(hi, max=self.seq_len - 1), -1)
+        lo, hi = lo[None], hi[None]  # (1, n_q)
+        if self.document_ids is not None:
+            bounds = self._document_bounds
+            if bounds is None:
+                return None
+            lo = torch.maximum(lo, bounds[0][:, q_pos])  # (B, n_q)
+            hi = torch.where(self.document_ids[:, q_pos] >= 0, torch.minimum(hi, bounds[1][:, q_pos]), -1)
+        return lo, hi
+
 
 def positions(runs: list[Run]) -> torch.Tensor:
     """Global positions ``(sum of lengths,)`` of a list of runs, in local order."""
@@ -194,30 +259,52 @@ def refine_block(
         return [(block, None)]
     calls: list[tuple[Block, torch.Tensor | None]] = []
     tile = spec.tile
+    kv_blk = kv_pos[block.kv]  # (n_kv,) global positions of the block's keys
+    edges = list(range(0, len(kv_blk), tile)) + [len(kv_blk)]
+    # Fast path: every row sees one interval of positions and the keys are in increasing order, so a
+    # row's visible keys are the columns [first, stop) of the block, found by binary search.
+    intervals = spec.row_intervals(q_pos[block.q]) if bool((kv_blk[1:] > kv_blk[:-1]).all()) else None
+    if intervals is not None:
+        first = torch.searchsorted(kv_blk, intervals[0])  # (B|1, n_q_block)
+        stop = torch.searchsorted(kv_blk, intervals[1], right=True)
+        c0, c1 = torch.tensor(edges[:-1]), torch.tensor(edges[1:])  # (n_tiles,) column ranges of the tiles
     for q0 in range(block.q_start, block.q_stop, tile):
         q1 = min(q0 + tile, block.q_stop)
-        vis = spec.visible(q_pos[q0:q1], kv_pos[block.kv])  # (B|1, n_q, n_kv): one row band
-        edges = list(range(0, vis.shape[-1], tile)) + [vis.shape[-1]]
-        # 0: nothing visible, 1: all visible, 2: partly visible
-        kinds = []
-        for a, b in zip(edges[:-1], edges[1:]):
-            t = vis[..., a:b]
-            kinds.append(2 if not bool(t.all()) and bool(t.any()) else int(bool(t.all())))
+        if intervals is not None:
+            rows = slice(q0 - block.q_start, q1 - block.q_start)
+            f, t = first[:, rows, None], stop[:, rows, None]  # (B|1, n_q, 1): visible columns [f, t)
+
+            def band(a: int, b: int, f=f, t=t) -> torch.Tensor:
+                cols = torch.arange(a, b)
+                return (cols >= f) & (cols < t)  # (B|1, n_q, b - a)
+
+            full = ((f <= c0) & (t >= c1)).flatten(0, 1).all(0)  # (n_tiles,) every row sees the whole tile
+            some = ((f < c1) & (t > c0) & (t > f)).flatten(0, 1).any(0)  # some row sees part of it
+            kinds = (full.long() + (some & ~full).long() * 2).tolist()  # 0 hidden, 1 all visible, 2 partly
+        else:
+            vis = spec.visible(q_pos[q0:q1], kv_blk)  # (B|1, n_q, n_kv): one row band
+
+            def band(a: int, b: int, vis=vis) -> torch.Tensor:
+                return vis[..., a:b]
+
+            kinds = []
+            for a, b in zip(edges[:-1], edges[1:]):
+                t_vis = vis[..., a:b]
+                kinds.append(2 if not bool(t_vis.all()) and bool(t_vis.any()) else int(bool(t_vis.all())))
         # A causal (diagonal) block cuts its bands and columns at the same edges: tile d is square
         # on the diagonal, and gets its own causal call.
         diag = (q0 - block.q_start) // tile if block.causal else None
         for g0, g1 in _groups(kinds, split_at=diag):
             a, b = edges[g0], edges[g1]
             on_diag = (g0, g1) == (diag, diag + 1) if diag is not None else False
-            tile_vis = vis[..., a:b]
             if on_diag:
-                triangle = torch.ones(q1 - q0, b - a, dtype=torch.bool, device=vis.device).tril()
+                tile_vis = band(a, b)
+                triangle = torch.ones(q1 - q0, b - a, dtype=torch.bool, device=tile_vis.device).tril()
                 mask = None if bool((tile_vis == triangle).all()) else tile_vis[:, None]
             else:
-                mask = None if all(k == 1 for k in kinds[g0:g1]) else tile_vis[:, None]
+                mask = None if all(k == 1 for k in kinds[g0:g1]) else band(a, b)[:, None]
             calls.append((Block(q0, q1, block.kv_start + a, block.kv_start + b, on_diag), mask))
     return calls
-
 
 def mask_spec(
     cp_group,

@@ -71,6 +71,8 @@ def masked_configs(draw, world_size: int, strategy: str = "ring", ulysses_size: 
         docs = torch.stack(rows)
         if draw(st.booleans()):  # some padding tokens (id -1) inside the packed row
             docs[:, -draw(st.integers(1, max(1, seq_len // 3))):] = -1
+        if draw(st.booleans()):  # ids that recur after other ids: non-contiguous "documents" (pair-by-pair path)
+            docs = torch.where(docs >= 0, docs % 2, docs)
     window = draw(st.one_of(st.none(), st.tuples(st.one_of(st.none(), st.integers(0, seq_len)),
                                                  st.one_of(st.none(), st.integers(0, seq_len)))))
     padded = draw(st.one_of(st.none(), st.integers(1, seq_len)))
@@ -153,6 +155,41 @@ def test_window_hides_block_interval_arithmetic_matches_dense():
         qp = torch.cat([torch.arange(s, s + n) for s, n in q_runs])
         kp = torch.cat([torch.arange(s, s + n) for s, n in kv_runs])
         assert window_hides_block(q_runs, kv_runs, spec) == (not spec.visible(qp, kp).any())
+
+
+@given(data=st.data())
+def test_tile_plan_from_row_intervals_equals_pair_by_pair(data):
+    """refine_block's fast path (one interval of visible keys per row, binary search) plans exactly the
+    calls and masks that evaluating every (query, key) pair plans."""
+    from cp_dtensor.blocks import plan_blocks
+    from cp_dtensor.layout import shard_runs
+    from cp_dtensor.masks import positions, refine_block
+
+    world_size = data.draw(st.sampled_from([1, 2, 4]))
+    cfg = data.draw(masked_configs(world_size))
+    docs = cfg["docs"]
+    spec = MaskSpec(causal=cfg["causal"], window=cfg["window"], document_ids=docs, seq_len=cfg["seq_len_real"],
+                    tile=cfg["tile"])
+    contiguous = docs is None or spec.row_intervals(torch.arange(cfg["seq_len"])) is not None
+    runs = [shard_runs(cfg["seq_len"], world_size, r, cfg["layout"]) for r in range(world_size)]
+    rank = data.draw(st.integers(0, world_size - 1))
+    for source in range(world_size):
+        q_pos, kv_pos = positions(runs[rank]), positions(runs[source])
+        for blk in plan_blocks(runs[rank], runs[source], cfg["causal"]):
+            fast = refine_block(blk, q_pos, kv_pos, spec)
+            original = MaskSpec.row_intervals
+            MaskSpec.row_intervals = lambda self, q: None  # force the pair-by-pair path
+            try:
+                slow = refine_block(blk, q_pos, kv_pos, spec)
+            finally:
+                MaskSpec.row_intervals = original
+            assert [c for c, _ in fast] == [c for c, _ in slow]
+            for (_, m_fast), (_, m_slow) in zip(fast, slow):
+                assert (m_fast is None) == (m_slow is None)
+                if m_fast is not None:
+                    assert torch.equal(m_fast, m_slow.expand_as(m_fast)) and m_fast.shape[1:] == m_slow.shape[1:]
+    if docs is not None and not contiguous:  # non-contiguous ids must not take the interval path
+        assert spec.row_intervals(torch.arange(cfg["seq_len"])) is None
 
 
 def test_mask_arguments_are_validated():
