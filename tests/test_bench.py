@@ -206,6 +206,14 @@ def test_gpu_check_runs_on_cpu():
     assert proc.stdout.count("ok ") == 4 * 2 * 4 + 2  # strategies x dtypes x masks, + the module per dtype
 
 
+def test_plan_cost_runs(tmp_path):
+    from bench import plan_cost
+
+    plan_cost.main(["--repeats", "1", "--cases", "1", "--out", str(tmp_path / "plan.json")])
+    row = json.loads((tmp_path / "plan.json").read_text())["rows"][0]
+    assert row["kernel_calls"] > 0 and set(row["cpu_s"]) == {"intervals", "pair_by_pair"}
+
+
 def test_report_regenerates_the_committed_page(tmp_path):
     """The tables on docs/performance.md are what bench/report.py makes of the committed JSON."""
     from bench import report
