@@ -45,5 +45,8 @@ if [[ "${1:-all}" != report ]]; then
   # where the ring's time goes (P = 2: as many ranks as cores, so profiler times are work)
   run $R/profile_ring_p2.json 2 bench.profile_ring --seq 16384
   run $R/profile_ring_p4.json 4 bench.profile_ring --seq 16384
+  # masks: packed documents and a window (docs/packed-and-windows.md), and the host cost of planning them
+  run $R/masks_p4.json 4 bench.masks --repeats 5
+  if [[ -z "${KEEP_EXISTING:-}" || ! -f $R/plan_cost.json ]]; then "$PY" -m bench.plan_cost --out $R/plan_cost.json; fi
 fi
 "$PY" -m bench.report
