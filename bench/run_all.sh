@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every number and plot of docs/performance.md (about 20 CPU-minutes; 2 cores):
+# Regenerate every CPU number and plot of docs/performance.md and docs/packed-and-windows.md (about 25 minutes; 2 cores):
 #
 #     bash bench/run_all.sh            # all benchmarks, then the report
 #     bash bench/run_all.sh report     # only the tables and plots, from the committed JSON
@@ -9,7 +9,7 @@
 #     PYTHON=/work/venv/bin/python TORCHRUN=/work/venv/bin/torchrun bash bench/run_all.sh
 #
 # One thread per rank; results in bench/results/*.json; tables and perf_*.png via bench/report.py.
-# The GPU script needs a GPU and runs on its own: python -m bench.gpu_blocks
+# The GPU checks and benchmarks need a GPU and run on their own: bash bench/gpu_run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
