@@ -306,6 +306,7 @@ def refine_block(
             calls.append((Block(q0, q1, block.kv_start + a, block.kv_start + b, on_diag), mask))
     return calls
 
+
 def mask_spec(
     cp_group,
     q_local: torch.Tensor,
