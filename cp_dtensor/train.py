@@ -238,6 +238,12 @@ def _setup(cfg: TrainConfig) -> tuple[ContextParallelGroup, torch.device]:
         raise ValueError(f"Invalid dtype {cfg.dtype!r}. Must be one of: {', '.join(map(repr, DTYPES))}.")
     if cfg.packed < 0:
         raise ValueError(f"--packed {cfg.packed} must be >= 0 (documents per sequence; 0: no packing).")
+    if cfg.packed and cfg.seq_len < cfg.packed * 3 * cfg.num_pairs:
+        raise ValueError(
+            f"--seq-len {cfg.seq_len} is too short for --packed {cfg.packed}: each document needs at least "
+            f"{3 * cfg.num_pairs} tokens (--num-pairs {cfg.num_pairs} pairs, then as many queries of two tokens); "
+            f"use --seq-len >= {cfg.packed * 3 * cfg.num_pairs} or fewer documents."
+        )
     if cfg.no_document_mask and not cfg.packed:
         raise ValueError("--no-document-mask needs --packed N (there is no document mask to drop).")
     if cfg.window is not None and cfg.window < 1:

@@ -112,6 +112,19 @@ def test_packed_and_window_flags_become_attention_masks():
     assert attention_kwargs(TrainConfig(packed=3, no_document_mask=True), docs) == {}
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--packed", "-1"], "--packed -1 must be >= 0"),
+    (["--window", "0"], "--window 0 must be >= 1"),
+    (["--no-document-mask"], "--no-document-mask needs --packed N"),
+    (["--packed", "30", "--seq-len", "512"], r"--seq-len 512 is too short for --packed 30: .* --seq-len >= 720"),
+])
+def test_bad_packing_flags_fail_loudly(flags, message):
+    from cp_dtensor.train import _setup  # the job's first step: checks the flags before any process group
+
+    with pytest.raises(ValueError, match=message):
+        _setup(parse_args(flags))
+
+
 def test_lr_warms_up_then_decays_to_a_tenth():
     cfg = TrainConfig(lr=1.0, warmup=10, steps=110)
     assert lr_at(5, cfg) == pytest.approx(0.5)
