@@ -32,7 +32,7 @@ corrects it), and a row that sees no key at all ends with output 0 and gradient 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -109,6 +109,8 @@ class MaskSpec:
     document_ids: torch.Tensor | None = None
     seq_len: int | None = None
     tile: int = DEFAULT_TILE
+    plans: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+    """Tile plans already made with this mask, by (query runs, key runs, causal); see ``RingPlan.calls``."""
 
     @property
     def only_causal(self) -> bool:
@@ -320,7 +322,10 @@ def mask_spec(
 
     ``document_ids`` may be global ``(B, L)`` or this rank's shard ``(B, S_local)``, on any device; a
     shard is all-gathered over the cp axis once per call (``B * L`` integers, counted as
-    ``"mask_gather"``). The plan is built on the CPU, so global ids already there cost no copy.
+    ``"mask_gather"``). The plan is built on the CPU, so global ids already there cost no copy. A call
+    with the same arguments as the previous one (the same global ``document_ids`` object, unmodified)
+    returns the same :class:`MaskSpec`, and its tile plans with it: see Note [Reusing a mask across
+    layers].
 
     Raises:
         ValueError: naming the bad argument and the expected form.
@@ -335,24 +340,54 @@ def mask_spec(
             raise ValueError(f"seq_len must be an int in [1, {total}] (the padded length), got {seq_len!r}.")
         if seq_len == total:
             seq_len = None
-    if document_ids is not None:
-        if not isinstance(document_ids, torch.Tensor) or document_ids.is_floating_point() or document_ids.dim() != 2:
-            raise ValueError(
-                "document_ids must be an integer tensor (batch, seq), got "
-                f"{getattr(document_ids, 'shape', document_ids)!r}."
-            )
-        if document_ids.shape[0] != batch or document_ids.shape[1] not in (seq_local, total):
-            raise ValueError(
-                f"document_ids has shape {tuple(document_ids.shape)}; expected ({batch}, {total}) in global order "
-                f"or this rank's shard ({batch}, {seq_local})."
-            )
-        if document_ids.shape[1] != total:  # the collective runs on q's device (NCCL wants CUDA tensors)
-            document_ids = _gather_ids(cp_group, document_ids.to(q_local.device))
-        # Plans are arithmetic on the host (a GPU would sync at every tile's any()/all()): the ids live
-        # on the CPU, and each mask goes to the device when its kernel call runs.
-        document_ids = document_ids.to("cpu")
-    return MaskSpec(causal=causal, window=window, document_ids=document_ids, seq_len=seq_len, tile=DEFAULT_TILE)
+    tile = DEFAULT_TILE
+    key = (batch, seq_local, total, causal, window, seq_len, tile)
+    if document_ids is None:
+        return _reuse_or_build(
+            cp_group, key, None, lambda: MaskSpec(causal=causal, window=window, seq_len=seq_len, tile=tile)
+        )
+    if not isinstance(document_ids, torch.Tensor) or document_ids.is_floating_point() or document_ids.dim() != 2:
+        raise ValueError(
+            "document_ids must be an integer tensor (batch, seq), got "
+            f"{getattr(document_ids, 'shape', document_ids)!r}."
+        )
+    if document_ids.shape[0] != batch or document_ids.shape[1] not in (seq_local, total):
+        raise ValueError(
+            f"document_ids has shape {tuple(document_ids.shape)}; expected ({batch}, {total}) in global order "
+            f"or this rank's shard ({batch}, {seq_local})."
+        )
+    # Plans are arithmetic on the host (a GPU would sync at every tile's any()/all()): the ids live on
+    # the CPU, and each mask goes to the device when its kernel call runs.
+    if document_ids.shape[1] != total:  # a shard: gathered at every call, never reused (see the Note)
+        ids = _gather_ids(cp_group, document_ids.to(q_local.device)).to("cpu")  # the collective runs on q's device
+        return MaskSpec(causal=causal, window=window, document_ids=ids, seq_len=seq_len, tile=tile)
+    return _reuse_or_build(
+        cp_group, key, document_ids,
+        lambda: MaskSpec(causal=causal, window=window, document_ids=document_ids.to("cpu"), seq_len=seq_len, tile=tile),
+    )
 
+
+# Note [Reusing a mask across layers]
+# -----------------------------------
+# A model passes the same mask arguments to every layer's attention call, and each call would plan
+# its tiles again. mask_spec() therefore returns the previous call's MaskSpec, with the tile plans it
+# holds (MaskSpec.plans), when the arguments are the same: the same group, shapes, causal, window and
+# seq_len, and the very same document_ids object, not modified in place since (its version counter).
+# The entry keeps references to the group and the ids, so neither id can be reused by a new object
+# while it is cached. Document ids given as a shard are gathered at every call and never reused: the
+# all-gather is a collective, and a cache that hit on some ranks and missed on others would hang them.
+_last_spec: list[tuple] = []  # at most one (group, key, ids, ids version, spec)
+
+
+def _reuse_or_build(cp_group, key: tuple, ids: torch.Tensor | None, build) -> MaskSpec:
+    """The cached :class:`MaskSpec` if these arguments made it, else ``build()`` (and cache it)."""
+    if _last_spec:
+        group, old_key, old_ids, version, spec = _last_spec[0]
+        if group is cp_group and old_key == key and old_ids is ids and (ids is None or ids._version == version):
+            return spec
+    spec = build()
+    _last_spec[:] = [(cp_group, key, ids, None if ids is None else ids._version, spec)]
+    return spec
 
 def _gather_ids(cp_group, ids_local: torch.Tensor) -> torch.Tensor:
     """All-gather a ``(B, S_local)`` shard of ids into ``(B, L)`` global order."""

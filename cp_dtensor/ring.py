@@ -77,9 +77,13 @@ class RingPlan:
                 calls = [(blk, None) for blk in self.blocks(step)]
             elif window_hides_block(self.q_runs, kv_runs, self.mask):
                 calls = []
-            else:
-                q_pos, kv_pos = positions(self.q_runs), positions(kv_runs)
-                calls = [c for blk in self.blocks(step) for c in refine_block(blk, q_pos, kv_pos, self.mask)]
+            else:  # tile plans are kept in the mask: the next layer's call reuses them
+                key = (tuple(self.q_runs), tuple(kv_runs), self.causal)
+                calls = self.mask.plans.get(key)
+                if calls is None:
+                    q_pos, kv_pos = positions(self.q_runs), positions(kv_runs)
+                    calls = [c for blk in self.blocks(step) for c in refine_block(blk, q_pos, kv_pos, self.mask)]
+                    self.mask.plans[key] = calls
             self._calls[step] = calls
         return self._calls[step]
 

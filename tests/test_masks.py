@@ -192,6 +192,53 @@ def test_tile_plan_from_row_intervals_equals_pair_by_pair(data):
         assert spec.row_intervals(torch.arange(cfg["seq_len"])) is None
 
 
+def reuse_case(world_size: int) -> dict:
+    """Two 'layers' in a row with the same global ids, then changed ids, then shard ids; see the test."""
+    from cp_dtensor.masks import mask_spec
+
+    group = mp_pool.group(world_size)
+    L, B = 32, 2
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.tensor([[0] * 5 + [1] * 17 + [2] * 10, [0] * 20 + [1] * 12])  # (B, L), global order
+    dense = (ids[:, :, None] == ids[:, None, :]) & torch.ones(L, L, dtype=torch.bool).tril()
+    errors, specs = [], []
+    for _ in range(2):  # two layers: the same ids object, other q / k / v: the plan is reused, the result exact
+        q, k, v = (torch.randn(B, 2, L, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+        out = context_parallel_attention(*(group.partition_sequence(x, seq_dim=2) for x in (q, k, v)), group,
+                                         causal=True, document_ids=ids)
+        want = full_attention(q, k, v, mask=dense[:, None])
+        errors.append((group.gather_sequence(out, seq_dim=2) - want).abs().max().item())
+        specs.append(mask_spec(group, group.partition_sequence(q, seq_dim=2), causal=True, document_ids=ids))
+    reused = specs[0] is specs[1] and len(specs[0].plans) > 0
+    ids[1, 25:] = 2  # in place: a third document in row 1; the cached plan must not be used
+    q, k, v = (torch.randn(B, 2, L, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    out = context_parallel_attention(*(group.partition_sequence(x, seq_dim=2) for x in (q, k, v)), group,
+                                     causal=True, document_ids=ids)
+    dense = (ids[:, :, None] == ids[:, None, :]) & torch.ones(L, L, dtype=torch.bool).tril()
+    want = full_attention(q, k, v, mask=dense[:, None])
+    errors.append((group.gather_sequence(out, seq_dim=2) - want).abs().max().item())
+    after_edit = mask_spec(group, group.partition_sequence(q, seq_dim=2), causal=True, document_ids=ids)
+    same_values = mask_spec(group, group.partition_sequence(q, seq_dim=2), causal=True, document_ids=ids.clone())
+    shard = group.partition_sequence(ids, seq_dim=1)
+    with count_comm() as comm:
+        a = mask_spec(group, group.partition_sequence(q, seq_dim=2), causal=True, document_ids=shard)
+        b = mask_spec(group, group.partition_sequence(q, seq_dim=2), causal=True, document_ids=shard)
+    return {"errors": errors, "reused": reused, "edit_rebuilt": after_edit is not specs[0],
+            "clone_rebuilt": same_values is not after_edit, "shard_rebuilt": a is not b,
+            "shard_gathers": comm.calls.get("mask_gather", 0)}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_mask_is_reused_across_layers_only_when_nothing_changed(world_size):
+    """Note [Reusing a mask across layers]: same global ids object -> same MaskSpec and plans; an in-place
+    edit, another object or shard ids -> a new one. Every output is checked against the dense oracle."""
+    for r in mp_pool.run_on_ranks(world_size, reuse_case, world_size):
+        assert max(r["errors"]) < 1e-12, r["errors"]  # fp64: summation order only
+        assert r["reused"] and r["edit_rebuilt"] and r["clone_rebuilt"]
+        if world_size > 1:  # (at P = 1 a shard is the whole row: global ids, reused like any)
+            assert r["shard_rebuilt"] and r["shard_gathers"] == 2  # a collective at every call, never skipped
+
+
 def test_mask_arguments_are_validated():
     from cp_dtensor.masks import check_window
 
