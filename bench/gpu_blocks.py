@@ -85,6 +85,7 @@ class VirtualRing:
         acc = accum_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+        merged = torch.zeros(q.shape[2], dtype=torch.bool)  # as the ring: which rows have a block already
         for step, blocks in enumerate(self.plans[r]):
             src = (r - step) % self.size
             for blk in blocks:
@@ -95,7 +96,8 @@ class VirtualRing:
                     causal=blk.causal,
                     scale=self.scale,
                 )
-                merge_into(out[:, :, blk.q], lse[:, :, blk.q], bo, bl)
+                merge_into(out[:, :, blk.q], lse[:, :, blk.q], bo, bl, first=not bool(merged[blk.q].any()))
+                merged[blk.q] = True
         self.out[r], self.lse[r] = out.to(q.dtype), lse
 
     def backward(self, r: int, dk_acc: list[torch.Tensor], dv_acc: list[torch.Tensor]) -> torch.Tensor:

@@ -29,7 +29,9 @@ import torch
 __all__ = ["merge_into"]
 
 
-def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+def merge_into(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor, *, first: bool | None = None
+) -> None:
     """Merge one block's result into the running ``(out, lse)``, in place. See Note [LSE merge].
 
     Args:
@@ -37,9 +39,12 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, bl
         lse: Running log-sum-exp (dtype of ``out``) ``(B, H, S)``, updated in place; ``-inf`` where nothing seen yet.
         block_out: The block's output ``(B, H, S, D)`` (any float dtype).
         block_lse: The block's log-sum-exp ``(B, H, S)``; ``-inf`` where the row saw no key.
+        first: True when no block was merged into these rows before (``out``, ``lse`` still hold their
+            initial 0 and ``-inf``): the block is copied as it is. ``None`` finds out by reading ``lse``,
+            which on a GPU waits for the device; the ring knows it from its plan and passes it.
     """
     empty = torch.isneginf(lse)  # rows that saw nothing so far: sigmoid(nan) otherwise
-    if bool(empty.all()):  # the first block of these rows: take it as it is (saves four passes)
+    if first if first is not None else bool(empty.all()):  # take the block as it is (saves four passes)
         out.copy_(block_out)
         lse.copy_(block_lse)
         return

@@ -124,6 +124,7 @@ def ring_forward(
     out = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, S, D)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)  # (B, H, S)
     kv = [k.contiguous(), v.contiguous()]
+    merged = torch.zeros(q.shape[2], dtype=torch.bool)  # host bookkeeping: rows some block was merged into
     num_steps = plan.num_steps
     for step in range(num_steps):
         if step + 1 < num_steps:
@@ -135,7 +136,9 @@ def ring_forward(
                     causal=blk.causal, scale=plan.scale, mask=mask,
                 )
             with record_function("cp_dtensor.ring.merge"):
-                merge_into(out[:, :, blk.q], lse[:, :, blk.q], block_out, block_lse)
+                first = not bool(merged[blk.q].any())  # from the plan: no read of the device's lse
+                merge_into(out[:, :, blk.q], lse[:, :, blk.q], block_out, block_lse, first=first)
+                merged[blk.q] = True
         if step + 1 < num_steps:
             kv = comm.wait()
     return out.to(q.dtype), lse

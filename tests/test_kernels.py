@@ -285,3 +285,24 @@ def test_tolerances_catch_a_wrong_scale(device, dtype):
     for name in ("out", "dq", "dk", "dv"):
         with pytest.raises(AssertionError):
             assert_near(got[name], want[name], TOL[dtype], name)
+
+
+def test_merge_first_flag_matches_reading_the_state():
+    """The ring tells merge_into which merge is a row's first (from its plan, no device read); with the flag or
+    without it the result is the same, bit for bit, on an empty state and on a partly filled one."""
+    g = torch.Generator().manual_seed(3)
+    block_out, block_lse = torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, generator=g)
+    results = []
+    for first in (True, None):
+        out, lse = torch.zeros(1, 2, 5, 4), torch.full((1, 2, 5), float("-inf"))
+        merge_into(out, lse, block_out, block_lse, first=first)
+        results.append((out, lse))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    results = []
+    for first in (False, None):
+        out, lse = torch.zeros(1, 2, 5, 4), torch.full((1, 2, 5), float("-inf"))
+        out[:, :, :2], lse[:, :, :2] = block_out[:, :, :2] * 2, block_lse[:, :, :2] - 1  # rows 0-1 merged before
+        merge_into(out, lse, block_out, block_lse, first=first)
+        results.append((out, lse))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert torch.equal(results[0][0][:, :, 2:], block_out[:, :, 2:])  # rows seen for the first time: the block
