@@ -116,13 +116,19 @@ def test_packed_and_window_flags_become_attention_masks():
     (["--packed", "-1"], "--packed -1 must be >= 0"),
     (["--window", "0"], "--window 0 must be >= 1"),
     (["--no-document-mask"], "--no-document-mask needs --packed N"),
-    (["--packed", "30", "--seq-len", "512"], r"--seq-len 512 is too short for --packed 30: .* --seq-len >= 720"),
 ])
 def test_bad_packing_flags_fail_loudly(flags, message):
     from cp_dtensor.train import _setup  # the job's first step: checks the flags before any process group
 
     with pytest.raises(ValueError, match=message):
         _setup(parse_args(flags))
+
+
+def test_a_sequence_too_short_for_its_documents_names_the_flags():
+    from cp_dtensor.train import _datasets
+
+    with pytest.raises(ValueError, match=r"--seq-len 512, --packed 30.*need seq_len >= 720"):
+        _datasets(parse_args(["--packed", "30", "--seq-len", "512"]))
 
 
 def test_lr_warms_up_then_decays_to_a_tenth():
