@@ -12,27 +12,21 @@ which the ring may stop (`reference.ring_steps_needed`). Only matplotlib (Agg) a
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
+import make_figures  # this directory; imported first, it selects Agg and puts the repo on sys.path
 import matplotlib
+import matplotlib.pyplot as plt
+import torch
+from make_figures import SAVE
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-import reference  # noqa: E402
+import reference
 
 P, S = 4, 64
 DOC_LENGTHS = [5, 22, 3, 9, 17, 8]  # shorter than a zigzag chunk (8), and longer than a shard (16)
 WINDOW = (3, 0)  # causal window of 4 tokens: the query and the 3 before it
 RANK_COLORS = plt.get_cmap("tab10").colors
 KIND_COLORS = {"skipped": "#f2f2f2", "partial": "#9ecae1", "full": "#2171b5"}
-SAVE = {"dpi": 120, "bbox_inches": "tight", "metadata": {"Software": None}}
 
 
 def cases() -> dict[str, tuple[str, dict]]:
@@ -128,15 +122,5 @@ def fig_masks_blocks(out: Path) -> None:
 FIGURES = [fig_masks_pairs, fig_masks_blocks]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "assets" / "figures")
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    for fig in FIGURES:
-        fig(args.out)
-        print(f"wrote {fig.__name__.removeprefix('fig_')}.png")
-
-
 if __name__ == "__main__":
-    main()
+    make_figures.main(FIGURES, __doc__)

@@ -205,12 +205,13 @@ def fig_causal_load_balance(out: Path) -> None:
 FIGURES = [fig_why_cp_memory, fig_blocks_merge, fig_ring_schedule, fig_backward_ring, fig_causal_load_balance]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(figures: list | None = None, description: str = __doc__) -> None:
+    """Command line of a figure script: draw ``figures`` (default: this file's) into ``--out``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "assets" / "figures")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    for fig in FIGURES:
+    for fig in FIGURES if figures is None else figures:
         fig(args.out)
         print(f"wrote {fig.__name__.removeprefix('fig_')}.png")
 
