@@ -171,10 +171,9 @@ def attention_kwargs(cfg: TrainConfig, document_ids_BL: torch.Tensor) -> dict[st
 
 
 def local_batch(
-    dataset: LongSequenceDataset, first: int, count: int, cp_group: ContextParallelGroup, device: torch.device,
-    cfg: TrainConfig,
+    items: list[dict[str, torch.Tensor]], cp_group: ContextParallelGroup, device: torch.device, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """This rank's shards of samples ``first .. first + count - 1``.
+    """This rank's shards of ``items`` (samples of :class:`~cp_dtensor.LongSequenceDataset`).
 
     Labels come shifted on the full sequence from the dataset, then ids and labels are partitioned alike.
 
@@ -182,7 +181,6 @@ def local_batch(
         ``(input_ids, labels, attn_kwargs)``: the ids and labels ``(b, S)`` of this rank, and the
         masks of :func:`attention_kwargs`.
     """
-    items = [dataset[first + i] for i in range(count)]
     ids_BL, labels_BL, docs_BL = (torch.stack([it[key] for it in items])
                                   for key in ("input_ids", "labels", "document_ids"))
     return (cp_group.partition_sequence(ids_BL, seq_dim=1).to(device),
@@ -284,9 +282,10 @@ def evaluate(model: TransformerWithCP, dataset: LongSequenceDataset, cfg: TrainC
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # remote: correct, total; local: correct, total
     with torch.no_grad():
         for first in range(dp_rank * per_dp, cfg.eval_samples - cfg.eval_samples % cfg.batch_size, cfg.batch_size):
-            ids, labels, attn_kwargs = local_batch(dataset, first, per_dp, cp_group, device, cfg)
+            items = [dataset[first + i] for i in range(per_dp)]
+            ids, labels, attn_kwargs = local_batch(items, cp_group, device, cfg)
             remote = cp_group.partition_sequence(torch.stack([
-                dataset.remote_answers(dataset[first + i], cp_group.size, cp_group.layout) for i in range(per_dp)
+                dataset.remote_answers(it, cp_group.size, cp_group.layout) for it in items
             ]), seq_dim=1).to(device)
             with autocast():
                 logits = model(ids, return_logits=True, **attn_kwargs)
@@ -405,8 +404,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for step in range(start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             first = (step - 1) * cfg.batch_size + dp_rank * per_dp  # the data position is a function of step
-            out = _step(cfg, step, ddp, model, optimizer, local_batch(dataset, first, per_dp, cp_group, device, cfg),
-                        cp_group, autocast)
+            batch = local_batch([dataset[first + i] for i in range(per_dp)], cp_group, device, cfg)
+            out = _step(cfg, step, ddp, model, optimizer, batch, cp_group, autocast)
             curve.append({"step": step, "loss": out.loss.item(), "accuracy": out.accuracy, "lr": lr_at(step, cfg),
                           "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
                           "time_s": time.perf_counter() - wall_start})
