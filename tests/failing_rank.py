@@ -3,8 +3,9 @@
     torchrun --standalone --nproc-per-node 2 tests/failing_rank.py --fail raise --timeout 5
 
 ``tests/test_robustness.py`` starts each rank as a plain ``python`` process with the environment
-torchrun would give it (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``): torchrun stops
-every worker as soon as one fails, which would hide how the survivors fail on their own.
+torchrun would give it (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, and
+``TORCHELASTIC_USE_AGENT_STORE``: the test holds the rendezvous store, as torchrun's agent does):
+torchrun stops every worker as soon as one fails, which would hide how the survivors fail on their own.
 
 Failures injected on ``--failing-rank`` (cp rank 1 of the first replica by default):
 

@@ -14,12 +14,12 @@ import importlib
 import io
 import os
 import queue
-import socket
 import traceback
 from dataclasses import replace
 from functools import cache
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("CP_TEST_TIMEOUT", "120"))
@@ -35,21 +35,26 @@ def _loads(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def serve_store() -> dist.TCPStore:
+    """A rendezvous store held by this process, on a port the OS picks as it binds.
+
+    Picking a free port, releasing it and letting rank 0 bind it later races with every process
+    that binds a port meanwhile (an EADDRINUSE in CI, with several worlds starting at once).
+    torchrun avoids the race the same way: its agent holds the store and every rank connects to it
+    as a client, which ``TORCHELASTIC_USE_AGENT_STORE=True`` asks of ``env://`` initialisation.
+    """
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
+        WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1", TORCHELASTIC_USE_AGENT_STORE="True",
     )
     torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    timeout = datetime.timedelta(seconds=60)
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     while True:
         item = tasks.get()
         if item is None:
@@ -72,9 +77,10 @@ class RankPool:
         self.world_size = world_size
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._results = ctx.Queue()
-        port = _free_port()
+        self._store = serve_store()  # held for the pool's life: the ranks' rendezvous
         self._procs = [
-            ctx.Process(target=_worker, args=(r, world_size, port, self._tasks[r], self._results), daemon=True)
+            ctx.Process(target=_worker, args=(r, world_size, self._store.port, self._tasks[r], self._results),
+                        daemon=True)
             for r in range(world_size)
         ]
         for p in self._procs:

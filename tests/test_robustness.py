@@ -8,7 +8,6 @@ other strategy the plain group, and fails here loudly if it needs more).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -349,23 +348,18 @@ CLEAR_ERRORS = ("Timed out", "Connection closed", "Connection reset")
 SUBPROCESS_TIMEOUT_S = 150  # a hang guard only: startup + the 5 s group timeout take ~20 s on 2 idle cores
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_failed_rank_makes_the_others_fail_loudly(tmp_path):
     """rank 1 raises, dies or hangs; rank 0 (same ring) exits non-zero naming the failure; others finish.
 
     All scenarios run at once (separate worlds) so the test costs one startup and one timeout.
     """
-    procs = {}
+    procs, stores = {}, []
     for name, (world_size, args) in FAILURES.items():
-        port = _free_port()
+        stores.append(mp_pool.serve_store())  # one rendezvous per world, held here as torchrun's agent does
         for rank in range(world_size):
-            env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                                "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"}
+            env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(stores[-1].port),
+                                "TORCHELASTIC_USE_AGENT_STORE": "True", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"}
             log = tmp_path / f"{name.replace(' ', '_')}.{rank}.log"
             procs[name, rank] = (subprocess.Popen(
                 [sys.executable, str(REPO / "tests" / "failing_rank.py"), *args, "--timeout", "5"],
