@@ -32,6 +32,7 @@ corrects it), and a row that sees no key at all ends with output 0 and gradient 
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -373,20 +374,23 @@ def mask_spec(
 # its tiles again. mask_spec() therefore returns the previous call's MaskSpec, with the tile plans it
 # holds (MaskSpec.plans), when the arguments are the same: the same group, shapes, causal, window and
 # seq_len, and the very same document_ids object, not modified in place since (its version counter).
-# The entry keeps references to the group and the ids, so neither id can be reused by a new object
-# while it is cached. Document ids given as a shard are gathered at every call and never reused: the
-# all-gather is a collective, and a cache that hit on some ranks and missed on others would hang them.
-_last_spec: list[tuple] = []  # at most one (group, key, ids, ids version, spec)
+# The entry holds the ids (so their id cannot pass to a new tensor while cached) but only a weak
+# reference to the group: a cache must not keep process groups alive, since destroy_process_group()
+# leaves gloo's threads running while any reference remains, and threads still running when the
+# interpreter finalises can abort it ("terminate called without an active exception"). Document ids
+# given as a shard are gathered at every call and never reused: the all-gather is a collective, and
+# a cache that hit on some ranks and missed on others would hang them.
+_last_spec: list[tuple] = []  # at most one (weakref to the group, key, ids, ids version, spec)
 
 
 def _reuse_or_build(cp_group, key: tuple, ids: torch.Tensor | None, build) -> MaskSpec:
     """The cached :class:`MaskSpec` if these arguments made it, else ``build()`` (and cache it)."""
     if _last_spec:
-        group, old_key, old_ids, version, spec = _last_spec[0]
-        if group is cp_group and old_key == key and old_ids is ids and (ids is None or ids._version == version):
+        group_ref, old_key, old_ids, version, spec = _last_spec[0]
+        if group_ref() is cp_group and old_key == key and old_ids is ids and (ids is None or ids._version == version):
             return spec
     spec = build()
-    _last_spec[:] = [(cp_group, key, ids, None if ids is None else ids._version, spec)]
+    _last_spec[:] = [(weakref.ref(cp_group), key, ids, None if ids is None else ids._version, spec)]
     return spec
 
 def _gather_ids(cp_group, ids_local: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import weakref
+
 import mp_pool
 import pytest
 import torch
@@ -223,18 +227,26 @@ def reuse_case(world_size: int) -> dict:
     with count_comm() as comm:
         a = mask_spec(group, group.partition_sequence(q, seq_dim=2), causal=True, document_ids=shard)
         b = mask_spec(group, group.partition_sequence(q, seq_dim=2), causal=True, document_ids=shard)
+    # The cache must not keep a group (and so gloo's threads) alive: a group dropped by its owner is freed.
+    throwaway = dataclasses.replace(group)
+    mask_spec(throwaway, group.partition_sequence(q, seq_dim=2), causal=True, document_ids=ids)
+    throwaway_ref = weakref.ref(throwaway)
+    del throwaway
+    gc.collect()
     return {"errors": errors, "reused": reused, "edit_rebuilt": after_edit is not specs[0],
-            "clone_rebuilt": same_values is not after_edit, "shard_rebuilt": a is not b,
+            "group_released": throwaway_ref() is None, "clone_rebuilt": same_values is not after_edit,
+            "shard_rebuilt": a is not b,
             "shard_gathers": comm.calls.get("mask_gather", 0)}
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_a_mask_is_reused_across_layers_only_when_nothing_changed(world_size):
     """Note [Reusing a mask across layers]: same global ids object -> same MaskSpec and plans; an in-place
-    edit, another object or shard ids -> a new one. Every output is checked against the dense oracle."""
+    edit, another object or shard ids -> a new one; the cache holds no group alive. Every output is checked
+    against the dense oracle."""
     for r in mp_pool.run_on_ranks(world_size, reuse_case, world_size):
         assert max(r["errors"]) < 1e-12, r["errors"]  # fp64: summation order only
-        assert r["reused"] and r["edit_rebuilt"] and r["clone_rebuilt"]
+        assert r["reused"] and r["edit_rebuilt"] and r["clone_rebuilt"] and r["group_released"]
         if world_size > 1:  # (at P = 1 a shard is the whole row: global ids, reused like any)
             assert r["shard_rebuilt"] and r["shard_gathers"] == 2  # a collective at every call, never skipped
 
