@@ -242,8 +242,48 @@ def _groups(flags: list[int], split_at: int | None = None) -> list[tuple[int, in
     return groups
 
 
+def tile_edges(pos: torch.Tensor, tile: int, run_starts: list[int] = ()) -> list[int]:
+    """Where a block's rows (or columns) are cut into tiles: every ``tile`` entries of each run.
+
+    A run is a stretch of consecutive global positions, and every run starts a new tile, so no tile
+    mixes two runs. Runs start where ``pos`` jumps and at ``run_starts`` (the layout's runs can also
+    meet without a jump: :class:`~cp_dtensor.layout.DocumentZigzag` keeps every run inside one
+    document, so that its tiles are hidden or all visible, not masked).
+
+    Args:
+        pos: Global positions of the block's rows or columns, in local order ``(n,)``.
+        tile: The largest tile.
+        run_starts: More offsets in ``[0, n)`` where a run starts.
+
+    Returns:
+        Increasing offsets ``[0, ..., n]``.
+    """
+    n = len(pos)
+    jumps = ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist()
+    starts = sorted({0, n, *jumps, *run_starts})
+    return [e for a, b in zip(starts, starts[1:]) for e in range(a, b, tile)] + [n]
+
+
+def _starts_inside(runs: list[Run] | None, start: int, stop: int) -> list[int]:
+    """Offsets, relative to ``start``, of the runs that begin strictly inside ``[start, stop)`` of the local order."""
+    if runs is None:
+        return []
+    offsets, total = [], 0
+    for _, length in runs:
+        if start < total < stop:
+            offsets.append(total - start)
+        total += length
+    return offsets
+
+
 def refine_block(
-    block: Block, q_pos: torch.Tensor, kv_pos: torch.Tensor, spec: MaskSpec
+    block: Block,
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    spec: MaskSpec,
+    *,
+    q_runs: list[Run] | None = None,
+    kv_runs: list[Run] | None = None,
 ) -> list[tuple[Block, torch.Tensor | None]]:
     """Cut one planned call into the calls that the mask needs. See Note [Skipping what the mask hides].
 
@@ -252,6 +292,8 @@ def refine_block(
         q_pos: Global positions of ALL local queries ``(S_q,)``.
         kv_pos: Global positions of ALL keys of the visiting block ``(S_kv,)``.
         spec: The mask.
+        q_runs: The layout runs of the local queries, if known: tiles never span two (see :func:`tile_edges`).
+        kv_runs: The layout runs of the visiting block, likewise.
 
     Returns:
         ``(call, mask)`` pairs; ``mask`` is ``None`` (all visible) or bool ``(B or 1, 1, n_q, n_k)``.
@@ -261,9 +303,10 @@ def refine_block(
     if spec.only_causal:
         return [(block, None)]
     calls: list[tuple[Block, torch.Tensor | None]] = []
-    tile = spec.tile
     kv_blk = kv_pos[block.kv]  # (n_kv,) global positions of the block's keys
-    edges = list(range(0, len(kv_blk), tile)) + [len(kv_blk)]
+    edges = tile_edges(kv_blk, spec.tile, _starts_inside(kv_runs, block.kv_start, block.kv_stop))
+    q_edges = tile_edges(q_pos[block.q], spec.tile, _starts_inside(q_runs, block.q_start, block.q_stop))
+    assert not block.causal or q_edges == edges, "a causal block holds the same positions on both sides"
     # Fast path: every row sees one interval of positions and the keys are in increasing order, so a
     # row's visible keys are the columns [first, stop) of the block, found by binary search.
     intervals = spec.row_intervals(q_pos[block.q]) if bool((kv_blk[1:] > kv_blk[:-1]).all()) else None
@@ -271,10 +314,10 @@ def refine_block(
         first = torch.searchsorted(kv_blk, intervals[0])  # (B|1, n_q_block)
         stop = torch.searchsorted(kv_blk, intervals[1], right=True)
         c0, c1 = torch.tensor(edges[:-1]), torch.tensor(edges[1:])  # (n_tiles,) column ranges of the tiles
-    for q0 in range(block.q_start, block.q_stop, tile):
-        q1 = min(q0 + tile, block.q_stop)
+    for band_index, (r0, r1) in enumerate(zip(q_edges[:-1], q_edges[1:])):
+        q0, q1 = block.q_start + r0, block.q_start + r1
         if intervals is not None:
-            rows = slice(q0 - block.q_start, q1 - block.q_start)
+            rows = slice(r0, r1)
             f, t = first[:, rows, None], stop[:, rows, None]  # (B|1, n_q, 1): visible columns [f, t)
 
             def band(a: int, b: int, f=f, t=t) -> torch.Tensor:
@@ -296,7 +339,7 @@ def refine_block(
                 kinds.append(2 if not bool(t_vis.all()) and bool(t_vis.any()) else int(bool(t_vis.all())))
         # A causal (diagonal) block cuts its bands and columns at the same edges: tile d is square
         # on the diagonal, and gets its own causal call.
-        diag = (q0 - block.q_start) // tile if block.causal else None
+        diag = band_index if block.causal else None
         for g0, g1 in _groups(kinds, split_at=diag):
             a, b = edges[g0], edges[g1]
             on_diag = (g0, g1) == (diag, diag + 1) if diag is not None else False

@@ -82,7 +82,11 @@ class RingPlan:
                 calls = self.mask.plans.get(key)
                 if calls is None:
                     q_pos, kv_pos = positions(self.q_runs), positions(kv_runs)
-                    calls = [c for blk in self.blocks(step) for c in refine_block(blk, q_pos, kv_pos, self.mask)]
+                    calls = [
+                        c
+                        for blk in self.blocks(step)
+                        for c in refine_block(blk, q_pos, kv_pos, self.mask, q_runs=self.q_runs, kv_runs=kv_runs)
+                    ]
                     self.mask.plans[key] = calls
             self._calls[step] = calls
         return self._calls[step]

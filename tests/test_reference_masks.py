@@ -397,9 +397,10 @@ def test_masks_benchmark_runs_and_plans_the_skipped_work(tmp_path):
     packed = result["packed"]
     assert packed["packed_over_plain_cpu_s"]["n"] == 1
     assert packed["cases"]["plain causal"]["kernel_pairs"] == 1024 * 1025 // 2  # the causal plan, nothing more
-    # documents of 64 tokens: each rank's 256 tokens form one masked diagonal tile, computed as a causal
-    # triangle (the kernel skips the hidden half); every other tile is hidden
-    assert packed["cases"]["packed"]["kernel_pairs"] == 4 * 256 * 257 // 2
+    # documents of 64 tokens: each rank's two runs of 128 tokens are two masked diagonal tiles (tiles
+    # never span two runs), each computed as a causal triangle (the kernel skips the hidden half);
+    # every other tile is hidden
+    assert packed["cases"]["packed"]["kernel_pairs"] == 4 * 2 * 128 * 129 // 2
     short, long = result["window"]["rows"]
     for row in (short, long):
         assert (row["window"]["ring_steps"], row["plain causal"]["ring_steps"]) == (2, 4)  # stops after 1 hop
