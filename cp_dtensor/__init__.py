@@ -12,8 +12,9 @@ from cp_dtensor.data import LongSequenceDataset
 from cp_dtensor.grad_sync import apply_ddp
 from cp_dtensor.group import ContextParallelGroup, init_context_parallel_group
 from cp_dtensor.hybrid import hybrid_attention
-from cp_dtensor.layout import LAYOUTS, shard_positions, shard_runs
+from cp_dtensor.layout import LAYOUTS, DocumentZigzag, shard_positions, shard_runs
 from cp_dtensor.loss import ShardedLoss, cross_entropy_across_shards, shift_labels
+from cp_dtensor.masks import MaskSpec, document_ids_from_cu_seqlens
 from cp_dtensor.memory import estimate_context_parallel_memory_savings
 from cp_dtensor.model import ModelConfig, TransformerWithCP
 from cp_dtensor.module import ContextParallelAttention
@@ -27,9 +28,11 @@ __all__ = [
     "STRATEGIES",
     "CommCounter",
     "CommVolume",
+    "DocumentZigzag",
     "ContextParallelAttention",
     "ContextParallelGroup",
     "LongSequenceDataset",
+    "MaskSpec",
     "ModelConfig",
     "RingAttentionCommunicator",
     "ShardedLoss",
@@ -40,6 +43,7 @@ __all__ = [
     "context_parallel_attention",
     "count_comm",
     "cross_entropy_across_shards",
+    "document_ids_from_cu_seqlens",
     "estimate_context_parallel_memory_savings",
     "get_strategy",
     "hybrid_attention",

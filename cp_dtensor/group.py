@@ -14,14 +14,14 @@ import atexit
 import datetime
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
-from cp_dtensor.layout import Run, check_layout, check_seq_len, padded_length, shard_positions, shard_runs
+from cp_dtensor.layout import Layout, Run, check_layout, check_seq_len, padded_length, shard_positions, shard_runs
 
 __all__ = ["ContextParallelGroup", "init_context_parallel_group"]
 
@@ -96,7 +96,8 @@ class ContextParallelGroup:
             ``("dp", "ring", "ulysses")`` and ``"cp"`` their flattened ``("ring", "ulysses")``. With
             ``tp_size > 1`` a last axis ``"tp"`` follows (``("dp", "cp", "tp")``), so that a tensor-parallel
             group is consecutive ranks.
-        layout: ``"zigzag"`` (default, balances causal work) or ``"contiguous"``.
+        layout: ``"zigzag"`` (default, balances causal work), ``"contiguous"``, or a
+            :class:`~cp_dtensor.layout.DocumentZigzag` (balances packed documents; see :meth:`with_layout`).
         flat_cp_mesh: The ``"cp"`` mesh flattened from ``("ring", "ulysses")``, kept here because torch
             deprecates slicing a flattened dim from the root mesh; ``None`` without ``ulysses_size``.
         flat_dp_cp_mesh: The dp and cp axes flattened to one, ``"dp_cp"``: the ranks that hold the same
@@ -105,9 +106,25 @@ class ContextParallelGroup:
     """
 
     mesh: DeviceMesh
-    layout: str = "zigzag"
+    layout: Layout = "zigzag"
     flat_cp_mesh: DeviceMesh | None = None
     flat_dp_cp_mesh: DeviceMesh | None = None
+
+    def with_layout(self, layout: Layout) -> ContextParallelGroup:
+        """The same group (same meshes and process groups, no communication) sharding with ``layout``.
+
+        For a :class:`~cp_dtensor.layout.DocumentZigzag`, whose segments change with every packed
+        batch: ``group.with_layout(DocumentZigzag.from_document_ids(ids_L))`` per batch is cheap.
+
+        Raises:
+            ValueError: ``layout`` is not a name in :data:`~cp_dtensor.LAYOUTS` or a ``DocumentZigzag``.
+        """
+        check_layout(layout)
+        new = replace(self, layout=layout)
+        for name in ("cp_mesh", "dp_mesh"):  # sliced sub-meshes carry over (slicing is not free)
+            if name in self.__dict__:
+                new.__dict__[name] = self.__dict__[name]
+        return new
 
     @functools.cached_property
     def cp_mesh(self) -> DeviceMesh:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from test_ring import DTYPES, make_inputs, unshard
 
 from cp_dtensor import context_parallel_attention, count_comm
-from cp_dtensor.layout import num_chunks
+from cp_dtensor.layout import DocumentZigzag, num_chunks
 from cp_dtensor.masks import MaskSpec, document_ids_from_cu_seqlens, window_hides_block
 from reference import full_attention
 
@@ -61,11 +61,24 @@ def masked_ring_case(world_size: int, cfg: dict, inputs: dict) -> dict:
 
 @st.composite
 def masked_configs(draw, world_size: int, strategy: str = "ring", ulysses_size: int | None = None):
-    layout = draw(st.sampled_from(["zigzag", "contiguous"]))
-    seq_len = draw(st.integers(1, 6)) * num_chunks(world_size, layout)
+    layout = draw(st.sampled_from(["zigzag", "contiguous", "documents"]))
+    if layout == "documents":  # per-document zigzag over segments of random multiples of 2P tokens
+        layout = DocumentZigzag(tuple(2 * world_size * m for m in draw(st.lists(st.integers(1, 3), min_size=1,
+                                                                                 max_size=4))))
+        seq_len = layout.seq_len
+    else:
+        seq_len = draw(st.integers(1, 6)) * num_chunks(world_size, layout)
     batch = draw(st.integers(1, 2))
     docs = None
-    if draw(st.booleans()):
+    if isinstance(layout, DocumentZigzag) and draw(st.booleans()):
+        # The documents the layout was made for, each padded (id -1) at its end by a random amount.
+        ids = []
+        for i, length in enumerate(layout.lengths):
+            pad = draw(st.integers(0, length - 1))
+            ids += [i] * (length - pad) + [-1] * pad
+        docs = torch.tensor([ids] * batch)
+        assert DocumentZigzag.from_document_ids(docs) == layout
+    elif draw(st.booleans()):
         # Random boundaries: documents shorter than a shard, and longer than a whole shard.
         rows = []
         for _ in range(batch):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cp_dtensor import ModelConfig, TransformerWithCP, apply_ddp, shift_labels
+from cp_dtensor import DocumentZigzag, ModelConfig, TransformerWithCP, apply_ddp, shift_labels
 
 CONFIG = ModelConfig(vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48)
 SEQ_LEN, GLOBAL_BATCH = 16, 4
@@ -69,7 +69,8 @@ def step_case(cp_size: int, dp_size: int, batch: dict) -> dict:
             "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
-@pytest.mark.parametrize("cp_size,layout", [(2, "zigzag"), (4, "contiguous"), (4, "zigzag")])
+@pytest.mark.parametrize("cp_size,layout", [(2, "zigzag"), (4, "contiguous"), (4, "zigzag"),
+                                            (2, DocumentZigzag((12, 4)))])  # segments of 3 and 1 tokens a piece
 def test_loss_and_grads_match_one_process(cp_size, layout):
     batch = make_batch(seed=cp_size)
     sharded = mp_pool.run_on_ranks(cp_size, grads_case, cp_size, 1, layout, batch)
