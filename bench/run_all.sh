@@ -47,6 +47,8 @@ if [[ "${1:-all}" != report ]]; then
   run $R/profile_ring_p4.json 4 bench.profile_ring --seq 16384
   # masks: packed documents and a window (docs/packed-and-windows.md), and the host cost of planning them
   run $R/masks_p4.json 4 bench.masks --repeats 5
+  # packed documents of mixed lengths: whole-row zigzag vs DocumentZigzag (docs/packed-and-windows.md)
+  run $R/document_balance_p4.json 4 bench.document_balance --repeats 5
   if [[ -z "${KEEP_EXISTING:-}" || ! -f $R/plan_cost.json ]]; then "$PY" -m bench.plan_cost --out $R/plan_cost.json; fi
 fi
 "$PY" -m bench.report

@@ -32,6 +32,9 @@ HAS_YUNCHANG = importlib.util.find_spec("yunchang") is not None
 RUNS = {  # name: (ranks, module, args)
     "cost": (2, "bench.cost", ["--seq", "256", "--repeats", "1", *TINY]),
     "balance": (2, "bench.balance", ["--seq", "256", "--repeats", "1", *TINY]),
+    "document_balance": (
+        2, "bench.document_balance", ["--seq", "512", "--short", "32", "--mean", "64", "--repeats", "1", *TINY]
+    ),
     "peers_torch": (2, "bench.peers", ["--suite", "torch", "--seq", "256", "--repeats", "1", *TINY]),
     "peers_memory": (2, "bench.peers", ["--suite", "memory", "--seq", "512", "--repeats", "1", *TINY]),
     "scaling": (2, "bench.scaling", ["--seq", "256", "512", *TINY]),
@@ -123,6 +126,19 @@ def test_balance_plans_and_measures_both_layouts(smoke):
     assert entry["layouts"]["contiguous"]["planned_max_over_mean"] == pytest.approx(max(pairs) / (sum(pairs) / 2))
     for res in entry["layouts"].values():
         assert res["kernel_max_over_mean"]["min"] >= 1.0 and len(res["kernel_seconds_per_rank"][0]) == 2
+
+
+def test_document_balance_counts_every_visible_pair_and_balances_per_document(smoke):
+    result = get(smoke, "document_balance")
+    for name, entry in result["experiments"].items():
+        lengths = entry["document_lengths"]
+        assert sum(lengths) + entry["padding_tokens"] == entry["seq_len"]
+        for layout, res in entry["layouts"].items():
+            # every layout places every query once: the ranks' pairs add up to the causal documents' pairs
+            assert sum(res["visible_pairs_per_rank"]) == sum(n * (n + 1) // 2 for n in lengths), (name, layout)
+            assert len(res["kernel_seconds_per_rank"][0]) == 2 and res["kernel_max_over_zigzag_max"]["n"] == 1
+    half = result["experiments"]["half"]["layouts"]  # no padding: per-document zigzag is exact
+    assert half["documents"]["visible_pairs_max_over_mean"] == 1.0 < half["zigzag"]["visible_pairs_max_over_mean"]
 
 
 def test_torch_cp_adapter_agrees_with_ours_and_sdpa(smoke):
