@@ -221,7 +221,8 @@ class ContextParallelGroup:
 
         Args:
             x: The full tensor, identical on every rank of the cp axis; its ``seq_dim`` has length
-                ``L``, a multiple of ``P`` (contiguous) or ``2P`` (zigzag) unless ``pad``.
+                ``L``, a multiple of ``P`` (contiguous) or ``2P`` (zigzag) unless ``pad``; under a
+                :class:`~cp_dtensor.layout.DocumentZigzag`, the sum of its segments (``pad`` adds nothing).
             seq_dim: The sequence dimension.
             pad: Append zeros up to the next multiple first (``padded_length(L, P, layout)``). Then
                 pass ``seq_len=L`` to :func:`~cp_dtensor.ring_attention` so the padding is masked.
