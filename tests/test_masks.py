@@ -115,7 +115,26 @@ STRATEGY_CASES = [  # (strategy, world size, ulysses size)
 @pytest.mark.parametrize(("strategy", "world_size", "ulysses_size"), STRATEGY_CASES)
 @given(data=st.data())
 def test_masked_attention_matches_dense_mask(strategy, world_size, ulysses_size, data):
-    cfg = data.draw(masked_configs(world_size, strategy, ulysses_size))
+    check_against_dense_mask(data.draw(masked_configs(world_size, strategy, ulysses_size)), world_size)
+
+
+@pytest.mark.parametrize(("strategy", "world_size", "ulysses_size"), [c for c in STRATEGY_CASES if c[1] > 1])
+def test_document_zigzag_in_every_strategy(strategy, world_size, ulysses_size):
+    """A fixed DocumentZigzag case per strategy (the property test draws this layout among others):
+    one long document, two short ones padded at their ends, causal, small tiles."""
+    unit = 2 * world_size
+    lengths, real = (6 * unit, unit, 2 * unit), (6 * unit, unit - 1, 2 * unit - 3)
+    ids = torch.tensor(sum(([i] * n + [-1] * (length - n) for i, (n, length) in enumerate(zip(real, lengths))), []))
+    cfg = {"strategy": strategy, "ulysses_size": ulysses_size, "layout": DocumentZigzag(lengths),
+           "seq_len": sum(lengths), "batch": 2, "heads": 4, "kv_heads": 2, "head_dim": 8, "causal": True,
+           "docs": ids[None].repeat(2, 1), "window": None, "seq_len_real": None, "dtype": "float64", "tile": 3,
+           "scale": None, "seed": world_size}
+    assert DocumentZigzag.from_document_ids(cfg["docs"]) == cfg["layout"]
+    check_against_dense_mask(cfg, world_size)
+
+
+def check_against_dense_mask(cfg: dict, world_size: int) -> None:
+    """Run ``cfg`` on ``world_size`` ranks; compare output and gradients with fp64 attention and the dense mask."""
     inputs = make_inputs(cfg, cfg["seed"])
     results = mp_pool.run_on_ranks(world_size, masked_ring_case, world_size, cfg, inputs)
     q, k, v = (inputs[n].clone().requires_grad_() for n in "qkv")
