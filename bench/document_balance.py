@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def rows(args: argparse.Namespace, size: int) -> dict[str, list[int]]:
+def rows(args: argparse.Namespace) -> dict[str, list[int]]:
     """Document lengths of each experiment's row; each a multiple of 2P (``random``: padded, see below)."""
     half = [args.seq // 2] + [args.short] * ((args.seq - args.seq // 2) // args.short)
     rng, lengths = random.Random(0), []
@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     size = world_size()
     base = init_context_parallel_group(cp_size=size, device_type="cpu")
     experiments = {}
-    for name, lengths in rows(args, size).items():
+    for name, lengths in rows(args).items():
         ids_L = padded_ids(lengths, 2 * size)
         seq_len = len(ids_L)
         layouts = {"zigzag": "zigzag", "contiguous": "contiguous", "documents": DocumentZigzag.from_document_ids(ids_L)}
