@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def rows(args: argparse.Namespace) -> dict[str, list[int]]:
-    """Document lengths of each experiment's row; each a multiple of 2P (``random``: padded, see below)."""
+    """Document lengths of each experiment's row, before :func:`padded_ids` pads each to a multiple of 2P."""
     half = [args.seq // 2] + [args.short] * ((args.seq - args.seq // 2) // args.short)
     rng, lengths = random.Random(0), []
     while sum(lengths) < args.seq:

@@ -11,7 +11,8 @@ A query at global position ``i`` of batch row ``b`` may attend to the key at pos
 Note [Skipping what the mask hides]
 -----------------------------------
 The causal block plan (:func:`cp_dtensor.blocks.plan_blocks`) is refined tile by tile: each planned
-call is cut into ``tile x tile`` tiles, and for each tile we evaluate the visibility above on the
+call is cut into tiles of at most ``tile x tile``, never spanning two of the layout's runs
+(:func:`tile_edges`), and for each tile we evaluate the visibility above on the
 tile's global positions (a ``(B, tile, tile)`` boolean, never a sequence-sized matrix). Tiles with
 no visible pair are skipped; neighbouring tiles of one row band that are all-visible go to the
 kernel without a mask; only bands that straddle a boundary get an explicit mask.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -242,7 +244,7 @@ def _groups(flags: list[int], split_at: int | None = None) -> list[tuple[int, in
     return groups
 
 
-def tile_edges(pos: torch.Tensor, tile: int, run_starts: list[int] = ()) -> list[int]:
+def tile_edges(pos: torch.Tensor, tile: int, run_starts: Sequence[int] = ()) -> list[int]:
     """Where a block's rows (or columns) are cut into tiles: every ``tile`` entries of each run.
 
     A run is a stretch of consecutive global positions, and every run starts a new tile, so no tile
