@@ -1,7 +1,8 @@
 """Packed documents and a sliding window on real ranks: the production ring against the oracle.
 
 Every rank builds the same global sequence (seeded), keeps its zigzag shard of q, k, v and of the
-document ids, and runs ``ring_attention`` with ``document_ids=`` (and then with a causal window);
+document ids, and runs ``ring_attention`` with ``document_ids=`` (then the same documents, padded, under
+a per-document zigzag, and then a causal window);
 rank 0 gathers the output and the gradients and compares them with fp64 full attention under the
 same mask written out densely. Run it (CPU, gloo; 4 processes on one machine):
 
@@ -11,8 +12,13 @@ same mask written out densely. Run it (CPU, gloo; 4 processes on one machine):
 import torch
 import torch.distributed as dist
 
-from cp_dtensor import count_comm, init_context_parallel_group, ring_attention
-from cp_dtensor.masks import document_ids_from_cu_seqlens
+from cp_dtensor import (
+    DocumentZigzag,
+    count_comm,
+    document_ids_from_cu_seqlens,
+    init_context_parallel_group,
+    ring_attention,
+)
 from reference import full_attention, make_mask
 
 B, H, L, D = 1, 2, 64, 8
@@ -49,6 +55,14 @@ def main() -> None:
     local_ids = group.partition_sequence(doc_ids, seq_dim=1)  # this rank's ids; the ring gathers them
     packed_sends = check(group, q, k, v, dout, document_ids=local_ids)
 
+    # The same kind of row placed by a zigzag inside every document: lengths must be multiples of
+    # 2P = 8, so each document is padded with id -1 (padding sees nothing and is seen by nothing).
+    padded = [[i] * n + [-1] * (-n % 8) for i, n in enumerate([5, 22, 3, 17])]  # 8 + 24 + 8 + 24 = 64 tokens
+    padded_ids = torch.tensor(sum(padded, []))[None]
+    per_doc = group.with_layout(DocumentZigzag.from_document_ids(padded_ids))  # same process groups
+    check(per_doc, q, k, v, dout, document_ids=per_doc.partition_sequence(padded_ids, seq_dim=1))
+    runs = per_doc.runs(L)  # this rank's pieces: (start, length)
+
     window_sends = {}
     for layout in ("zigzag", "contiguous"):
         group = init_context_parallel_group(4, layout=layout, device_type="cpu")
@@ -56,6 +70,7 @@ def main() -> None:
 
     if dist.get_rank() == 0:
         print("packed documents: output and gradients match fp64 full attention; sends:", packed_sends)
+        print(f"per-document zigzag: match; rank 0 holds {runs}")
         for layout, sends in window_sends.items():
             print(f"window (3, 0), {layout:10s}: match; sends per rank: {sends}")
     dist.barrier()  # every rank done sending before gloo tears down (it can abort at exit otherwise)
