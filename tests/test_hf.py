@@ -179,3 +179,37 @@ def test_unsupported_arguments_raise():
     messages = run_on_ranks(4, rejects_task)[0]
     assert len(messages) == 3, messages
     assert "dropout=0.1" in messages[0] and "cp_group=" in messages[1] and "attention_mask" in messages[2]
+
+
+def hf_loss_task():
+    """Transformers' own loss with ``loss_inputs()``: value summed over ranks and gradients are one process's."""
+    import transformers
+
+    from cp_dtensor.integrations import shard_batch
+    from cp_dtensor.integrations.transformers import register
+
+    register()
+    torch.manual_seed(0)
+    config = make_config("qwen2")
+    ref_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").double()
+    ids, pos = global_batch(2, packed=True)
+    ref_loss, ref_grads = reference(ref_model, ids, pos)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="cp_ring").double()
+    model.load_state_dict(ref_model.state_dict())
+    g = group(2, dp_size=2)
+    row = g.dp_mesh.get_local_rank()
+    batch = shard_batch(ids[row : row + 1], g, position_ids=pos[row : row + 1])
+    share = model(**batch.model_inputs(), **batch.loss_inputs()).loss
+    share.backward()
+    loss = share.detach().clone()
+    dist.all_reduce(loss)
+    grad_err = 0.0
+    for name, p in model.named_parameters():
+        dist.all_reduce(p.grad)
+        grad_err = max(grad_err, (p.grad - ref_grads[name]).abs().max().item())
+    return (loss - ref_loss).abs().item(), grad_err
+
+
+def test_transformers_loss_with_loss_inputs():
+    for loss_err, grad_err in run_on_ranks(4, hf_loss_task):
+        assert loss_err < 1e-5 and grad_err < 1e-5, (loss_err, grad_err)  # transformers' loss runs in float32

@@ -22,8 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from cp_dtensor import ContextParallelGroup, ShardedLoss, cross_entropy_across_shards, document_ids_from_cu_seqlens
+
+try:  # the dp x cp replicas; the module moves into cp_dtensor.parallel
+    from cp_dtensor.parallel.grad_sync import replica_group
+except ImportError:
+    from cp_dtensor.grad_sync import replica_group
 
 __all__ = ["IGNORE_INDEX", "ShardedBatch", "causal_lm_loss", "document_ids_from_position_ids", "shard_batch"]
 
@@ -77,6 +83,19 @@ class ShardedBatch:
             "cp_group": self.cp_group,
             "cp_document_ids": self.document_ids,
         }
+
+    def loss_inputs(self) -> dict:
+        """Keyword arguments for transformers' own causal-LM loss, exact across dp x cp.
+
+        ``shift_labels`` stops the model from shifting this shard's labels, and
+        ``num_items_in_batch`` is the target count of the GLOBAL batch (one all-reduce over dp x
+        cp), so the model's ``loss`` is this rank's share ``S_r / N``: its gradient summed over
+        the ranks is the one-device gradient, and its value summed over the ranks is the loss.
+        Transformers computes this loss in float32.
+        """
+        count = (self.shift_labels != IGNORE_INDEX).sum()
+        dist.all_reduce(count, group=replica_group(self.cp_group))
+        return {"labels": self.shift_labels, "shift_labels": self.shift_labels, "num_items_in_batch": count}
 
 
 def _targets(
@@ -180,8 +199,8 @@ def causal_lm_loss(logits: torch.Tensor, batch: ShardedBatch, *, ignore_index: i
     The value is the global loss on every rank (what one device reports); backward gives this rank's
     share, and summing parameter gradients over dp x cp (:func:`~cp_dtensor.apply_ddp`) gives the
     one-device gradient (Note [Loss across shards] in :mod:`cp_dtensor.loss`). Transformers' own loss
-    gets the same gradient with ``shift_labels=`` and ``num_items_in_batch=`` the global target count,
-    but its value is then only this rank's share, and it computes in float32.
+    gets the same gradient with :meth:`ShardedBatch.loss_inputs`, but its value is then only this
+    rank's share, and it computes in float32.
 
     Args:
         logits: This rank's logits ``(B, S, V)``.
