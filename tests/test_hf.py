@@ -9,6 +9,8 @@ Tolerance 1e-10: fp64 throughout, only the summation order differs.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 pytest.importorskip("transformers")
@@ -83,7 +85,9 @@ def compare_task(family: str, cp_size: int, dp_size: int, packed: bool, strategi
     for strategy in strategies:
         extra = {"ulysses_size": 2} if strategy == "hybrid" else {}
         g = group(cp_size, dp_size=dp_size, **extra)
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=f"cp_{strategy}").double()
+        model = transformers.AutoModelForCausalLM.from_config(
+            copy.deepcopy(config), attn_implementation=f"cp_{strategy}"
+        ).double()
         model.load_state_dict(ref_model.state_dict())
         row = g.dp_mesh.get_local_rank()
         batch = shard_batch(ids[row : row + 1], g, position_ids=None if pos is None else pos[row : row + 1])
@@ -194,8 +198,8 @@ def hf_loss_task():
     ref_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").double()
     ids, pos = global_batch(2, packed=True)
     ref_loss, ref_grads = reference(ref_model, ids, pos)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="cp_ring").double()
-    model.load_state_dict(ref_model.state_dict())
+    model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="cp_ring")
+    model.double().load_state_dict(ref_model.state_dict())
     g = group(2, dp_size=2)
     row = g.dp_mesh.get_local_rank()
     batch = shard_batch(ids[row : row + 1], g, position_ids=pos[row : row + 1])
@@ -213,3 +217,57 @@ def hf_loss_task():
 def test_transformers_loss_with_loss_inputs():
     for loss_err, grad_err in run_on_ranks(4, hf_loss_task):
         assert loss_err < 1e-5 and grad_err < 1e-5, (loss_err, grad_err)  # transformers' loss runs in float32
+
+
+MORE_FAMILIES = ["Qwen3", "Gemma", "Gemma3Text", "Phi3", "Olmo2", "Granite", "Starcoder2", "Cohere", "SmolLM3", "Glm"]
+TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=8)  # ids inside the small vocabulary
+
+
+def forward_task(family: str):
+    """Logits of ``cp_ring`` on 4 ranks, gathered, against transformers' sdpa on the whole sequence."""
+    import transformers
+
+    from cp_dtensor.integrations import shard_batch
+    from cp_dtensor.integrations.transformers import register
+
+    register()
+    config = getattr(transformers, f"{family}Config")(**SMALL, **TOKENS)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").double()
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="cp_ring").double()
+    model.load_state_dict(ref.state_dict())
+    ids, _ = global_batch(1, packed=False)
+    g = group(4)
+    logits = g.gather_sequence(model(**shard_batch(ids, g).model_inputs()).logits, seq_dim=1)
+    return (logits - ref(input_ids=ids, use_cache=False).logits).abs().max().item()
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_more_families_forward(family):
+    assert max(run_on_ranks(4, forward_task, family)) < TOL
+
+
+def refuses_task(family: str, extra: dict):
+    import transformers
+
+    from cp_dtensor.integrations import shard_batch
+    from cp_dtensor.integrations.transformers import register
+
+    register()
+    config = getattr(transformers, f"{family}Config")(**SMALL, **TOKENS, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="cp_ring")
+    ids, _ = global_batch(1, packed=False)
+    try:
+        model(**shard_batch(ids, group(4)).model_inputs())
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+@pytest.mark.parametrize(
+    "family,extra,word",
+    [("Gemma2", {}, "softcap"), ("GptOss", {"num_local_experts": 2, "num_experts_per_tok": 1}, "s_aux")],
+    ids=["gemma2-softcap", "gpt_oss-sinks"],
+)
+def test_families_we_cannot_shard_raise(family, extra, word):
+    assert all(word in message for message in run_on_ranks(4, refuses_task, family, extra))
