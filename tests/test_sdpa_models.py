@@ -135,3 +135,24 @@ def test_unsupported_arguments_raise():
         (False, True, False),
         (False, False, True),
     ], messages
+
+
+def batch_forms_task():
+    """``cu_seqlens`` and restarting ``position_ids`` describe the same packing; targets stay in their document."""
+    from cp_dtensor.integrations import shard_batch
+
+    g = group(4)
+    ids, pos = global_batch(1, packed=True)  # documents of 10, 13 and 9 tokens
+    by_pos = shard_batch(ids, g, position_ids=pos)
+    by_cu = shard_batch(ids, g, cu_seqlens=torch.tensor([0, 10, 23, 32]))
+    full = g.gather_sequence(by_cu.shift_labels, seq_dim=1)[0]
+    same = all(
+        torch.equal(getattr(by_pos, f), getattr(by_cu, f)) for f in ("input_ids", "position_ids", "shift_labels")
+    )
+    return same and torch.equal(by_pos.document_ids, by_cu.document_ids), full[[9, 22, 31]].tolist(), full[8].item()
+
+
+def test_cu_seqlens_and_position_ids_agree():
+    for same, ends, inside in run_on_ranks(4, batch_forms_task):
+        ids, _ = global_batch(1, packed=True)
+        assert same and ends == [-100, -100, -100] and inside == ids[0, 9].item()

@@ -163,12 +163,12 @@ def shard_batch(
         _check_rows(name, x, input_ids.shape)
     batch, seq_len = input_ids.shape
     if cu_seqlens is not None:
+        document_ids = document_ids_from_cu_seqlens(cu_seqlens)[None]  # (1, L); validates cu_seqlens
         if batch != 1 or int(cu_seqlens[-1]) != seq_len:
             raise ValueError(
                 f"cu_seqlens describes one packed row ending at seq_len={seq_len}; got batch={batch}, "
                 f"cu_seqlens={cu_seqlens.tolist()}."
             )
-        document_ids = document_ids_from_cu_seqlens(cu_seqlens)[None]  # (1, L)
         starts = cu_seqlens[:-1].repeat_interleave(cu_seqlens.diff())
         position_ids = (torch.arange(seq_len, device=input_ids.device) - starts)[None]
     elif position_ids is None:
