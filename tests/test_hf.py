@@ -1,0 +1,273 @@
+"""Hugging Face models with context-parallel attention equal one process with transformers' own attention.
+
+Each worker builds the same small random model (fp64, seeded), computes the loss and gradients of the
+WHOLE global batch in one process with ``attn_implementation="sdpa"`` (transformers' own masks,
+including its packed-sequence detection from restarting ``position_ids``), then the CP run of its own
+shard with every strategy, sums the gradients over dp x cp, and reports the largest differences.
+Tolerance 1e-10: fp64 throughout, only the summation order differs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from mp_pool import group, run_on_ranks  # noqa: E402
+
+TOL = 1e-10  # fp64; the sharded and one-process sums differ only in order
+SEQ_LEN, VOCAB = 32, 61
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    attention_dropout=0.0,
+)
+
+
+def make_config(family: str):
+    import transformers
+
+    if family == "llama":  # GQA: 4 query heads, 2 K/V heads
+        return transformers.LlamaConfig(**SMALL)
+    if family == "qwen2":  # q/k/v biases; layer 1 slides over 5 tokens, layer 0 attends fully
+        return transformers.Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=5, max_window_layers=1)
+    if family == "mistral":  # every layer slides over 6 tokens
+        return transformers.MistralConfig(**SMALL, sliding_window=6)
+    raise ValueError(family)
+
+
+def global_batch(rows: int, packed: bool):
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, VOCAB, (rows, SEQ_LEN), generator=gen)
+    if not packed:
+        return ids, None
+    lengths = [[11, 9, 12], [5, 20, 7], [32], [16, 16]][:rows]
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    return ids, pos
+
+
+def reference(model, ids, pos):
+    """Loss and gradients of the whole batch on one process; targets never cross a document."""
+    model.zero_grad()
+    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    if pos is not None:
+        targets[:, :-1].masked_fill_(pos[:, 1:] == 0, -100)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def compare_task(family: str, cp_size: int, dp_size: int, packed: bool, strategies: list[str]):
+    import transformers
+
+    from cp_dtensor.integrations import causal_lm_loss, shard_batch
+    from cp_dtensor.integrations.transformers import register
+
+    register()
+    config = make_config(family)
+    torch.manual_seed(0)
+    ref_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").double()
+    ids, pos = global_batch(dp_size, packed)
+    ref_loss, ref_grads = reference(ref_model, ids, pos)
+    errors = {}
+    for strategy in strategies:
+        extra = {"ulysses_size": 2} if strategy == "hybrid" else {}
+        g = group(cp_size, dp_size=dp_size, **extra)
+        model = transformers.AutoModelForCausalLM.from_config(
+            copy.deepcopy(config), attn_implementation=f"cp_{strategy}"
+        ).double()
+        model.load_state_dict(ref_model.state_dict())
+        row = g.dp_mesh.get_local_rank()
+        batch = shard_batch(ids[row : row + 1], g, position_ids=None if pos is None else pos[row : row + 1])
+        loss = causal_lm_loss(model(**batch.model_inputs()).logits, batch).loss
+        loss.backward()
+        grad_err = 0.0
+        for name, p in model.named_parameters():
+            dist.all_reduce(p.grad)  # sum over dp x cp, as apply_ddp does
+            grad_err = max(grad_err, (p.grad - ref_grads[name]).abs().max().item())
+        errors[strategy] = ((loss.detach() - ref_loss).abs().item(), grad_err)
+    return errors
+
+
+CASES = [(4, 1, ["ring", "ulysses", "allgather", "hybrid"]), (2, 2, ["ring", "ulysses", "allgather"])]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("cp_size,dp_size,strategies", CASES, ids=["cp4", "dp2xcp2"])
+def test_matches_one_process(family, packed, cp_size, dp_size, strategies):
+    for errors in run_on_ranks(4, compare_task, family, cp_size, dp_size, packed, strategies):
+        for strategy, (loss_err, grad_err) in errors.items():
+            assert loss_err < TOL and grad_err < TOL, (strategy, loss_err, grad_err)
+
+
+def naive_task():
+    """The two usual mistakes, on Llama under dp2 x cp2: their losses differ from the global mean."""
+    import transformers
+
+    from cp_dtensor.integrations import causal_lm_loss, shard_batch
+    from cp_dtensor.integrations.transformers import register
+
+    register()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(make_config("llama"), attn_implementation="cp_ring").double()
+    with torch.no_grad():  # confident predictions: per-token losses spread out, so the mistakes show
+        model.lm_head.weight.mul_(30)
+    g = group(2, dp_size=2)
+    ids, _ = global_batch(2, packed=False)
+    ids[1, 20:] = ids[1, 0]  # rows with different numbers of targets make per-rank means disagree
+    row = g.dp_mesh.get_local_rank()
+    ids_row = ids[row : row + 1]
+    batch = shard_batch(ids_row, g, labels=torch.where(ids_row == ids[1, 0], -100, ids_row))
+    logits = model(**batch.model_inputs()).logits
+    right = causal_lm_loss(logits, batch).loss.item()
+    # Mistake 1: transformers' own shift on the local shard (labels shifted per shard).
+    local_labels = torch.where(batch.input_ids == ids[1, 0], -100, batch.input_ids)
+    per_shard = model.loss_function(logits=logits, labels=local_labels, vocab_size=VOCAB).detach()
+    dist.all_reduce(per_shard)
+    # Mistake 2: the right targets, but the mean of per-rank means.
+    mean_of_means = F.cross_entropy(logits.flatten(0, 1), batch.shift_labels.flatten(), ignore_index=-100).detach()
+    dist.all_reduce(mean_of_means)
+    return right, per_shard.item() / 4, mean_of_means.item() / 4
+
+
+def test_naive_sharding_gives_a_different_loss():
+    results = run_on_ranks(4, naive_task)
+    right, per_shard, mean_of_means = results[0]
+    assert all(abs(r[0] - right) < TOL for r in results)  # the right loss is the same on every rank
+    assert abs(per_shard - right) > 1e-3 and abs(mean_of_means - right) > 1e-3, results[0]
+
+
+def rejects_task():
+    import transformers
+
+    from cp_dtensor.integrations import shard_batch
+    from cp_dtensor.integrations.transformers import register
+
+    register()
+    g = group(4)
+    ids, _ = global_batch(1, packed=False)
+    batch = shard_batch(ids, g)
+    messages = []
+    for change in ({"attention_dropout": 0.1}, {}):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.LlamaConfig(**{**SMALL, **change}), attn_implementation="cp_ring"
+        ).train()
+        inputs = batch.model_inputs() if change else {**batch.model_inputs(), "cp_group": None}
+        try:
+            model(**inputs)
+        except ValueError as err:
+            messages.append(str(err))
+    try:
+        padding = torch.ones(1, 8, dtype=torch.long).index_fill(1, torch.tensor([0]), 0)
+        model(**batch.model_inputs(), attention_mask=padding)
+    except ValueError as err:
+        messages.append(str(err))
+    return messages
+
+
+def test_unsupported_arguments_raise():
+    messages = run_on_ranks(4, rejects_task)[0]
+    assert len(messages) == 3, messages
+    assert "dropout=0.1" in messages[0] and "cp_group=" in messages[1] and "attention_mask" in messages[2]
+
+
+def hf_loss_task():
+    """Transformers' own loss with ``loss_inputs()``: value summed over ranks and gradients are one process's."""
+    import transformers
+
+    from cp_dtensor.integrations import shard_batch
+    from cp_dtensor.integrations.transformers import register
+
+    register()
+    torch.manual_seed(0)
+    config = make_config("qwen2")
+    ref_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").double()
+    ids, pos = global_batch(2, packed=True)
+    ref_loss, ref_grads = reference(ref_model, ids, pos)
+    model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="cp_ring")
+    model.double().load_state_dict(ref_model.state_dict())
+    g = group(2, dp_size=2)
+    row = g.dp_mesh.get_local_rank()
+    batch = shard_batch(ids[row : row + 1], g, position_ids=pos[row : row + 1])
+    share = model(**batch.model_inputs(), **batch.loss_inputs()).loss
+    share.backward()
+    loss = share.detach().clone()
+    dist.all_reduce(loss)
+    grad_err = 0.0
+    for name, p in model.named_parameters():
+        dist.all_reduce(p.grad)
+        grad_err = max(grad_err, (p.grad - ref_grads[name]).abs().max().item())
+    return (loss - ref_loss).abs().item(), grad_err
+
+
+def test_transformers_loss_with_loss_inputs():
+    for loss_err, grad_err in run_on_ranks(4, hf_loss_task):
+        assert loss_err < 1e-5 and grad_err < 1e-5, (loss_err, grad_err)  # transformers' loss runs in float32
+
+
+MORE_FAMILIES = ["Qwen3", "Gemma", "Gemma3Text", "Phi3", "Olmo2", "Granite", "Starcoder2", "Cohere", "SmolLM3", "Glm"]
+TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=8)  # ids inside the small vocabulary
+
+
+def forward_task(family: str):
+    """Logits of ``cp_ring`` on 4 ranks, gathered, against transformers' sdpa on the whole sequence."""
+    import transformers
+
+    from cp_dtensor.integrations import shard_batch
+    from cp_dtensor.integrations.transformers import register
+
+    register()
+    config = getattr(transformers, f"{family}Config")(**SMALL, **TOKENS)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").double()
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="cp_ring").double()
+    model.load_state_dict(ref.state_dict())
+    ids, _ = global_batch(1, packed=False)
+    g = group(4)
+    logits = g.gather_sequence(model(**shard_batch(ids, g).model_inputs()).logits, seq_dim=1)
+    return (logits - ref(input_ids=ids, use_cache=False).logits).abs().max().item()
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_more_families_forward(family):
+    assert max(run_on_ranks(4, forward_task, family)) < TOL
+
+
+def refuses_task(family: str, extra: dict):
+    import transformers
+
+    from cp_dtensor.integrations import shard_batch
+    from cp_dtensor.integrations.transformers import register
+
+    register()
+    config = getattr(transformers, f"{family}Config")(**SMALL, **TOKENS, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="cp_ring")
+    ids, _ = global_batch(1, packed=False)
+    try:
+        model(**shard_batch(ids, group(4)).model_inputs())
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+@pytest.mark.parametrize(
+    "family,extra,word",
+    [("Gemma2", {}, "softcap"), ("GptOss", {"num_local_experts": 2, "num_experts_per_tok": 1}, "s_aux")],
+    ids=["gemma2-softcap", "gpt_oss-sinks"],
+)
+def test_families_we_cannot_shard_raise(family, extra, word):
+    assert all(word in message for message in run_on_ranks(4, refuses_task, family, extra))
