@@ -187,6 +187,19 @@ def test_kill_mid_save_then_resume_reproduces_the_losses(uninterrupted, tmp_path
     assert resumed["eval_accuracy"] == pytest.approx(uninterrupted["eval_accuracy"], abs=0)
 
 
+def test_resume_onto_more_ranks_reproduces_the_losses(uninterrupted, tmp_path):
+    """Saved by one process, resumed by four (dp 2 x cp 2): weights, optimizer and data position carry over."""
+    ckpt = tmp_path / "ckpt"
+    proc, _ = run_job(tmp_path, "one", "--ckpt-dir", str(ckpt), "--save-every", "2", "--crash-at-step", "2", nproc=1)
+    assert proc.returncode != 0 and sorted(p.name for p in ckpt.iterdir()) == ["step_00000002"]
+    proc, resumed = run_job(tmp_path, "four", "--ckpt-dir", str(ckpt), "--save-every", "2", "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (resumed["dp"], resumed["cp"], resumed["first_step"]) == (2, 2, 3)
+    # fp64; the one-process steps and the four-rank steps sum in other orders only (as below).
+    for step, loss in losses(resumed).items():
+        assert loss == pytest.approx(losses(uninterrupted)[step], rel=1e-10, abs=0), step
+
+
 def test_one_process_run_matches_four_ranks_and_fails_below_min_accuracy(uninterrupted, tmp_path):
     # The same global batch in one process (cp = dp = 1): the same computation, so the same losses.
     proc, single = run_job(tmp_path, "single", "--min-accuracy", "1.01", nproc=1)
