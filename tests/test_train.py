@@ -89,6 +89,17 @@ def test_shift_labels_uses_the_next_token_of_the_full_sequence():
     assert shift_labels(ids).tolist() == [[6, 7, 8, IGNORE_INDEX]]
     mask = torch.tensor([[True, False, True, True]])  # position 1 is no target
     assert shift_labels(ids, mask).tolist() == [[IGNORE_INDEX, 7, 8, IGNORE_INDEX]]
+    # Packed documents [0, 0, 1, 1] then padding: no label crosses into the next document or comes from padding.
+    ids, docs = torch.tensor([[5, 6, 7, 8, 9, 9]]), torch.tensor([[0, 0, 1, 1, -1, -1]])
+    assert shift_labels(ids, document_ids=docs).tolist() == [[6, IGNORE_INDEX, 8, IGNORE_INDEX, IGNORE_INDEX,
+                                                               IGNORE_INDEX]]
+
+
+def test_packed_dataset_labels_stay_inside_their_document():
+    item = LongSequenceDataset(seq_len=256, num_documents=4, seed=3)[0]
+    labelled = (item["labels"] != IGNORE_INDEX).nonzero().flatten()
+    assert len(labelled) > 0
+    assert torch.equal(item["document_ids"][labelled], item["document_ids"][labelled + 1])
 
 
 # ---- the job's configuration ----------------------------------------------------------------------
