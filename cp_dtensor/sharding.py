@@ -19,9 +19,10 @@ not our attributes, so ``linear(permuted)`` is still permuted but no longer says
 read as natural order: the silent wrong answer this design exists to prevent. A custom placement
 would have to teach every torch op. With one meaning there is nothing to lose.
 
-The cost: the exchange moves about ``(P - 1) / P`` of each input and output under zigzag (half of it
-at ``P = 2``), counted by :func:`cp_dtensor.count_comm` as ``"relayout"``: per attention call three
-inputs and one output forward, and as many backward. The fast path stays local tensors from
+The cost: under zigzag a rank sends up to its whole shard of each input and output (half of it at
+``P = 2``; only the tokens its contiguous chunk and its zigzag shard do not share), counted by
+:func:`cp_dtensor.count_comm` as ``"relayout"``: per attention call three inputs and one output
+forward, and as many backward. The fast path stays local tensors from
 ``cp_group.partition_sequence``, which are already in the layout; :class:`~cp_dtensor.ContextParallelAttention`
 given a DTensor moves only its input and output, not q, k and v.
 """
