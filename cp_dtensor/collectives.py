@@ -138,15 +138,18 @@ def reduce_scatter(
 
 
 @functools.lru_cache(maxsize=32)
-def _exchange_indices(pieces: tuple[tuple[Piece, ...], ...], rank: int):
+def _exchange_indices(seq_len: int, n: int, src: Layout, dst: Layout, rank: int):
     """Index arithmetic of one layout exchange, for ``rank``: what to send, and where received rows go.
+
+    Cached: a model makes the same exchange at every layer (the key hashes a DocumentZigzag's
+    lengths, not the pieces).
 
     Returns:
         ``(send_index, send_splits, recv_order, recv_splits)``: the source rows to send, grouped by
         destination rank; the rows per destination; the permutation that puts the received rows
         (grouped by source rank) into storage order; the rows per source.
     """
-    n = len(pieces)
+    pieces: tuple[tuple[Piece, ...], ...] = relayout_pieces(seq_len, n, src, dst)
     send = [[(so, ln) for sr, so, _, ln in pieces[dst] if sr == rank] for dst in range(n)]
     recv = [[(do, ln) for sr, _, do, ln in pieces[rank] if sr == src] for src in range(n)]
 
@@ -158,9 +161,10 @@ def _exchange_indices(pieces: tuple[tuple[Piece, ...], ...], rank: int):
     return send_index, [sum(ln for _, ln in s) for s in send], recv_order, [sum(ln for _, ln in r) for r in recv]
 
 
-def _exchange(x: torch.Tensor, seq_dim: int, group: dist.ProcessGroup, pieces, op_name: str) -> torch.Tensor:
-    rank = dist.get_rank(group)
-    send_index, send_splits, recv_order, recv_splits = _exchange_indices(pieces, rank)
+def _exchange(x: torch.Tensor, seq_dim: int, group: dist.ProcessGroup, layouts: tuple, op_name: str) -> torch.Tensor:
+    """``x`` moved from ``layouts = (seq_len, src, dst)``'s source layout to its destination (not differentiable)."""
+    rank, (seq_len, src, dst) = dist.get_rank(group), layouts
+    send_index, send_splits, recv_order, recv_splits = _exchange_indices(seq_len, group_size(group), src, dst, rank)
     x_S = x.movedim(seq_dim, 0)  # sequence first: the splits cut dim 0
     send_S = x_S.index_select(0, send_index.to(x.device)).contiguous()
     recv_S = send_S.new_empty((sum(recv_splits), *send_S.shape[1:]))
@@ -174,17 +178,14 @@ class _Relayout(torch.autograd.Function):
     """A layout exchange whose backward is the inverse exchange (the data move is a permutation)."""
 
     @staticmethod
-    def forward(ctx, x, seq_dim, group, pieces, inverse_pieces, op_name):
-        ctx.args = seq_dim, group, inverse_pieces, op_name
-        return _exchange(x, seq_dim, group, pieces, op_name)
+    def forward(ctx, x, seq_dim, group, seq_len, src, dst, op_name):
+        ctx.args = seq_dim, group, (seq_len, dst, src), op_name
+        return _exchange(x, seq_dim, group, (seq_len, src, dst), op_name)
 
     @staticmethod
     def backward(ctx, grad):
-        seq_dim, group, inverse_pieces, op_name = ctx.args
-        return _exchange(grad, seq_dim, group, inverse_pieces, op_name), None, None, None, None, None
-
-
-_cached_pieces = functools.lru_cache(maxsize=32)(relayout_pieces)
+        seq_dim, group, inverse, op_name = ctx.args
+        return _exchange(grad, seq_dim, group, inverse, op_name), None, None, None, None, None, None
 
 
 def relayout(
@@ -215,5 +216,5 @@ def relayout(
     n = group_size(group)
     if n == 1 or src == dst:
         return x
-    pieces = _cached_pieces(seq_len, n, src, dst)
-    return _Relayout.apply(x, seq_dim % x.dim(), group, pieces, _cached_pieces(seq_len, n, dst, src), op_name)
+    _exchange_indices(seq_len, n, src, dst, dist.get_rank(group))  # raises ValueError before any communication
+    return _Relayout.apply(x, seq_dim % x.dim(), group, seq_len, src, dst, op_name)
