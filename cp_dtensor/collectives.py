@@ -150,8 +150,8 @@ def _exchange_indices(seq_len: int, n: int, src: Layout, dst: Layout, rank: int)
         (grouped by source rank) into storage order; the rows per source.
     """
     pieces: tuple[tuple[Piece, ...], ...] = relayout_pieces(seq_len, n, src, dst)
-    send = [[(so, ln) for sr, so, _, ln in pieces[dst] if sr == rank] for dst in range(n)]
-    recv = [[(do, ln) for sr, _, do, ln in pieces[rank] if sr == src] for src in range(n)]
+    send = [[(so, ln) for sr, so, _, ln in pieces[peer] if sr == rank] for peer in range(n)]  # to each peer
+    recv = [[(do, ln) for sr, _, do, ln in pieces[rank] if sr == peer] for peer in range(n)]  # from each peer
 
     def rows(spans):
         return torch.cat([torch.arange(o, o + ln) for o, ln in spans]) if spans else torch.zeros(0, dtype=torch.long)
