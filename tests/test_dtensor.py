@@ -67,10 +67,16 @@ def dtensor_case(
     inputs: dict,
     docs,
     docs_as_dtensor: bool,
+    dp_size: int | None = None,
 ) -> dict:
-    """Runs on every rank: distribute_tensor the global q, k, v, attend, backward; return full tensors."""
+    """Runs on every rank: distribute_tensor the global q, k, v, attend, backward; return full tensors.
+
+    ``world_size`` is the cp size; with ``dp_size``, ``inputs`` is a list: one sequence per dp replica.
+    """
     extra = {} if ulysses_size is None else {"ulysses_size": ulysses_size}
-    group = mp_pool.group(world_size, **extra).with_layout(_layout(layout_name, world_size))
+    group = mp_pool.group(world_size, dp_size=dp_size, **extra).with_layout(_layout(layout_name, world_size))
+    if dp_size is not None:
+        inputs = inputs[group.dp_mesh.get_local_rank()]
     mesh = group.cp_mesh
     q, k, v = (distribute_tensor(inputs[n], mesh, [Shard(2)]).requires_grad_() for n in "qkv")
     dout = distribute_tensor(inputs["dout"], mesh, [Shard(2)])
@@ -147,6 +153,17 @@ def test_distribute_tensor_inputs_are_natural_order(strategy, world_size, ulysse
         assert r["bwd"] == (calls, expected_bytes), f"rank {rank} backward relayout {r['bwd']}"
         if layout_name != "contiguous":
             assert expected_bytes > 0
+
+
+def test_distribute_tensor_inputs_with_a_dp_axis():
+    """dp 2 x cp 2: each replica's DTensor lives on its own cp mesh and computes its own sequence."""
+    seq_len = _seq_len("zigzag", 2)
+    inputs = [_inputs(seq_len, seed=s) for s in (31, 32)]
+    results = mp_pool.run_on_ranks(4, dtensor_case, 2, "ring", None, "zigzag", True, inputs, None, False, dp_size=2)
+    for rank, r in enumerate(results):
+        expected = _oracle(inputs[rank // 2], True, None)  # ranks 0, 1: replica 0; ranks 2, 3: replica 1
+        for name in ("out", "dq", "dk", "dv"):
+            torch.testing.assert_close(r[name], expected[name], rtol=0, atol=ATOL, msg=f"rank {rank} {name}")
 
 
 HIDDEN, HEADS = 16, 4
