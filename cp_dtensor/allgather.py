@@ -151,7 +151,9 @@ def allgather_kv_attention(
 
     Args:
         q: Local queries ``(B, H, S_local, D)`` (``cp_group.partition_sequence(q, seq_dim=2)``), or a
-            DTensor sharded ``Shard(2)`` on the cp mesh.
+            DTensor sharded ``Shard(2)`` on the cp mesh, in natural order
+            (``distribute_tensor``): moved into the layout and back, one all-to-all per tensor
+            (see Note [Re-laying out a DTensor] in :mod:`cp_dtensor.sharding`).
         k: Local keys ``(B, H_kv, S_local, D)``; ``H_kv`` divides ``H`` (GQA); gathered un-expanded.
         v: Local values, same shape as ``k``.
         cp_group: The group from :func:`~cp_dtensor.init_context_parallel_group`, any layout.

@@ -21,11 +21,27 @@ parallelism (:func:`~cp_dtensor.parallelize_for_tp`) parameters and optimizer st
 the tp mesh: each tp shard is written once (its dp x cp replicas deduplicated) with its place in the
 whole tensor, so the checkpoint loads into another dp x cp x tp split too, one process included
 (DCP reads what each rank's shard covers; tests/test_tensor_parallel.py).
+
+Note [RNG states across worlds]
+-------------------------------
+Weights, optimizer states and the ``train`` dict load into any dp x cp x tp split, larger or smaller:
+they are whole tensors or DTensors with their place in the whole, and DCP reshards them. The RNG
+states are not: each rank saved its own (``rng.rank{r}``), and what rank ``r``'s generator is used
+for depends on the split (its dp replica, cp shard and tp shard). So :func:`load_checkpoint` restores
+rank ``r``'s state only when the checkpoint was saved by a world of the same size; then the ranks
+play the same roles (the job builds its mesh from the same sizes) and training goes on exactly. In a
+world of another size no saved state belongs to this rank, and guessing would repeat streams across
+ranks; instead every rank reseeds deterministically from the checkpoint: ``seed + rank``, where
+``seed`` is drawn from rank 0's saved CPU generator. A resumed run is then reproducible (the same
+checkpoint on the same world gives the same streams), every rank's stream differs, and a warning
+says that the RNG streams were not continued. The saved world size is read from the checkpoint's
+own metadata (the ``rng.rank*`` keys DCP recorded), so no format of our own is involved.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +56,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+
+logger = logging.getLogger(__name__)
 
 _FINAL = re.compile(r"^step_(\d{8})$")
 _TMP_PREFIX = ".tmp_"
@@ -132,23 +150,60 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def _saved_keys(path: Path) -> set[str]:
+    """The flattened keys the checkpoint holds (``model.*``, ``rng.rank{r}.cpu``, ...), from DCP's metadata."""
+    return set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def _restore_rng(path: Path, state: dict) -> None:
+    """Set this rank's RNG states from a loaded checkpoint; see Note [RNG states across worlds]."""
+    if "mine" in state:
+        rng = state["mine"]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        return
+    gen = torch.Generator()
+    gen.set_state(state["rank0"]["cpu"])
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen)) + dist.get_rank()
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    if dist.get_rank() == 0:
+        logger.warning(
+            "Checkpoint %s was saved by a world of another size: the RNG streams are not continued; every rank "
+            "reseeds from the checkpoint (seed + rank). Weights, optimizer and train state are restored exactly.",
+            path,
+        )
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load a checkpoint into ``model`` and ``optimizer`` in place (collective: every rank calls it).
 
+    The checkpoint may come from any dp x cp x tp split, larger or smaller than this one: weights,
+    optimizer states and the ``train`` state are restored bit for bit (DCP reshards them). RNG states
+    are restored when the saving world had as many ranks as this one; otherwise every rank reseeds
+    deterministically from the checkpoint (``seed + rank``) and rank 0 logs a warning (see Note [RNG
+    states across worlds]).
+
     Args:
         path: A checkpoint directory, as returned by :func:`latest_checkpoint`.
-        model: The model (or its DDP wrapper), built as when it was saved.
+        model: The model (or its DDP wrapper), built as when it was saved (any split).
         optimizer: Its optimizer.
 
     Returns:
-        The ``train_state`` dict given to :func:`save_checkpoint`. This rank's RNG states are restored.
+        The ``train_state`` dict given to :func:`save_checkpoint`.
     """
+    path = Path(path)
+    keys = _saved_keys(path)
+    same_world = sum(bool(re.fullmatch(r"rng\.rank\d+\.cpu", k)) for k in keys) == dist.get_world_size()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "train": "", "rng": {_rng_key(): _rng_state()}}
-    dcp.load(state, checkpoint_id=Path(path))
+    # DCP raises on a key the checkpoint lacks: ask for this rank's own RNG states only in a world of
+    # the same size, and only for the devices that were saved.
+    if same_world:
+        rng = {_rng_key(): {d: t for d, t in _rng_state().items() if f"rng.{_rng_key()}.{d}" in keys}}
+    else:
+        rng = {"rank0": {"cpu": torch.get_rng_state()}}
+    state = {"model": model_sd, "optim": optim_sd, "train": "", "rng": rng}
+    dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng = state["rng"][_rng_key()]
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    _restore_rng(path, {"mine": state["rng"][_rng_key()]} if same_world else state["rng"])
     return json.loads(state["train"])

@@ -1,4 +1,7 @@
-"""Byte-counted collectives for the strategies that are not a ring: all-to-all, all-gather, reduce-scatter.
+"""Byte-counted collectives: all-to-all, all-gather, reduce-scatter, and the layout exchange.
+
+The first three serve the strategies that are not a ring; :func:`relayout` is the uneven all-to-all
+that moves a sequence from one layout to another (DTensor inputs, see :mod:`cp_dtensor.sharding`).
 
 Each wrapper calls one ``torch.distributed`` collective and reports the bytes this rank sends to
 :func:`cp_dtensor.comm.record_comm`, so that :func:`cp_dtensor.count_comm` sees every strategy the
@@ -28,12 +31,15 @@ strategies record.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
 from cp_dtensor.comm import record_comm
+from cp_dtensor.layout import Layout, Piece, relayout_pieces
 
-__all__ = ["all_to_all", "all_gather", "reduce_scatter", "group_size"]
+__all__ = ["all_to_all", "all_gather", "reduce_scatter", "relayout", "group_size"]
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -129,3 +135,86 @@ def reduce_scatter(
     dist.reduce_scatter_single(out, x_N.view(-1), group=group)  # flat: backends split dim 0
     record_comm(op_name, (n - 1) * _chunk_bytes(x_N))
     return out.view(x_N.shape[1:])
+
+
+@functools.lru_cache(maxsize=32)
+def _exchange_indices(seq_len: int, n: int, src: Layout, dst: Layout, rank: int):
+    """Index arithmetic of one layout exchange, for ``rank``: what to send, and where received rows go.
+
+    Cached: a model makes the same exchange at every layer (the key hashes a DocumentZigzag's
+    lengths, not the pieces).
+
+    Returns:
+        ``(send_index, send_splits, recv_order, recv_splits)``: the source rows to send, grouped by
+        destination rank; the rows per destination; the permutation that puts the received rows
+        (grouped by source rank) into storage order; the rows per source.
+    """
+    pieces: tuple[tuple[Piece, ...], ...] = relayout_pieces(seq_len, n, src, dst)
+    send = [[(so, ln) for sr, so, _, ln in pieces[peer] if sr == rank] for peer in range(n)]  # to each peer
+    recv = [[(do, ln) for sr, _, do, ln in pieces[rank] if sr == peer] for peer in range(n)]  # from each peer
+
+    def rows(spans):
+        return torch.cat([torch.arange(o, o + ln) for o, ln in spans]) if spans else torch.zeros(0, dtype=torch.long)
+
+    send_index = rows([span for spans in send for span in spans])
+    recv_order = torch.argsort(rows([span for spans in recv for span in spans]))
+    return send_index, [sum(ln for _, ln in s) for s in send], recv_order, [sum(ln for _, ln in r) for r in recv]
+
+
+def _exchange(x: torch.Tensor, seq_dim: int, group: dist.ProcessGroup, layouts: tuple, op_name: str) -> torch.Tensor:
+    """``x`` moved from ``layouts = (seq_len, src, dst)``'s source layout to its destination (not differentiable)."""
+    rank, (seq_len, src, dst) = dist.get_rank(group), layouts
+    send_index, send_splits, recv_order, recv_splits = _exchange_indices(seq_len, group_size(group), src, dst, rank)
+    x_S = x.movedim(seq_dim, 0)  # sequence first: the splits cut dim 0
+    send_S = x_S.index_select(0, send_index.to(x.device)).contiguous()
+    recv_S = send_S.new_empty((sum(recv_splits), *send_S.shape[1:]))
+    dist.all_to_all_single(recv_S, send_S, recv_splits, send_splits, group=group)
+    row_bytes = send_S[0].numel() * send_S.element_size() if send_S.shape[0] else 0
+    record_comm(op_name, (sum(send_splits) - send_splits[rank]) * row_bytes)
+    return recv_S.index_select(0, recv_order.to(x.device)).movedim(0, seq_dim)
+
+
+class _Relayout(torch.autograd.Function):
+    """A layout exchange whose backward is the inverse exchange (the data move is a permutation)."""
+
+    @staticmethod
+    def forward(ctx, x, seq_dim, group, seq_len, src, dst, op_name):
+        ctx.args = seq_dim, group, (seq_len, dst, src), op_name
+        return _exchange(x, seq_dim, group, (seq_len, src, dst), op_name)
+
+    @staticmethod
+    def backward(ctx, grad):
+        seq_dim, group, inverse, op_name = ctx.args
+        return _exchange(grad, seq_dim, group, inverse, op_name), None, None, None, None, None, None
+
+
+def relayout(
+    x: torch.Tensor, group: dist.ProcessGroup | None, *, seq_dim: int, seq_len: int, src: Layout, dst: Layout,
+    op_name: str = "relayout",
+) -> torch.Tensor:
+    """Move this rank's shard of a sequence from layout ``src`` to layout ``dst``: one uneven all-to-all.
+
+    Each rank sends every other rank exactly the tokens that rank holds under ``dst`` and this rank
+    holds under ``src``; nothing is gathered. Differentiable: the backward is the inverse exchange
+    (same bytes). See Note [Re-laying out a DTensor] in :mod:`cp_dtensor.sharding`.
+
+    Args:
+        x: This rank's shard under ``src``: ``seq_len // n`` long on ``seq_dim``.
+        group: Process group of the ``n`` ranks of the layout, or ``None`` for a group of one.
+        seq_dim: The sequence dimension of ``x``.
+        seq_len: The global sequence length.
+        src: The layout ``x`` is in.
+        dst: The layout to return.
+        op_name: Name the bytes are reported under; see Note [Bytes sent].
+
+    Returns:
+        This rank's shard under ``dst``, same shape as ``x`` (``x`` itself when nothing moves).
+
+    Raises:
+        ValueError: ``seq_len`` does not split evenly into one of the layouts.
+    """
+    n = group_size(group)
+    if n == 1 or src == dst:
+        return x
+    _exchange_indices(seq_len, n, src, dst, dist.get_rank(group))  # raises ValueError before any communication
+    return _Relayout.apply(x, seq_dim % x.dim(), group, seq_len, src, dst, op_name)

@@ -166,7 +166,8 @@ class LongSequenceDataset(Dataset):
 
             * ``input_ids`` ``(L,)`` long.
             * ``labels`` ``(L,)`` long: the value after each queried key, ``-100`` elsewhere (already
-              shifted on the full sequence; partition it like ``input_ids``).
+              shifted on the full sequence, never across a document boundary; partition it like
+              ``input_ids``).
             * ``document_ids`` ``(L,)`` long: the document of each token, ``0 .. D - 1`` in order (all
               0 without packing); the attention's ``document_ids=`` for packed training.
             * ``query_positions`` ``(A,)``: positions of the queried keys (where labels are set).
@@ -186,7 +187,7 @@ class LongSequenceDataset(Dataset):
         document_ids_L = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lengths)])
         return {
             "input_ids": ids_L,
-            "labels": shift_labels(ids_L[None], answer_mask_L[None])[0],
+            "labels": shift_labels(ids_L[None], answer_mask_L[None], document_ids=document_ids_L[None])[0],
             "document_ids": document_ids_L,
             "query_positions": torch.cat([d[2] for d in docs]),
             "source_positions": torch.cat([d[3] for d in docs]),

@@ -243,16 +243,29 @@ class ContextParallelGroup:
         return torch.cat([x.narrow(seq_dim, start, length) for start, length in runs], dim=seq_dim)
 
     def gather_sequence(self, x_local: torch.Tensor, seq_dim: int = 1) -> torch.Tensor:
-        """The full sequence in global order on every rank: the inverse of :meth:`partition_sequence`.
+        """The full sequence in natural order on every rank: the inverse of :meth:`partition_sequence`.
 
         Args:
-            x_local: This rank's shard.
+            x_local: This rank's shard in the group's layout (as :meth:`partition_sequence` and the
+                strategies' local outputs are), or a DTensor placed ``Shard(seq_dim)`` on the cp mesh
+                (natural order, as :meth:`distribute_sequence` and the strategies' DTensor outputs are).
             seq_dim: The sequence dimension.
 
         Returns:
-            The full tensor, ``P`` times longer on ``seq_dim``. Differentiable (all-gather backward).
+            The full tensor, ``P`` times longer on ``seq_dim`` (a plain tensor). Differentiable: for a
+            local shard the backward sums every rank's gradient into its shard (an all-gather's
+            backward, reduce-scatter); for a DTensor it is ``full_tensor()``'s (the gradient of a
+            replicated result, not summed).
+
+        Raises:
+            ValueError: A DTensor placed otherwise than ``Shard(seq_dim)`` on the cp mesh.
         """
         seq_dim = _check_seq_dim(x_local, seq_dim)
+        if isinstance(x_local, DTensor):
+            from cp_dtensor.sharding import check_sequence_dtensor
+
+            check_sequence_dtensor(x_local, self, seq_dim)
+            return x_local.full_tensor()
         if self.size == 1:
             return x_local
         import torch.distributed._functional_collectives as funcol
@@ -272,15 +285,34 @@ class ContextParallelGroup:
         return full.movedim(0, seq_dim)
 
     def distribute_sequence(self, x: torch.Tensor, seq_dim: int = 1, pad: bool = False) -> DTensor:
-        """A ``DTensor`` of ``x`` placed ``Shard(seq_dim)`` on the cp axis (``pad``: see :meth:`partition_sequence`).
+        """``x`` as a DTensor placed ``Shard(seq_dim)`` on the cp axis, in natural order (no communication).
 
-        Under the zigzag layout the DTensor's logical tensor is the load-balanced *permutation* of
-        the sequence (rank 0's two chunks, then rank 1's, ...), not ``x`` in its original order:
-        ``full_tensor()`` returns that permutation; use :meth:`gather_sequence` on ``to_local()`` for
-        the original order.
+        The same DTensor as ``distribute_tensor(x, cp_group.cp_mesh, [Shard(seq_dim)])``: rank ``r``
+        holds the ``r``-th contiguous chunk and ``full_tensor()`` is ``x``. ``x`` must be identical on
+        every rank of the cp axis (each rank keeps its own chunk; nothing is sent). The strategies
+        accept it and move it into the group's layout themselves, which costs one all-to-all per
+        input and output under zigzag (see Note [Re-laying out a DTensor] in
+        :mod:`cp_dtensor.sharding`); local shards from :meth:`partition_sequence` cost nothing.
+
+        Args:
+            x: The full tensor.
+            seq_dim: The sequence dimension.
+            pad: Append zeros up to a length the group's layout splits evenly (see :meth:`partition_sequence`).
+
+        Returns:
+            A ``DTensor`` of global shape ``x.shape`` (padded on ``seq_dim`` with ``pad``). Differentiable.
+
+        Raises:
+            ValueError: As :meth:`partition_sequence`.
         """
         seq_dim = _check_seq_dim(x, seq_dim)
-        local = self.partition_sequence(x, seq_dim, pad=pad)
+        if not isinstance(pad, bool):
+            raise ValueError(f"pad must be a bool, got {pad!r}.")
+        if pad:
+            x = _pad_to(x, seq_dim, padded_length(_seq_len(x, seq_dim), self.size, self.layout))
+        check_seq_len(_seq_len(x, seq_dim), self.size, self.layout)
+        chunk = _seq_len(x, seq_dim) // self.size
+        local = x.narrow(seq_dim, self.rank * chunk, chunk).contiguous()
         return DTensor.from_local(local, self.cp_mesh, [Shard(seq_dim)], run_check=False)
 
 

@@ -53,7 +53,9 @@ def hybrid_attention(
 
     Args:
         q: Local queries ``(B, H, S_local, D)`` (``cp_group.partition_sequence(q, seq_dim=2)``), or a
-            DTensor sharded ``Shard(2)`` on the cp mesh. ``u`` must divide ``H``.
+            DTensor sharded ``Shard(2)`` on the cp mesh, in natural order
+            (``distribute_tensor``): moved into the layout and back, one all-to-all per tensor
+            (see Note [Re-laying out a DTensor] in :mod:`cp_dtensor.sharding`). ``u`` must divide ``H``.
         k: Local keys ``(B, H_kv, S_local, D)``; ``H_kv`` divides ``H`` (GQA). If ``u`` does not
             divide ``H_kv`` the K/V heads are repeated ``u / gcd(H_kv, u)`` times.
         v: Local values, same shape as ``k``.

@@ -19,6 +19,7 @@ Everything here is pure index arithmetic; no communication.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ __all__ = [
     "shard_runs",
     "shard_positions",
     "padded_length",
+    "relayout_pieces",
 ]
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -225,3 +227,49 @@ def shard_positions(seq_len: int, world_size: int, rank: int, layout: Layout) ->
     """Global positions of the tokens ``rank`` holds, in local order: a ``(seq_len // P,)`` long tensor."""
     runs = shard_runs(seq_len, world_size, rank, layout)
     return torch.cat([torch.arange(start, start + length) for start, length in runs])
+
+
+Piece = tuple[int, int, int, int]  # (source rank, offset in the source shard, offset in the destination shard, length)
+
+
+def relayout_pieces(seq_len: int, world_size: int, src: Layout, dst: Layout) -> tuple[tuple[Piece, ...], ...]:
+    """What each rank receives when shards move from layout ``src`` to layout ``dst``.
+
+    Both layouts hold every position exactly once, so moving between them is a permutation of the
+    sequence: destination rank ``j`` fills its shard, in its storage order, with pieces cut from the
+    source shards (see Note [Re-laying out a DTensor] in :mod:`cp_dtensor.sharding`).
+
+    Args:
+        seq_len: Global sequence length; both layouts must split it evenly.
+        world_size: Number of ranks ``P``.
+        src: The layout the shards are in.
+        dst: The layout they should be in.
+
+    Returns:
+        For every destination rank, its pieces ``(source rank, source offset, destination offset,
+        length)`` in destination storage order; they tile ``[0, seq_len // P)`` of the destination.
+
+    Raises:
+        ValueError: ``seq_len`` does not split evenly into either layout.
+    """
+    sources = []  # (global start, length, source rank, offset in the source shard), sorted by start
+    for rank in range(world_size):
+        offset = 0
+        for start, length in shard_runs(seq_len, world_size, rank, src):
+            sources.append((start, length, rank, offset))
+            offset += length
+    sources.sort()
+    starts = [s[0] for s in sources]
+    pieces = []
+    for rank in range(world_size):
+        mine, dst_offset = [], 0
+        for start, length in shard_runs(seq_len, world_size, rank, dst):
+            i = bisect.bisect_right(starts, start) - 1  # the source run that holds `start`
+            end = start + length
+            while start < end:
+                src_start, src_length, src_rank, src_offset = sources[i]
+                take = min(end, src_start + src_length) - start
+                mine.append((src_rank, src_offset + start - src_start, dst_offset, take))
+                start, dst_offset, i = start + take, dst_offset + take, i + 1
+        pieces.append(tuple(mine))
+    return tuple(pieces)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from cp_dtensor.grad_sync import replica_group
 from cp_dtensor.group import ContextParallelGroup
@@ -44,38 +45,69 @@ IGNORE_INDEX = -100
 
 
 def shift_labels(
-    input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None, *, ignore_index: int = IGNORE_INDEX
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    *,
+    document_ids: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Next-token labels of FULL sequences (call before partitioning).
+
+    With packed documents, the last token of a document has no target: its next token starts
+    another document, which a document-masked model cannot see and must not be asked to predict.
 
     Args:
         input_ids: ``(B, L)`` token ids of whole sequences.
         loss_mask: Optional ``(B, L)`` bool, True where a token is a prediction target; default all.
+        document_ids: Optional ``(B, L)`` integer document of each token (negative: padding), as the
+            attention's ``document_ids``: a token whose next token is in another document, and a
+            padding token, get ``ignore_index``.
         ignore_index: Label of positions without a target (the last one, and masked targets).
 
     Returns:
-        ``(B, L)`` long: ``labels[:, t] = input_ids[:, t + 1]`` where ``loss_mask[:, t + 1]``, else
-        ``ignore_index``.
+        ``(B, L)`` long: ``labels[:, t] = input_ids[:, t + 1]`` where ``loss_mask[:, t + 1]`` and
+        tokens ``t`` and ``t + 1`` are in the same document, else ``ignore_index``.
+
+    Raises:
+        ValueError: ``document_ids`` is not an integer tensor of ``input_ids``'s shape.
     """
     labels_BL = torch.full_like(input_ids, ignore_index)
     labels_BL[:, :-1] = input_ids[:, 1:]
     if loss_mask is not None:
         labels_BL[:, :-1].masked_fill_(~loss_mask[:, 1:].bool(), ignore_index)
+    if document_ids is not None:
+        if not isinstance(document_ids, torch.Tensor) or document_ids.is_floating_point() or (
+            document_ids.shape != input_ids.shape
+        ):
+            raise ValueError(
+                f"document_ids must be an integer tensor of input_ids's shape {tuple(input_ids.shape)}, got "
+                f"{getattr(document_ids, 'shape', document_ids)!r}."
+            )
+        docs_BL = document_ids.to(input_ids.device)
+        crosses_BL = (docs_BL[:, 1:] != docs_BL[:, :-1]) | (docs_BL[:, :-1] < 0)
+        labels_BL[:, :-1].masked_fill_(crosses_BL, ignore_index)
     return labels_BL
 
 
-def labels_from_local_ids(input_ids: torch.Tensor, cp_group: ContextParallelGroup) -> torch.Tensor:
+def labels_from_local_ids(
+    input_ids: torch.Tensor, cp_group: ContextParallelGroup, *, document_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Next-token labels of this rank's shard, from the shards alone (one all-gather of the ids).
 
     Args:
         input_ids: This rank's shard ``(B, S)`` of the token ids.
         cp_group: The group that partitioned them.
+        document_ids: Optional packed-document ids, as the attention takes them: global ``(B, L)``,
+            this rank's shard ``(B, S)`` or a ``Shard(1)`` DTensor (both gathered too); labels never
+            cross a document boundary (see :func:`shift_labels`).
 
     Returns:
         ``(B, S)``: this rank's shard of :func:`shift_labels` of the full sequences.
     """
     full_BL = cp_group.gather_sequence(input_ids, seq_dim=1)
-    return cp_group.partition_sequence(shift_labels(full_BL), seq_dim=1)
+    if document_ids is not None and (isinstance(document_ids, DTensor) or document_ids.shape[-1] != full_BL.shape[1]):
+        document_ids = cp_group.gather_sequence(document_ids, seq_dim=1)
+    return cp_group.partition_sequence(shift_labels(full_BL, document_ids=document_ids), seq_dim=1)
 
 
 @dataclass

@@ -161,7 +161,8 @@ class TransformerWithCP(nn.Module):
                 (``cp_group.partition_sequence(ids, seq_dim=1)``).
             labels: This rank's shard ``(B, S)`` of the labels, shifted on the FULL sequence
                 (:func:`~cp_dtensor.loss.shift_labels`) and partitioned like ``input_ids``; default
-                next-token labels of ``input_ids`` (one all-gather of the ids over cp).
+                next-token labels of ``input_ids`` (one all-gather of the ids over cp), which never
+                cross a boundary of the ``document_ids`` given in ``attn_kwargs``.
             return_logits: Return the local logits instead of the loss.
             position_ids: Global positions ``(S,)`` of the local tokens; default from ``cp_group``.
             **attn_kwargs: Passed to every attention call.
@@ -180,5 +181,5 @@ class TransformerWithCP(nn.Module):
         if return_logits:
             return logits_BSV
         if labels is None:
-            labels = labels_from_local_ids(input_ids, self.cp_group)
+            labels = labels_from_local_ids(input_ids, self.cp_group, document_ids=attn_kwargs.get("document_ids"))
         return cross_entropy_across_shards(logits_BSV, labels, self.cp_group).loss

@@ -97,15 +97,16 @@ class ContextParallelAttention(nn.Module):
 
         Args:
             x: Local hidden states ``(B, S, E)``, as ``cp_group.partition_sequence(x, seq_dim=1)``
-                makes them; or a DTensor sharded ``Shard(1)`` on the cp mesh
-                (``cp_group.distribute_sequence(x, seq_dim=1)``).
+                makes them; or a DTensor sharded ``Shard(1)`` on the cp mesh, in natural order
+                (``distribute_tensor`` or ``cp_group.distribute_sequence(x, seq_dim=1)``): moved into the
+                layout and the output back, one all-to-all each (q, k and v are not moved).
             position_ids: Global positions of the local tokens ``(S,)``; default
                 ``cp_group.position_ids(S * P)``, right for any shard the group made.
             **attn_kwargs: Passed to the attention strategy (e.g. ``scale``, or the mask options of
                 strategies that take them).
 
         Returns:
-            ``(B, S, E)``: the local output, a DTensor placed like ``x`` if ``x`` is one.
+            ``(B, S, E)``: the local output, or a natural-order DTensor placed like ``x`` if ``x`` is one.
 
         Raises:
             ValueError: ``x`` is not ``(B, S, E)``, is a DTensor placed otherwise, or ``S * P`` does not

@@ -261,7 +261,9 @@ def ring_attention(
 
     Args:
         q: Local queries ``(B, H, S_local, D)``, as ``cp_group.partition_sequence(q, seq_dim=2)``
-            makes them; or a DTensor sharded ``Shard(2)`` on the cp mesh.
+            makes them; or a DTensor sharded ``Shard(2)`` on the cp mesh, in natural order
+            (``distribute_tensor``): moved into the layout and back, one all-to-all per tensor
+            (see Note [Re-laying out a DTensor] in :mod:`cp_dtensor.sharding`).
         k: Local keys ``(B, H_kv, S_local, D)``; ``H_kv`` divides ``H`` (GQA). Rotated un-expanded.
         v: Local values, same shape as ``k``.
         cp_group: The group from :func:`~cp_dtensor.init_context_parallel_group`.

@@ -194,7 +194,9 @@ def ulysses_attention(
 
     Args:
         q: Local queries ``(B, H, S_local, D)`` (``cp_group.partition_sequence(q, seq_dim=2)``), or a
-            DTensor sharded ``Shard(2)`` on the cp mesh. The cp size ``P`` must divide ``H``.
+            DTensor sharded ``Shard(2)`` on the cp mesh, in natural order
+            (``distribute_tensor``): moved into the layout and back, one all-to-all per tensor
+            (see Note [Re-laying out a DTensor] in :mod:`cp_dtensor.sharding`). The cp size ``P`` must divide ``H``.
         k: Local keys ``(B, H_kv, S_local, D)``; ``H_kv`` divides ``H`` (GQA). If ``P`` does not
             divide ``H_kv`` the K/V heads are repeated just enough (``P / gcd(H_kv, P)`` times).
         v: Local values, same shape as ``k``.

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_dtensor import DocumentZigzag, document_ids_from_cu_seqlens
-from cp_dtensor.layout import LAYOUTS, check_seq_len, padded_length, shard_positions, shard_runs
+from cp_dtensor.layout import LAYOUTS, check_seq_len, padded_length, relayout_pieces, shard_positions, shard_runs
 
 
 def causal_document_work(ids_L: torch.Tensor, positions: torch.Tensor) -> int:
@@ -106,3 +106,17 @@ def test_with_layout_keeps_the_meshes_and_changes_only_the_layout():
         # two segments), rank 1 pieces 1 and 2, which touch: one run per segment
         assert shard_runs(12, 2, 0, DocumentZigzag((8, 4))) == [(0, 2), (6, 2), (8, 1), (11, 1)]
         assert shard_runs(12, 2, 1, DocumentZigzag((8, 4))) == [(2, 4), (9, 2)]
+
+
+@given(world_size=st.integers(1, 5), units=st.lists(st.integers(1, 3), min_size=1, max_size=4), data=st.data())
+def test_relayout_pieces_move_every_token_to_where_the_other_layout_wants_it(world_size, units, data):
+    """Filling each destination shard from the pieces gives exactly the destination layout's positions."""
+    layouts = ["zigzag", "contiguous", DocumentZigzag(tuple(2 * world_size * u for u in units))]
+    src, dst = data.draw(st.sampled_from(layouts)), data.draw(st.sampled_from(layouts))
+    seq_len = 2 * world_size * sum(units)  # splits under all three
+    sources = [shard_positions(seq_len, world_size, r, src) for r in range(world_size)]
+    for rank, pieces in enumerate(relayout_pieces(seq_len, world_size, src, dst)):
+        got = torch.full((seq_len // world_size,), -1)
+        for src_rank, src_offset, dst_offset, length in pieces:
+            got[dst_offset : dst_offset + length] = sources[src_rank][src_offset : src_offset + length]
+        assert torch.equal(got, shard_positions(seq_len, world_size, rank, dst)), (src, dst, rank)

@@ -179,3 +179,40 @@ def test_seed_training_example_runs_and_keeps_replicas_identical():
     assert len(set(checksums)) == 1, "replicas drifted apart: gradients were not summed over dp and cp"
     # The loss is the mean over the GLOBAL batch, so every dp and cp rank reports the same value.
     assert all(r[0] == losses for r in results)
+
+
+# ---- labels at packed-document boundaries --------------------------------------------------------
+
+
+def document_labels_case(cp_size: int, layout, ids: torch.Tensor, docs: torch.Tensor) -> dict:
+    """Runs on every rank: default labels from the shards, with document ids as a shard and whole."""
+    from cp_dtensor.loss import labels_from_local_ids
+
+    group = mp_pool.group(cp_size, layout=layout)
+    ids_local, docs_local = (group.partition_sequence(t, seq_dim=1) for t in (ids, docs))
+    model = _model(group, seed=0)
+    return {
+        "from_shard": labels_from_local_ids(ids_local, group, document_ids=docs_local),
+        "from_global": labels_from_local_ids(ids_local, group, document_ids=docs),
+        "default_loss": model(ids_local, document_ids=docs).item(),
+        "explicit_loss": model(ids_local, group.partition_sequence(shift_labels(ids, document_ids=docs), seq_dim=1),
+                               document_ids=docs).item(),
+    }
+
+
+@pytest.mark.parametrize(("cp_size", "layout"), [(2, "zigzag"), (4, "zigzag"), (2, DocumentZigzag((4, 8, 4)))])
+def test_default_labels_stop_at_document_boundaries(cp_size, layout):
+    """The model's default labels on ranks equal one process's shift_labels with the document ids."""
+    from cp_dtensor.layout import shard_positions
+
+    gen = torch.Generator().manual_seed(cp_size)
+    ids = torch.randint(0, CONFIG.vocab_size, (2, SEQ_LEN), generator=gen)
+    docs = torch.tensor([[0] * 4 + [1] * 8 + [2] * 3 + [-1]] * 2)
+    expected = shift_labels(ids, document_ids=docs)
+    assert (expected[:, [3, 11, 14, 15]] == -100).all() and (expected[:, [0, 4, 12]] != -100).all()
+    results = mp_pool.run_on_ranks(cp_size, document_labels_case, cp_size, layout, ids, docs)
+    for rank, r in enumerate(results):
+        mine = expected[:, shard_positions(SEQ_LEN, cp_size, rank, layout)]
+        assert torch.equal(r["from_shard"], mine) and torch.equal(r["from_global"], mine), f"rank {rank}"
+        # The same labels, so the same loss to the last bit (same computation on the same shards).
+        assert r["default_loss"] == r["explicit_loss"], f"rank {rank}"

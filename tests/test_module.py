@@ -5,7 +5,7 @@ from __future__ import annotations
 import mp_pool
 import pytest
 import torch
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from cp_dtensor import STRATEGIES, ContextParallelAttention
 from cp_dtensor.layout import shard_positions
@@ -33,15 +33,20 @@ def module_case(cp_size: int, layout: str, as_dtensor: bool, causal: bool, input
     group = mp_pool.group(cp_size, layout=layout)
     layer = ContextParallelAttention(HIDDEN, HEADS, group, causal=causal, num_kv_heads=KV_HEADS, bias=True).double()
     layer.load_state_dict(inputs["state_dict"])
-    x_local = group.partition_sequence(inputs["x"], seq_dim=1).requires_grad_()
-    x_in = DTensor.from_local(x_local, group.cp_mesh, [Shard(1)], run_check=False) if as_dtensor else x_local
+    if as_dtensor:  # natural order, as torch builds it; compared below in the layout's shards
+        x_in = distribute_tensor(inputs["x"], group.cp_mesh, [Shard(1)]).requires_grad_()
+        dout = distribute_tensor(inputs["dout"], group.cp_mesh, [Shard(1)])
+    else:
+        x_in = group.partition_sequence(inputs["x"], seq_dim=1).requires_grad_()
+        dout = group.partition_sequence(inputs["dout"], seq_dim=1)
     out = layer(x_in)
     assert isinstance(out, DTensor) == as_dtensor, "the output must be the input's kind"
-    out_local = out.to_local() if as_dtensor else out
+    out.backward(dout)
+    out_local, dx = out.detach(), x_in.grad
     if as_dtensor:
         assert tuple(out.placements) == (Shard(1),) and out.device_mesh == group.cp_mesh
-    out_local.backward(group.partition_sequence(inputs["dout"], seq_dim=1))
-    return {"out": out_local.detach(), "dx": x_local.grad,
+        out_local, dx = (group.partition_sequence(t.full_tensor(), seq_dim=1) for t in (out_local, dx))
+    return {"out": out_local, "dx": dx,
             "grads": {n: p.grad for n, p in layer.named_parameters()}}
 
 

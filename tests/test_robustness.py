@@ -140,8 +140,9 @@ def test_unsplittable_length_names_length_multiple_and_fix(layout):
         assert r["message"] is not None, "13 tokens must not split silently"
         for part in ("13", f"multiple of {multiple}", f"Pad it to {padded}", "pad=True"):
             assert part in r["message"], (part, r["message"])
-        expected = x_padded[:, shard_positions(padded, 4, rank, layout)]
-        assert torch.equal(r["padded"], expected) and torch.equal(r["dtensor_local"], expected)
+        assert torch.equal(r["padded"], x_padded[:, shard_positions(padded, 4, rank, layout)])
+        # A DTensor means natural order: rank r holds the r-th contiguous chunk of the padded x.
+        assert torch.equal(r["dtensor_local"], x_padded.chunk(4, dim=1)[rank])
 
 
 # ---- ranks that disagree ---------------------------------------------------------------------

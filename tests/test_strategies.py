@@ -42,24 +42,27 @@ def strategy_case(world_size: int, strategy: str, ulysses_size: int | None, cfg:
     """Runs on every rank: shard, attention forward and backward, count the bytes sent."""
     group = _group(world_size, cfg["layout"], ulysses_size, dp_size)
     dtype = DTYPES[cfg["dtype"]]
-    q, k, v = (group.partition_sequence(inputs[n], seq_dim=2).to(dtype).requires_grad_() for n in "qkv")
+    args = [group.partition_sequence(inputs[n], seq_dim=2).to(dtype).requires_grad_() for n in "qkv"]
     dout = group.partition_sequence(inputs["dout"], seq_dim=2).to(dtype)
-    args = [q, k, v]
-    if dtensor:
-        from torch.distributed.tensor import DTensor, Shard
+    if dtensor:  # natural-order DTensors, as torch builds them (the relayout is tested in test_dtensor.py)
+        from torch.distributed.tensor import Shard, distribute_tensor
 
-        args = [DTensor.from_local(x, group.cp_mesh, [Shard(2)], run_check=False) for x in args]
-        dout = DTensor.from_local(dout, group.cp_mesh, [Shard(2)], run_check=False)
+        args = [distribute_tensor(inputs[n].to(dtype), group.cp_mesh, [Shard(2)]).requires_grad_() for n in "qkv"]
+        dout = distribute_tensor(inputs["dout"].to(dtype), group.cp_mesh, [Shard(2)])
     with count_comm() as fwd:
         out = context_parallel_attention(*args, group, strategy=strategy, causal=cfg["causal"], scale=cfg["scale"],
                                          **kwargs)
     with count_comm() as bwd:
         out.backward(dout)
-    if dtensor:
+    grads = [a.grad for a in args]
+    if dtensor:  # back to this rank's shard in the layout, as the local path returns them
         assert type(out).__name__ == "DTensor" and tuple(out.placements) == tuple(args[0].placements)
-        out = out.to_local()
+        out = group.partition_sequence(out.full_tensor(), seq_dim=2)
+        grads = [group.partition_sequence(g.full_tensor(), seq_dim=2) for g in grads]
+        for counter in (fwd, bwd):
+            counter.bytes.pop("relayout", None), counter.calls.pop("relayout", None)
     return {
-        "out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
+        "out": out.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2],
         "fwd_calls": dict(fwd.calls), "fwd_bytes": dict(fwd.bytes),
         "bwd_calls": dict(bwd.calls), "bwd_bytes": dict(bwd.bytes),
     }

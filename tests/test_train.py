@@ -89,6 +89,17 @@ def test_shift_labels_uses_the_next_token_of_the_full_sequence():
     assert shift_labels(ids).tolist() == [[6, 7, 8, IGNORE_INDEX]]
     mask = torch.tensor([[True, False, True, True]])  # position 1 is no target
     assert shift_labels(ids, mask).tolist() == [[IGNORE_INDEX, 7, 8, IGNORE_INDEX]]
+    # Packed documents [0, 0, 1, 1] then padding: no label crosses into the next document or comes from padding.
+    ids, docs = torch.tensor([[5, 6, 7, 8, 9, 9]]), torch.tensor([[0, 0, 1, 1, -1, -1]])
+    assert shift_labels(ids, document_ids=docs).tolist() == [[6, IGNORE_INDEX, 8, IGNORE_INDEX, IGNORE_INDEX,
+                                                               IGNORE_INDEX]]
+
+
+def test_packed_dataset_labels_stay_inside_their_document():
+    item = LongSequenceDataset(seq_len=256, num_documents=4, seed=3)[0]
+    labelled = (item["labels"] != IGNORE_INDEX).nonzero().flatten()
+    assert len(labelled) > 0
+    assert torch.equal(item["document_ids"][labelled], item["document_ids"][labelled + 1])
 
 
 # ---- the job's configuration ----------------------------------------------------------------------
@@ -185,6 +196,19 @@ def test_kill_mid_save_then_resume_reproduces_the_losses(uninterrupted, tmp_path
     for step, loss in losses(resumed).items():
         assert loss == pytest.approx(expected[step], rel=1e-12, abs=0), step
     assert resumed["eval_accuracy"] == pytest.approx(uninterrupted["eval_accuracy"], abs=0)
+
+
+def test_resume_onto_more_ranks_reproduces_the_losses(uninterrupted, tmp_path):
+    """Saved by one process, resumed by four (dp 2 x cp 2): weights, optimizer and data position carry over."""
+    ckpt = tmp_path / "ckpt"
+    proc, _ = run_job(tmp_path, "one", "--ckpt-dir", str(ckpt), "--save-every", "2", "--crash-at-step", "2", nproc=1)
+    assert proc.returncode != 0 and sorted(p.name for p in ckpt.iterdir()) == ["step_00000002"]
+    proc, resumed = run_job(tmp_path, "four", "--ckpt-dir", str(ckpt), "--save-every", "2", "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (resumed["dp"], resumed["cp"], resumed["first_step"]) == (2, 2, 3)
+    # fp64; the one-process steps and the four-rank steps sum in other orders only (as below).
+    for step, loss in losses(resumed).items():
+        assert loss == pytest.approx(losses(uninterrupted)[step], rel=1e-10, abs=0), step
 
 
 def test_one_process_run_matches_four_ranks_and_fails_below_min_accuracy(uninterrupted, tmp_path):

@@ -2,19 +2,20 @@
 
 ``init_context_parallel_group(cp_size=2)`` on 4 ranks makes a 2 x 2 mesh: 2 data-parallel replicas,
 each splitting its sequences over 2 context-parallel ranks. Each rank prints where it sits; then a
-sequence is placed ``Shard(1)`` on the cp sub-mesh with ``distribute_sequence``, and rank 0 shows
-that, under zigzag, the DTensor's logical tensor is the load-balanced PERMUTATION of the sequence.
-Finally ``ContextParallelAttention`` takes the DTensor and returns one placed the same way. Run it
-(CPU, gloo):
+sequence is placed ``Shard(1)`` on the cp sub-mesh with ``distribute_sequence``, the same DTensor as
+torch's ``distribute_tensor``: its logical tensor is the sequence in natural order, while the local
+shard the strategies compute on (``partition_sequence``) holds the zigzag chunks. Finally
+``ContextParallelAttention`` takes the DTensor and returns one placed the same way, whose
+``full_tensor()`` is the layer's output in natural order. Run it (CPU, gloo):
 
     torchrun --standalone --nproc-per-node 4 docs/examples/production_mesh.py
 """
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from cp_dtensor import ContextParallelAttention, init_context_parallel_group, shard_positions
+from cp_dtensor import ContextParallelAttention, init_context_parallel_group
 
 L, E = 16, 8  # tokens per sequence, hidden size
 
@@ -36,27 +37,35 @@ def main() -> None:
     assert isinstance(x_dt, DTensor) and tuple(x_dt.placements) == (Shard(1),)
     assert x_dt.device_mesh == cp_group.cp_mesh and x_dt.shape == x.shape  # global shape, local data
 
-    # The logical tensor is rank 0's two chunks, then rank 1's: the zigzag permutation of x.
-    permutation = torch.cat([shard_positions(L, cp_group.size, r, cp_group.layout) for r in range(cp_group.size)])
+    # A DTensor means natural order: rank r holds the r-th contiguous chunk, full_tensor() is x.
+    same = distribute_tensor(x, cp_group.cp_mesh, [Shard(1)])
+    assert torch.equal(x_dt.to_local(), same.to_local())
     logical = x_dt.full_tensor()  # an all-gather over the cp axis only
-    assert torch.equal(logical, x[:, permutation])
-    in_order = cp_group.gather_sequence(x_dt.to_local(), seq_dim=1)  # original order (collective too)
+    assert torch.equal(logical, x)
+    # The strategies compute on this rank's zigzag chunks: the local shard of the fast path.
+    x_local = cp_group.partition_sequence(x, seq_dim=1)
+    assert torch.equal(x_local.flatten(), x.flatten()[cp_group.position_ids(L)])
+    in_order = cp_group.gather_sequence(x_local, seq_dim=1)  # natural order again (collective too)
     assert torch.equal(in_order, x)
     if rank == 0:
         print(f"placements {x_dt.placements} on the cp mesh; local {tuple(x_dt.to_local().shape)}, "
               f"global {tuple(x_dt.shape)}")
         print("x                      :", x.flatten().int().tolist())
         print("x_dt.full_tensor()     :", logical.flatten().int().tolist())
+        print("x_dt.to_local()        :", x_dt.to_local().flatten().int().tolist())
+        print("partition_sequence(x)  :", x_local.flatten().int().tolist())
         print("gather_sequence(local) :", in_order.flatten().int().tolist())
 
-    # The attention layer takes the DTensor and returns one, placed the same way.
+    # The attention layer takes the DTensor and returns one, placed the same way (it moves the
+    # chunks into the zigzag layout and back: one all-to-all each way, see docs/failure-modes.md).
     torch.manual_seed(0)  # the same weights on every rank
     attention = ContextParallelAttention(hidden_size=E, num_heads=2, cp_group=cp_group, causal=True)
     h = torch.randn(1, L, E, generator=torch.Generator().manual_seed(dp_rank))
     out_dt = attention(cp_group.distribute_sequence(h, seq_dim=1))
     out_local = attention(cp_group.partition_sequence(h, seq_dim=1))
     assert isinstance(out_dt, DTensor) and tuple(out_dt.placements) == (Shard(1),)
-    torch.testing.assert_close(out_dt.to_local(), out_local, rtol=0, atol=0)  # same computation, same bits
+    in_order = cp_group.gather_sequence(out_local, seq_dim=1)
+    torch.testing.assert_close(out_dt.full_tensor(), in_order, rtol=0, atol=0)  # same computation, same bits
     if rank == 0:
         print(f"attention(DTensor) -> DTensor {tuple(out_dt.shape)} placed {out_dt.placements}")
     dist.barrier()  # every rank done sending before gloo tears down (it can abort at exit otherwise)
