@@ -446,7 +446,7 @@ def block_memory_harness() -> str:
     if not r:
         return (
             "_The per-rank memory of the transformer model vs P comes from the memory harness "
-            "(`cp_dtensor.memory_measure`); it is rendered here from `bench/results/memory_cpu.json` once measured._"
+            "(`bench.memory_measure`); it is rendered here from `bench/results/memory_cpu.json` once measured._"
         )
     cases = [c["summary"] for c in r["cases"]]
     single = {c["seq_len"]: c["measured_activation_peak_bytes"] for c in cases if c["cp_size"] == 1}

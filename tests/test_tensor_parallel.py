@@ -12,7 +12,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from cp_dtensor import ModelConfig, TransformerWithCP, apply_ddp, shift_labels
-from cp_dtensor.tensor_parallel import check_tp_heads, parallelize_for_tp, tp_plan
+from cp_dtensor.parallel.tensor_parallel import check_tp_heads, parallelize_for_tp, tp_plan
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, GLOBAL_BATCH, LR = 16, 4, 1e-2
@@ -289,7 +289,7 @@ TINY = ["--seq-len", "32", "--batch-size", "4", "--hidden-size", "32", "--num-he
 
 def train_case(argv: list[str]) -> dict:
     """The training job's ``train`` on this pool's ranks (``main`` would tear the process group down)."""
-    from cp_dtensor.train import parse_args, train
+    from cp_dtensor.training.train import parse_args, train
 
     summary = train(parse_args(argv))
     return {"losses": [c["loss"] for c in summary["curve"]],
