@@ -7,10 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
-from cp_dtensor.masks import mask_spec
-from cp_dtensor.validate import check_qkv, resolve_scale
-
-__all__ = ["to_local_checked", "from_local_like", "local_inputs"]
+__all__ = ["to_local_checked", "from_local_like"]
 
 
 def to_local_checked(tensors: Sequence[torch.Tensor], cp_group, seq_dim: int):
@@ -43,31 +40,3 @@ def from_local_like(out: torch.Tensor, like: DTensor | None) -> torch.Tensor:
     if like is None:
         return out
     return DTensor.from_local(out, like.device_mesh, like.placements, run_check=False)
-
-
-def local_inputs(q, k, v, cp_group, causal: bool, scale: float | None, **mask_args):
-    """Unwrap DTensors and validate like :func:`cp_dtensor.ring_attention`.
-
-    Args:
-        q: Queries (local or DTensor).
-        k: Keys.
-        v: Values.
-        cp_group: The context-parallel group.
-        causal: Causal masking.
-        scale: Softmax scale or ``None``.
-        **mask_args: ``document_ids``, ``window``, ``seq_len`` (see :mod:`cp_dtensor.masks`).
-
-    Returns:
-        ``(q, k, v, like, seq_len, scale, mask)``: local shards, the DTensor to wrap the output like
-        (or ``None``), the global (padded) sequence length, the resolved scale and the
-        :class:`~cp_dtensor.masks.MaskSpec`.
-
-    Raises:
-        ValueError: As :func:`cp_dtensor.ring_attention`.
-    """
-    (q_l, k_l, v_l), like = to_local_checked((q, k, v), cp_group, seq_dim=2)
-    check_qkv(q_l, k_l, v_l)
-    mask = mask_spec(cp_group, q_l, causal=causal, **mask_args)
-    seq_len = q_l.shape[2] * cp_group.size
-    cp_group.runs(seq_len)  # raises ValueError if the local length does not fit the layout
-    return q_l, k_l, v_l, like, seq_len, resolve_scale(scale, q_l.shape[-1]), mask
