@@ -305,3 +305,13 @@ def test_mask_arguments_are_validated():
         document_ids_from_cu_seqlens(torch.tensor([1, 3]))
     assert document_ids_from_cu_seqlens(torch.tensor([0, 2, 5]), 7).tolist() == [0, 0, 1, 1, 1, -1, -1]
 
+
+def test_plan_blocks_rejects_runs_that_overlap_without_being_equal():
+    """Runs from one layout are equal or disjoint; a direct caller passing others gets a ValueError, not
+    a plan that silently drops pairs (or an assert that -O strips)."""
+    from cp_dtensor.blocks import Block, plan_blocks
+
+    with pytest.raises(ValueError, match=r"Query run \(0, 8\) and key run \(4, 8\)"):
+        plan_blocks([(0, 8)], [(4, 8)], causal=True)
+    # Sharing one position is no such overlap: every key is at or before every query, so all are visible.
+    assert plan_blocks([(7, 4)], [(4, 4)], causal=True) == [Block(0, 4, 0, 4, False)]
