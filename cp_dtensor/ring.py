@@ -11,8 +11,34 @@ to an fp32 accumulator that travels *with* the block and arrives home after ``P`
 stays local. The per-block backward uses the saved final output and log-sum-exp; nothing global is
 recomputed.
 
-Legend: ``B`` batch, ``H`` query heads, ``H_kv`` K/V heads, ``S`` local sequence length, ``D`` head
-dim.
+Note [The two rings]
+--------------------
+``reference/ring.py`` simulates this ring on ``P`` virtual ranks in one process (Note [Ring
+schedule] there, with the schedule drawn). The same algorithm, under these names:
+
+=====================================================  ===============================================
+``reference/ring.py``                                   here
+=====================================================  ===============================================
+``world_size``, ``rank``, ``held.source``              ``RingPlan.size``, ``.rank``, ``(rank - step) % size``
+``send_to_next_rank(buffers)``                          ``RingAttentionCommunicator.ring_forward`` + ``.wait``
+``attention_block`` / ``attention_block_backward``      ``kernels.block_forward`` / ``block_backward``
+``mask.visible(...)``, skip a hidden block              ``RingPlan.calls(step)``: tiles, ``[]`` when hidden
+``merge(out, lse, ...)`` (returns the merge)            ``merge_into(out, lse, ..., first=)`` (in place)
+``simulate_ring_attention_forward`` / ``_backward``     :func:`ring_forward` / :func:`ring_backward`
+=====================================================  ===============================================
+
+It differs in three ways, each for speed, none in the result:
+
+1. **The send is posted before the compute.** At every step the next block is already in flight
+   while this one is attended to (the reference attends, then sends).
+2. **Early stop under windows.** :attr:`RingPlan.num_steps` is fewer than ``P`` when a window hides
+   every later block from every rank; the reference runs all ``P`` steps and traces the skipped ones.
+3. **The last hop home.** The dK/dV accumulators rotate one step behind K/V, on their own
+   communicator; after the last step each goes straight home (``size - step`` hops away, one when
+   the ring ran all ``P`` steps), where the reference sends them one more hop with their block.
+
+Legend (the reference uses the same): ``B`` batch, ``H`` query heads, ``H_kv`` K/V heads, ``L``
+global sequence length, ``S = L / P`` local sequence length, ``D`` head dim, ``P`` ranks in the ring.
 """
 
 from __future__ import annotations
