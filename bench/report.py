@@ -22,7 +22,7 @@ FIGURES = REPO / "docs" / "assets" / "figures"
 MiB = 2**20
 OURS = ("cost_", "balance_", "peers_", "scaling_", "profile_ring_")  # other files in results/ are not this page's
 
-# Targets of issue 7 (reported, not asserted).
+# The performance goals each ratio on the page is compared with (reported next to it, not asserted).
 TARGETS = {
     "cost_p4_16k": 1.10,
     "cost_p2": 1.05,

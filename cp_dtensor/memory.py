@@ -1,6 +1,6 @@
 """How much memory one rank needs to train the Llama-style decoder with context parallelism.
 
-:func:`estimate_context_parallel_memory_savings` (the seed's function) compares one rank's peak
+:func:`estimate_context_parallel_memory_savings` compares one rank's peak
 memory without context parallelism (``P = 1``) and with it (``P = cp_size``), and finds the longest
 sequence that fits a memory budget. The numbers come from an inventory of what the model really
 keeps, checked against measured peaks (``docs/memory.md``, ``bench.memory_measure``).
@@ -36,8 +36,8 @@ Note [Naive attention and the square root]
 ring attention a rank computes one ``S x S`` block of scores per step, and over the ``P`` steps
 autograd keeps every step's probabilities, a ``S x L`` stripe (``B H S L`` elements) per layer, plus
 the ``P - 1`` visiting K/V blocks. Per rank that is ``O(L^2 / P)``: with ``P`` ranks the longest
-sequence grows only ``sqrt(P)``-fold (``L^2 / P = L_1^2`` gives ``L = sqrt(P) L_1``), the seed's
-claim. The seed's ``O((L/P)^2)`` would give ``P``-fold: it counts one block, which is right for the
+sequence grows only ``sqrt(P)``-fold (``L^2 / P = L_1^2`` gives ``L = sqrt(P) L_1``). The often
+quoted ``O((L/P)^2)`` would give ``P``-fold: it counts one block, which is right for the
 transient of a kernel that recomputes scores in backward, not for what naive autograd keeps. With
 fused (flash) kernels no score matrix outlives a kernel call, per-rank memory is linear in
 ``L / P`` and the longest sequence grows about ``P``-fold (less the static part).
@@ -536,7 +536,7 @@ def estimate_context_parallel_memory_savings(
                                     + transients ]               # logits / MLP grads / ring workspace
              (+ N * B H (L/P) L b                                # naive: the saved probability stripes)
 
-    Example (the seed's)::
+    Example (1M tokens, a 7B-sized model, 8 ranks)::
 
         >>> s = estimate_context_parallel_memory_savings(
         ...     seq_len=1_000_000, hidden_size=4096, num_layers=32, batch_size=1, cp_size=8)
