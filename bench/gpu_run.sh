@@ -9,7 +9,7 @@
 #    causal, full, packed documents and a window, forward and backward, against fp64.
 # 3. The training job on the GPU (bf16 autocast): the default recall task, and --packed 4 --seq-len 1024.
 # 4. bench.gpu_blocks: every virtual rank's block kernels and merges vs one flash call (32K-128K, P 4 and 8).
-# 5. cp_dtensor.memory_measure: estimated vs measured peak memory (torch.cuda.max_memory_allocated), bf16.
+# 5. bench.memory_measure: estimated vs measured peak memory (torch.cuda.max_memory_allocated), bf16.
 #
 # All output goes to OUT_DIR/gpu_run.log; each step's JSON to OUT_DIR. Exit status 1 if any step failed.
 # STEPS="kernels gpu_check" bash bench/gpu_run.sh runs only the steps named.
@@ -34,12 +34,12 @@ step() {
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee -a "$LOG"
 step kernels 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
 step gpu_check 240 torchrun --standalone --nproc-per-node 1 -m bench.gpu_check
-step train 240 torchrun --standalone --nproc-per-node 1 -m cp_dtensor.train --cp 1 --dtype bfloat16 \
+step train 240 torchrun --standalone --nproc-per-node 1 -m cp_dtensor.training --cp 1 --dtype bfloat16 \
     --log-every 100 --out "$OUT_DIR/train_bf16.json"
-step train_packed 240 torchrun --standalone --nproc-per-node 1 -m cp_dtensor.train --cp 1 --dtype bfloat16 \
+step train_packed 240 torchrun --standalone --nproc-per-node 1 -m cp_dtensor.training --cp 1 --dtype bfloat16 \
     --packed 4 --seq-len 1024 --log-every 100 --out "$OUT_DIR/train_packed_bf16.json"
 step gpu_blocks 300 python3 -m bench.gpu_blocks --out "$OUT_DIR/gpu_blocks.json"
-step memory 300 python3 -m cp_dtensor.memory_measure --sweep --seq-lens 16384 65536 131072 --cp-sizes 1 \
+step memory 300 python3 -m bench.memory_measure --sweep --seq-lens 16384 65536 131072 --cp-sizes 1 \
     --dtype bf16 --out "$OUT_DIR/memory_gpu.json"
 echo "gpu_run: status $status" | tee -a "$LOG"
 exit $status

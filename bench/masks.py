@@ -41,7 +41,8 @@ from bench.harness import (
 )  # fmt: skip
 from cp_dtensor import init_context_parallel_group, ring_attention
 from cp_dtensor.blocks import block_pairs
-from cp_dtensor.masks import document_ids_from_cu_seqlens, mask_spec
+from cp_dtensor.call import mask_spec
+from cp_dtensor.masks import document_ids_from_cu_seqlens
 from cp_dtensor.ring import make_plan
 
 

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python -m bench.plan_cost --out bench/results/plan_cost.json
 
 Every masked attention call plans, on the host, which tiles of each ring step to skip, run without
-a mask or run with one (Note [Skipping what the mask hides] in :mod:`cp_dtensor.masks`). This times
+a mask or run with one (Note [Skipping what the mask hides] in :mod:`cp_dtensor.tiles`). This times
 that plan for one rank (every step of :class:`cp_dtensor.ring.RingPlan`, as ``ring_forward`` asks for
 it) in two ways on the same inputs, alternating: the interval path that :func:`refine_block` takes
 for causal / window / padding masks and contiguous documents, and the pair-by-pair path it falls
@@ -25,6 +25,7 @@ import torch
 
 from cp_dtensor.layout import shard_runs
 from cp_dtensor.masks import MaskSpec
+from cp_dtensor.tiles import TilePlanner
 from cp_dtensor.ring import RingPlan
 from reference import document_ids_from_lengths
 
@@ -44,8 +45,10 @@ def plan_seconds(seq_len: int, size: int, spec: MaskSpec, pair_by_pair: bool) ->
         MaskSpec.row_intervals = lambda self, q_pos: None
     try:
         start = time.process_time()
-        plan = RingPlan(None, 0, size, runs[0], runs.__getitem__, True, 1.0, spec)
-        calls = sum(len(plan.calls(step)) for step in range(plan.num_steps))
+        plan = RingPlan(group=None, rank=0, size=size, q_runs=runs[0], kv_runs=runs.__getitem__, causal=True,
+                        scale=1.0, mask=spec)
+        planner = TilePlanner(spec)  # a new planner: the plans are made, not found in the cache
+        calls = sum(len(planner.calls(runs[0], runs[-step % size], True)) for step in range(plan.num_steps))
         return time.process_time() - start, calls
     finally:
         MaskSpec.row_intervals = original

@@ -22,7 +22,7 @@ FIGURES = REPO / "docs" / "assets" / "figures"
 MiB = 2**20
 OURS = ("cost_", "balance_", "peers_", "scaling_", "profile_ring_")  # other files in results/ are not this page's
 
-# Targets of issue 7 (reported, not asserted).
+# The performance goals each ratio on the page is compared with (reported next to it, not asserted).
 TARGETS = {
     "cost_p4_16k": 1.10,
     "cost_p2": 1.05,
@@ -446,7 +446,7 @@ def block_memory_harness() -> str:
     if not r:
         return (
             "_The per-rank memory of the transformer model vs P comes from the memory harness "
-            "(`cp_dtensor.memory_measure`); it is rendered here from `bench/results/memory_cpu.json` once measured._"
+            "(`bench.memory_measure`); it is rendered here from `bench/results/memory_cpu.json` once measured._"
         )
     cases = [c["summary"] for c in r["cases"]]
     single = {c["seq_len"]: c["measured_activation_peak_bytes"] for c in cases if c["cp_size"] == 1}

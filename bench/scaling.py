@@ -10,8 +10,8 @@ it during the call. The CPU seconds of the same layer in one process are O(L^2) 
 here (``bench.cost`` has them side by side up to 16K); the length at which the measured per-rank
 memory would fill the machine is extrapolated in ``bench.report`` from the per-token slope.
 
-Memory per rank vs P, measured on the transformer model, is the memory harness's (issue 6) and will be
-shown next to these figures when its results land in ``bench/results/memory.json``.
+Memory per rank vs P, measured on the transformer model, is the memory harness's
+(``bench.memory_measure``, results in ``bench/results/memory_cpu.json``).
 """
 
 from __future__ import annotations

@@ -5,22 +5,22 @@ whole sequence with ring attention (or the other strategies), forward and backwa
 """
 
 from cp_dtensor.allgather import allgather_kv_attention
-from cp_dtensor.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cp_dtensor.comm import CommCounter, RingAttentionCommunicator, count_comm
 from cp_dtensor.comm_model import CommVolume, comm_bytes
-from cp_dtensor.data import LongSequenceDataset
-from cp_dtensor.grad_sync import apply_ddp
 from cp_dtensor.group import ContextParallelGroup, init_context_parallel_group
 from cp_dtensor.hybrid import hybrid_attention
 from cp_dtensor.layout import LAYOUTS, DocumentZigzag, shard_positions, shard_runs
 from cp_dtensor.loss import ShardedLoss, cross_entropy_across_shards, shift_labels
 from cp_dtensor.masks import MaskSpec, document_ids_from_cu_seqlens
 from cp_dtensor.memory import estimate_context_parallel_memory_savings
-from cp_dtensor.model import ModelConfig, TransformerWithCP
 from cp_dtensor.module import ContextParallelAttention
+from cp_dtensor.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cp_dtensor.parallel.grad_sync import apply_ddp
+from cp_dtensor.parallel.tensor_parallel import parallelize_for_tp
 from cp_dtensor.ring import ring_attention
 from cp_dtensor.strategies import STRATEGIES, context_parallel_attention, get_strategy
-from cp_dtensor.tensor_parallel import parallelize_for_tp
+from cp_dtensor.training.data import LongSequenceDataset
+from cp_dtensor.training.model import ModelConfig, TransformerWithCP
 from cp_dtensor.ulysses import ulysses_attention
 
 __all__ = [

@@ -28,16 +28,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
+from cp_dtensor.block_loop import backward_blocks, forward_blocks
+from cp_dtensor.call import AttentionCall, run_strategy
 from cp_dtensor.collectives import all_gather, group_size, reduce_scatter
-from cp_dtensor.debug import check_call, recheck_output
 from cp_dtensor.group import ContextParallelGroup
-from cp_dtensor.kernels import accum_dtype, block_backward
+from cp_dtensor.kernels import accum_dtype
 from cp_dtensor.layout import Run
 from cp_dtensor.masks import MaskSpec
-from cp_dtensor.ring import Call, RingPlan, ring_forward
-from cp_dtensor.sharding import from_local_like, local_inputs
+from cp_dtensor.ring import RingPlan
+from cp_dtensor.tiles import Call
 
 __all__ = ["allgather_kv_attention"]
 
@@ -52,9 +54,10 @@ class _GatherPlan:
     kv_heads_per_gather: int
     mask: MaskSpec | None = None
 
-    def one_step(self) -> RingPlan:
-        """One rank's view of the gathered K/V: a ring of a single step plans (and masks) the blocks."""
-        return RingPlan(None, 0, 1, self.q_runs, lambda _: self.kv_runs, self.causal, self.scale, self.mask)
+    def calls(self) -> list[Call]:
+        """The kernel calls of the local queries against the gathered K/V (a ring of one rank plans them)."""
+        one_rank = RingPlan.one_rank(self.q_runs, self.kv_runs, causal=self.causal, scale=self.scale, mask=self.mask)
+        return one_rank.calls(0)
 
     def head_groups(self, num_heads: int, num_kv_heads: int) -> list[tuple[slice, slice]]:
         """``(query heads, K/V heads)`` of each gather; each K/V head serves ``H / H_kv`` query heads."""
@@ -73,63 +76,48 @@ def _gather_kv(k: torch.Tensor, v: torch.Tensor, plan: _GatherPlan) -> tuple[tor
     return kv[0], kv[1]
 
 
-def _attend_backward(dout, q, k, v, out, lse, calls: list[Call], scale: float):
-    """Per-block backward over the gathered K/V: ``dq`` in ``q``'s dtype, ``dk``/``dv`` in fp32.
-
-    Like :func:`cp_dtensor.ring.ring_backward` with one step, except that ``dk``/``dv`` stay in the
-    accumulation dtype: the reduce-scatter sums them over the ranks before they are rounded.
-    """
-    acc = accum_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, h, S, D)
-    dk = torch.zeros(k.shape, dtype=acc, device=k.device)  # (B, g, P * S, D)
-    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-    for blk, mask in calls:
-        dq_b, dk_b, dv_b = block_backward(
-            dout[:, :, blk.q], q[:, :, blk.q], k[:, :, blk.kv], v[:, :, blk.kv],
-            out[:, :, blk.q], lse[:, :, blk.q], causal=blk.causal, scale=scale, mask=mask,
-        )
-        dq[:, :, blk.q] += dq_b
-        dk[:, :, blk.kv] += dk_b
-        dv[:, :, blk.kv] += dv_b
-    return dq.to(q.dtype), dk, dv
-
-
 class _AllGatherKVAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _GatherPlan):
-        one_step = plan.one_step()
-        out = torch.empty_like(q)  # (B, H, S, D)
-        lse = torch.empty(q.shape[:3], dtype=accum_dtype(q.dtype), device=q.device)  # (B, H, S)
+        calls, acc = plan.calls(), accum_dtype(q.dtype)
+        out = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, S, D)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)  # (B, H, S)
         for q_heads, kv_heads in plan.head_groups(q.shape[1], k.shape[1]):
             with record_function("cp_dtensor.allgather.gather_kv"):
                 k_full, v_full = _gather_kv(k[:, kv_heads], v[:, kv_heads], plan)
             with record_function("cp_dtensor.allgather.attend"):
-                out[:, q_heads], lse[:, q_heads] = ring_forward(q[:, q_heads], k_full, v_full, one_step)
+                merged = torch.zeros(q.shape[2], dtype=torch.bool)  # host: rows merged into (see forward_blocks)
+                out_h, lse_h = out[:, q_heads], lse[:, q_heads]
+                forward_blocks(q[:, q_heads], k_full, v_full, calls, plan.scale, out_h, lse_h, merged)
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         plan: _GatherPlan = ctx.plan
         dout = dout.contiguous()
-        calls, num_ranks = plan.one_step().calls(0), group_size(plan.group)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        calls, num_ranks, acc = plan.calls(), group_size(plan.group), accum_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, S, D)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
         for q_heads, kv_heads in plan.head_groups(q.shape[1], k.shape[1]):
             with record_function("cp_dtensor.allgather.gather_kv"):
                 k_full, v_full = _gather_kv(k[:, kv_heads], v[:, kv_heads], plan)
+            # dK/dV of the whole sequence stay in fp32 until the reduce-scatter has summed the ranks' shares
+            dk_full = torch.zeros(k_full.shape, dtype=acc, device=k.device)  # (B, g, L, D)
+            dv_full = torch.zeros(v_full.shape, dtype=acc, device=v.device)
             with record_function("cp_dtensor.allgather.attend_backward"):
-                dq[:, q_heads], dk_full, dv_full = _attend_backward(
-                    dout[:, q_heads], q[:, q_heads], k_full, v_full, out[:, q_heads], lse[:, q_heads],
-                    calls, plan.scale,
-                )
+                backward_blocks(dout[:, q_heads], q[:, q_heads], k_full, v_full, out[:, q_heads], lse[:, q_heads],
+                                calls, plan.scale, (dq[:, q_heads], dk_full, dv_full))
             # (2, B, g, P * S, D) -> (P, 2, B, g, S, D): entry r is rank r's shard of the gradient
             dkv_N = torch.stack([dk_full, dv_full]).unflatten(3, (num_ranks, -1)).permute(3, 0, 1, 2, 4, 5)
             with record_function("cp_dtensor.allgather.reduce_scatter"):
                 dkv = reduce_scatter(dkv_N, plan.group)  # (2, B, g, S, D), summed over ranks
             dk[:, kv_heads], dv[:, kv_heads] = dkv[0], dkv[1]
-        return dq, dk, dv, None
+        return dq.to(q.dtype), dk, dv, None
 
 
 def allgather_kv_attention(
@@ -175,13 +163,13 @@ def allgather_kv_attention(
         ValueError: ``kv_heads_per_gather`` is not a positive int, or as
             :func:`cp_dtensor.ring_attention`.
     """
-    check_call("allgather_kv_attention", cp_group, q, k, v, validate=validate, debug_check=debug_check, causal=causal,
-               scale=scale, kv_heads_per_gather=kv_heads_per_gather, document_ids=document_ids, window=window,
-               seq_len=seq_len)
-    q_l, k_l, v_l, like, total, scale, mask = local_inputs(
-        q, k, v, cp_group, causal, scale, document_ids=document_ids, window=window, seq_len=seq_len
-    )
-    num_kv_heads = k_l.shape[1]
+    return run_strategy("allgather_kv_attention", _attend, q, k, v, cp_group, causal=causal, scale=scale,
+                        kv_heads_per_gather=kv_heads_per_gather, document_ids=document_ids, window=window,
+                        seq_len=seq_len, validate=validate, debug_check=debug_check)
+
+
+def _attend(call: AttentionCall, kv_heads_per_gather: int | None) -> torch.Tensor:
+    cp_group, num_kv_heads = call.cp_group, call.k.shape[1]
     if kv_heads_per_gather is None:
         kv_heads_per_gather = num_kv_heads
     if not isinstance(kv_heads_per_gather, int) or isinstance(kv_heads_per_gather, bool) or kv_heads_per_gather < 1:
@@ -191,14 +179,11 @@ def allgather_kv_attention(
         )
     plan = _GatherPlan(
         group=cp_group.process_group if cp_group.size > 1 else None,
-        q_runs=cp_group.runs(total),
-        kv_runs=[run for r in range(cp_group.size) for run in cp_group.runs(total, r)],
-        causal=causal,
-        scale=scale,
+        q_runs=cp_group.runs(call.seq_len),
+        kv_runs=[run for r in range(cp_group.size) for run in cp_group.runs(call.seq_len, r)],
+        causal=call.causal,
+        scale=call.scale,
         kv_heads_per_gather=min(kv_heads_per_gather, num_kv_heads),
-        mask=mask,
+        mask=call.mask,
     )
-    out = _AllGatherKVAttention.apply(q_l, k_l, v_l, plan)
-    recheck_output("allgather_kv_attention", out, q_l, k_l, v_l, cp_group, debug_check=debug_check, scale=scale,
-                   mask=mask)
-    return from_local_like(out, like)
+    return _AllGatherKVAttention.apply(call.q, call.k, call.v, plan)

@@ -103,6 +103,9 @@ def plan_blocks(q_runs: list[Run], kv_runs: list[Run], causal: bool) -> list[Blo
     Returns:
         Blocks that together cover every visible (query, key) pair exactly once; empty when the
         whole K/V block is masked (the step is skipped).
+
+    Raises:
+        ValueError: With ``causal``, a query run and a key run overlap without being equal.
     """
     num_q, num_kv = sum(n for _, n in q_runs), sum(n for _, n in kv_runs)
     if not causal:
@@ -122,8 +125,14 @@ def plan_blocks(q_runs: list[Run], kv_runs: list[Run], causal: bool) -> list[Blo
                 blocks.append(Block(q_off, q_off + q_len, kv_off, kv_off + kv_len, True))
             elif kv_start + kv_len - 1 <= q_start:  # every key precedes every query: all visible
                 full.append((kv_off, kv_off + kv_len))
-            else:
-                assert kv_start > q_start + q_len - 1, "runs must be aligned, equal-sized chunks"
+            elif kv_start <= q_start + q_len - 1:  # the key run neither equals the query run nor lies on one side
+                # The strategies cannot get here: their runs all come from one partition of the positions
+                # (shard_runs of one layout), in which two runs are equal or disjoint. A direct caller can.
+                raise ValueError(
+                    f"Query run {(q_start, q_len)} and key run {(kv_start, kv_len)} (start, length) overlap without "
+                    "being equal; plan_blocks needs runs from one partition of the positions (as shard_runs makes "
+                    "them), where two runs are either equal or disjoint."
+                )
         full_ranges_per_q_run.append(tuple(_merge_ranges(full)))
 
     # Coalesce neighbouring query runs that see the same key ranges into one call.

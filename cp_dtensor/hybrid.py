@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from cp_dtensor.debug import check_call, recheck_output
+from cp_dtensor.call import AttentionCall, run_strategy
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.ring import RingPlan
-from cp_dtensor.sharding import from_local_like, local_inputs
 from cp_dtensor.ulysses import HeadExchange, attend_over_heads, check_heads
 
 __all__ = ["hybrid_attention"]
@@ -76,8 +75,13 @@ def hybrid_attention(
         ValueError: ``cp_group`` has no Ulysses axis, ``u`` does not divide ``H``, or as
             :func:`cp_dtensor.ring_attention`.
     """
-    check_call("hybrid_attention", cp_group, q, k, v, validate=validate, debug_check=debug_check, causal=causal,
-               scale=scale, document_ids=document_ids, window=window, seq_len=seq_len)
+    return run_strategy("hybrid_attention", _attend, q, k, v, cp_group, causal=causal, scale=scale,
+                        document_ids=document_ids, window=window, seq_len=seq_len, validate=validate,
+                        debug_check=debug_check)
+
+
+def _attend(call: AttentionCall) -> torch.Tensor:
+    cp_group, total = call.cp_group, call.seq_len
     u = cp_group.ulysses_size
     if u is None:
         raise ValueError(
@@ -85,10 +89,7 @@ def hybrid_attention(
             "init_context_parallel_group(cp_size, ulysses_size=u), u dividing cp_size and the heads "
             "(u=1 is the ring, u=cp_size is Ulysses)."
         )
-    q_l, k_l, v_l, like, total, scale, mask = local_inputs(
-        q, k, v, cp_group, causal, scale, document_ids=document_ids, window=window, seq_len=seq_len
-    )
-    check_heads(q_l.shape[1], u, "ulysses_size")
+    check_heads(call.q.shape[1], u, "ulysses_size")
     ring_size, ring_rank = cp_group.ring_mesh.size(), cp_group.ring_mesh.get_local_rank()
     assert cp_group.rank == ring_rank * u + cp_group.ulysses_mesh.get_local_rank(), "Ulysses groups are consecutive"
     exchange = HeadExchange(
@@ -101,11 +102,8 @@ def hybrid_attention(
         size=ring_size,
         q_runs=exchange.runs,
         kv_runs=lambda src: HeadExchange(None, _group_runs(cp_group, total, src, u)).runs,
-        causal=causal,
-        scale=scale,
-        mask=mask,
+        causal=call.causal,
+        scale=call.scale,
+        mask=call.mask,
     )
-    out = attend_over_heads(q_l, k_l, v_l, exchange, plan)
-    recheck_output("hybrid_attention", out, q_l, k_l, v_l, cp_group, debug_check=debug_check, scale=scale,
-                   mask=mask)
-    return from_local_like(out, like)
+    return attend_over_heads(call.q, call.k, call.v, exchange, plan)

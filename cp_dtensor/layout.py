@@ -133,7 +133,7 @@ class DocumentZigzag:
 
         The two pieces of a segment form one run when they touch (the middle rank's), but runs never
         span two segments, so that the tile planner never mixes two documents in one tile (see
-        :func:`cp_dtensor.masks.tile_edges`).
+        :func:`cp_dtensor.tiles.tile_edges`).
         """
         runs: list[Run] = []
         offset = 0

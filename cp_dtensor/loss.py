@@ -20,7 +20,7 @@ mean of per-rank means is NOT the loss. Instead each rank all-reduces ``(S_r, n_
 
 Its value is the global loss on every rank (what one device reports); its gradient is ``dS_r / N``,
 this rank's share. Summing the parameter gradients over every dp x cp rank (see
-:mod:`cp_dtensor.grad_sync`) gives exactly ``d(sum_s S_s / N)``: the one-device gradient. The
+:mod:`cp_dtensor.parallel.grad_sync`) gives exactly ``d(sum_s S_s / N)``: the one-device gradient. The
 gradient through the activations is also right: ``S_r`` depends on other ranks' tokens only through
 attention, whose backward already carries the gradient across the ring.
 
@@ -36,8 +36,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from cp_dtensor.grad_sync import replica_group
 from cp_dtensor.group import ContextParallelGroup
+from cp_dtensor.parallel.grad_sync import replica_group
 
 __all__ = ["IGNORE_INDEX", "ShardedLoss", "shift_labels", "labels_from_local_ids", "cross_entropy_across_shards"]
 

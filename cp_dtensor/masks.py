@@ -8,23 +8,7 @@ A query at global position ``i`` of batch row ``b`` may attend to the key at pos
   neither attends nor is attended to);
 * ``seq_len`` is unset, or both ``i`` and ``j`` are ``< seq_len`` (the rest is padding).
 
-Note [Skipping what the mask hides]
------------------------------------
-The causal block plan (:func:`cp_dtensor.blocks.plan_blocks`) is refined tile by tile: each planned
-call is cut into tiles of at most ``tile x tile``, never spanning two of the layout's runs
-(:func:`tile_edges`), and for each tile we evaluate the visibility above on the
-tile's global positions (a ``(B, tile, tile)`` boolean, never a sequence-sized matrix). Tiles with
-no visible pair are skipped; neighbouring tiles of one row band that are all-visible go to the
-kernel without a mask; only bands that straddle a boundary get an explicit mask.
-
-Classifying a tile does not need its pairs. Causality, a window and padding let each query row see
-one interval of key positions, and so do documents whose tokens are contiguous (packing); with the
-block's keys in increasing order, a row's visible keys are then a range of columns ``[first, stop)``
-found by binary search (:meth:`MaskSpec.row_intervals`). A tile is hidden, all visible or partly
-visible from two comparisons per row, and a mask is built only for a partly visible tile. Ids that
-recur after other ids fall back to evaluating the pairs of one row band at a time. For windows the
-"any pair visible" question is also answered per K/V block with interval arithmetic, so a ring can
-stop rotating once no rank needs another block (see :func:`window_hides_block`).
+The tile plans that skip what a mask hides are made in :mod:`cp_dtensor.tiles`.
 
 Rows that see no key in a call get ``lse = -inf`` (the CPU kernel reports 0; :func:`block_forward`
 corrects it), and a row that sees no key at all ends with output 0 and gradient 0.
@@ -33,22 +17,17 @@ corrects it), and a row that sees no key at all ends with output 0 and gradient 
 from __future__ import annotations
 
 import functools
-import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from cp_dtensor.blocks import Block
 from cp_dtensor.layout import Run
 
 __all__ = [
     "MaskSpec",
     "check_window",
     "document_ids_from_cu_seqlens",
-    "mask_spec",
     "positions",
-    "refine_block",
     "window_hides_block",
 ]
 
@@ -112,8 +91,6 @@ class MaskSpec:
     document_ids: torch.Tensor | None = None
     seq_len: int | None = None
     tile: int = DEFAULT_TILE
-    plans: dict = field(default_factory=dict, init=False, compare=False, repr=False)
-    """Tile plans already made with this mask, by (query runs, key runs, causal); see ``RingPlan.calls``."""
 
     @property
     def only_causal(self) -> bool:
@@ -229,229 +206,3 @@ def window_hides_block(q_runs: list[Run], kv_runs: list[Run], spec: MaskSpec) ->
             if hi >= d_min and lo <= d_max:
                 return False
     return True
-
-
-def _groups(flags: list[int], split_at: int | None = None) -> list[tuple[int, int]]:
-    """Maximal runs ``[start, stop)`` of consecutive non-zero entries; ``split_at`` stands alone."""
-    groups, start = [], None
-    for idx, flag in enumerate(flags + [0]):
-        boundary = idx == split_at or idx - 1 == split_at
-        if start is not None and (not flag or boundary):
-            groups.append((start, idx))
-            start = None
-        if flag and start is None:
-            start = idx
-    return groups
-
-
-def tile_edges(pos: torch.Tensor, tile: int, run_starts: Sequence[int] = ()) -> list[int]:
-    """Where a block's rows (or columns) are cut into tiles: every ``tile`` entries of each run.
-
-    A run is a stretch of consecutive global positions, and every run starts a new tile, so no tile
-    mixes two runs. Runs start where ``pos`` jumps and at ``run_starts`` (the layout's runs can also
-    meet without a jump: :class:`~cp_dtensor.layout.DocumentZigzag` keeps every run inside one
-    document, so that its tiles are hidden or all visible, not masked).
-
-    Args:
-        pos: Global positions of the block's rows or columns, in local order ``(n,)``.
-        tile: The largest tile.
-        run_starts: More offsets in ``[0, n)`` where a run starts.
-
-    Returns:
-        Increasing offsets ``[0, ..., n]``.
-    """
-    n = len(pos)
-    jumps = ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist()
-    starts = sorted({0, n, *jumps, *run_starts})
-    return [e for a, b in zip(starts, starts[1:]) for e in range(a, b, tile)] + [n]
-
-
-def _starts_inside(runs: list[Run] | None, start: int, stop: int) -> list[int]:
-    """Offsets, relative to ``start``, of the runs that begin strictly inside ``[start, stop)`` of the local order."""
-    if runs is None:
-        return []
-    offsets, total = [], 0
-    for _, length in runs:
-        if start < total < stop:
-            offsets.append(total - start)
-        total += length
-    return offsets
-
-
-def refine_block(
-    block: Block,
-    q_pos: torch.Tensor,
-    kv_pos: torch.Tensor,
-    spec: MaskSpec,
-    *,
-    q_runs: list[Run] | None = None,
-    kv_runs: list[Run] | None = None,
-) -> list[tuple[Block, torch.Tensor | None]]:
-    """Cut one planned call into the calls that the mask needs. See Note [Skipping what the mask hides].
-
-    Args:
-        block: A call planned by :func:`cp_dtensor.blocks.plan_blocks` (causal already accounted for).
-        q_pos: Global positions of ALL local queries ``(S_q,)``.
-        kv_pos: Global positions of ALL keys of the visiting block ``(S_kv,)``.
-        spec: The mask.
-        q_runs: The layout runs of the local queries, if known: tiles never span two (see :func:`tile_edges`).
-        kv_runs: The layout runs of the visiting block, likewise.
-
-    Returns:
-        ``(call, mask)`` pairs; ``mask`` is ``None`` (all visible) or bool ``(B or 1, 1, n_q, n_k)``.
-        On a causal block's diagonal the call keeps ``causal=True``, so the kernel skips the hidden
-        triangle even where a mask is passed too.
-    """
-    if spec.only_causal:
-        return [(block, None)]
-    calls: list[tuple[Block, torch.Tensor | None]] = []
-    kv_blk = kv_pos[block.kv]  # (n_kv,) global positions of the block's keys
-    edges = tile_edges(kv_blk, spec.tile, _starts_inside(kv_runs, block.kv_start, block.kv_stop))
-    q_edges = tile_edges(q_pos[block.q], spec.tile, _starts_inside(q_runs, block.q_start, block.q_stop))
-    assert not block.causal or q_edges == edges, "a causal block holds the same positions on both sides"
-    # Fast path: every row sees one interval of positions and the keys are in increasing order, so a
-    # row's visible keys are the columns [first, stop) of the block, found by binary search.
-    intervals = spec.row_intervals(q_pos[block.q]) if bool((kv_blk[1:] > kv_blk[:-1]).all()) else None
-    if intervals is not None:
-        first = torch.searchsorted(kv_blk, intervals[0])  # (B|1, n_q_block)
-        stop = torch.searchsorted(kv_blk, intervals[1], right=True)
-        c0, c1 = torch.tensor(edges[:-1]), torch.tensor(edges[1:])  # (n_tiles,) column ranges of the tiles
-    for band_index, (r0, r1) in enumerate(zip(q_edges[:-1], q_edges[1:])):
-        q0, q1 = block.q_start + r0, block.q_start + r1
-        if intervals is not None:
-            rows = slice(r0, r1)
-            f, t = first[:, rows, None], stop[:, rows, None]  # (B|1, n_q, 1): visible columns [f, t)
-
-            def band(a: int, b: int, f=f, t=t) -> torch.Tensor:
-                cols = torch.arange(a, b)
-                return (cols >= f) & (cols < t)  # (B|1, n_q, b - a)
-
-            full = ((f <= c0) & (t >= c1)).flatten(0, 1).all(0)  # (n_tiles,) every row sees the whole tile
-            some = ((f < c1) & (t > c0) & (t > f)).flatten(0, 1).any(0)  # some row sees part of it
-            kinds = (full.long() + (some & ~full).long() * 2).tolist()  # 0 hidden, 1 all visible, 2 partly
-        else:
-            vis = spec.visible(q_pos[q0:q1], kv_blk)  # (B|1, n_q, n_kv): one row band
-
-            def band(a: int, b: int, vis=vis) -> torch.Tensor:
-                return vis[..., a:b]
-
-            kinds = []
-            for a, b in zip(edges[:-1], edges[1:]):
-                t_vis = vis[..., a:b]
-                kinds.append(2 if not bool(t_vis.all()) and bool(t_vis.any()) else int(bool(t_vis.all())))
-        # A causal (diagonal) block cuts its bands and columns at the same edges: tile d is square
-        # on the diagonal, and gets its own causal call.
-        diag = band_index if block.causal else None
-        for g0, g1 in _groups(kinds, split_at=diag):
-            a, b = edges[g0], edges[g1]
-            on_diag = (g0, g1) == (diag, diag + 1) if diag is not None else False
-            if on_diag:
-                tile_vis = band(a, b)
-                triangle = torch.ones(q1 - q0, b - a, dtype=torch.bool, device=tile_vis.device).tril()
-                mask = None if bool((tile_vis == triangle).all()) else tile_vis[:, None]
-            else:
-                mask = None if all(k == 1 for k in kinds[g0:g1]) else band(a, b)[:, None]
-            calls.append((Block(q0, q1, block.kv_start + a, block.kv_start + b, on_diag), mask))
-    return calls
-
-
-def mask_spec(
-    cp_group,
-    q_local: torch.Tensor,
-    *,
-    causal: bool,
-    document_ids: torch.Tensor | None = None,
-    window=None,
-    seq_len: int | None = None,
-) -> MaskSpec:
-    """Validate the mask arguments of an attention call and build its :class:`MaskSpec`.
-
-    ``document_ids`` may be global ``(B, L)`` or this rank's shard ``(B, S_local)``, on any device; a
-    shard is all-gathered over the cp axis once per call (``B * L`` integers, counted as
-    ``"mask_gather"``). The plan is built on the CPU, so global ids already there cost no copy. A call
-    with the same arguments as the previous one (the same global ``document_ids`` object, unmodified)
-    returns the same :class:`MaskSpec`, and its tile plans with it: see Note [Reusing a mask across
-    layers].
-
-    Raises:
-        ValueError: naming the bad argument and the expected form.
-    """
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {causal!r}.")
-    batch, seq_local = q_local.shape[0], q_local.shape[2]
-    total = seq_local * cp_group.size
-    window = check_window(window)
-    if seq_len is not None:
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 < seq_len <= total:
-            raise ValueError(f"seq_len must be an int in [1, {total}] (the padded length), got {seq_len!r}.")
-        if seq_len == total:
-            seq_len = None
-    tile = DEFAULT_TILE
-    key = (batch, seq_local, total, causal, window, seq_len, tile)
-    if document_ids is None:
-        return _reuse_or_build(
-            cp_group, key, None, lambda: MaskSpec(causal=causal, window=window, seq_len=seq_len, tile=tile)
-        )
-    if not isinstance(document_ids, torch.Tensor) or document_ids.is_floating_point() or document_ids.dim() != 2:
-        raise ValueError(
-            "document_ids must be an integer tensor (batch, seq), got "
-            f"{getattr(document_ids, 'shape', document_ids)!r}."
-        )
-    if document_ids.shape[0] != batch or document_ids.shape[1] not in (seq_local, total):
-        raise ValueError(
-            f"document_ids has shape {tuple(document_ids.shape)}; expected ({batch}, {total}) in global order "
-            f"or this rank's shard ({batch}, {seq_local})."
-        )
-    # Plans are arithmetic on the host (a GPU would sync at every tile's any()/all()): the ids live on
-    # the CPU, and each mask goes to the device when its kernel call runs.
-    if document_ids.shape[1] != total:  # a shard: gathered at every call, never reused (see the Note)
-        ids = _gather_ids(cp_group, document_ids.to(q_local.device)).to("cpu")  # the collective runs on q's device
-        return MaskSpec(causal=causal, window=window, document_ids=ids, seq_len=seq_len, tile=tile)
-    return _reuse_or_build(
-        cp_group, key, document_ids,
-        lambda: MaskSpec(causal=causal, window=window, document_ids=document_ids.to("cpu"), seq_len=seq_len, tile=tile),
-    )
-
-
-# Note [Reusing a mask across layers]
-# -----------------------------------
-# A model passes the same mask arguments to every layer's attention call, and each call would plan
-# its tiles again. mask_spec() therefore returns the previous call's MaskSpec, with the tile plans it
-# holds (MaskSpec.plans), when the arguments are the same: the same group, shapes, causal, window and
-# seq_len, and the very same document_ids object, not modified in place since (its version counter).
-# The entry holds the ids (so their id cannot pass to a new tensor while cached) but only a weak
-# reference to the group: a cache must not keep process groups alive, since destroy_process_group()
-# leaves gloo's threads running while any reference remains, and threads still running when the
-# interpreter finalises can abort it ("terminate called without an active exception"). Document ids
-# given as a shard are gathered at every call and never reused: the all-gather is a collective, and
-# a cache that hit on some ranks and missed on others would hang them.
-_last_spec: list[tuple] = []  # at most one (weakref to the group, key, ids, ids version, spec)
-
-
-def _reuse_or_build(cp_group, key: tuple, ids: torch.Tensor | None, build) -> MaskSpec:
-    """The cached :class:`MaskSpec` if these arguments made it, else ``build()`` (and cache it)."""
-    if _last_spec:
-        group_ref, old_key, old_ids, version, spec = _last_spec[0]
-        if group_ref() is cp_group and old_key == key and old_ids is ids and (ids is None or ids._version == version):
-            return spec
-    spec = build()
-    _last_spec[:] = [(weakref.ref(cp_group), key, ids, None if ids is None else ids._version, spec)]
-    return spec
-
-def _gather_ids(cp_group, ids_local: torch.Tensor) -> torch.Tensor:
-    """All-gather a ``(B, S_local)`` shard of ids into ``(B, L)`` global order."""
-    if cp_group.size == 1:
-        return ids_local
-    import torch.distributed as dist
-
-    from cp_dtensor.comm import record_comm
-
-    ids_local = ids_local.to(torch.int64).contiguous()
-    shards = [torch.empty_like(ids_local) for _ in range(cp_group.size)]
-    dist.all_gather(shards, ids_local, group=cp_group.process_group)
-    record_comm("mask_gather", ids_local.numel() * ids_local.element_size() * (cp_group.size - 1))
-    seq_len = ids_local.shape[1] * cp_group.size
-    full = torch.empty(ids_local.shape[0], seq_len, dtype=ids_local.dtype, device=ids_local.device)
-    for rank, shard in enumerate(shards):
-        full[:, positions(cp_group.runs(seq_len, rank)).to(full.device)] = shard
-    return full

@@ -1,9 +1,9 @@
 """How much memory one rank needs to train the Llama-style decoder with context parallelism.
 
-:func:`estimate_context_parallel_memory_savings` (the seed's function) compares one rank's peak
+:func:`estimate_context_parallel_memory_savings` compares one rank's peak
 memory without context parallelism (``P = 1``) and with it (``P = cp_size``), and finds the longest
 sequence that fits a memory budget. The numbers come from an inventory of what the model really
-keeps, checked against measured peaks (``docs/memory.md``, ``cp_dtensor.memory_measure``).
+keeps, checked against measured peaks (``docs/memory.md``, ``bench.memory_measure``).
 
 Note [What one rank holds]
 --------------------------
@@ -16,7 +16,7 @@ log-sum-exp). ``n`` is the number of parameters.
 * **Static** (independent of ``L`` and ``P``): weights ``n b``, gradients ``n b`` (kept between steps,
   as with gradient accumulation or DDP buckets), optimizer state ``k n b`` (AdamW ``k = 2``, SGD with
   momentum ``k = 1``, none ``k = 0``). ``param_sharding="ddp"`` adds DDP's gradient buckets ``n b``
-  (what :func:`cp_dtensor.grad_sync.apply_ddp` builds by default); ``"fsdp"`` divides each by
+  (what :func:`cp_dtensor.parallel.grad_sync.apply_ddp` builds by default); ``"fsdp"`` divides each by
   ``dp_size * cp_size`` and adds one layer's full weights and gradients while it is gathered.
 * **Activations saved for backward**, per layer: ``T * saved_per_token + S * 2 D 4`` bytes (the
   second term is the fp32 RoPE cos/sin table, shared by the batch). :func:`saved_per_token` lists
@@ -36,8 +36,8 @@ Note [Naive attention and the square root]
 ring attention a rank computes one ``S x S`` block of scores per step, and over the ``P`` steps
 autograd keeps every step's probabilities, a ``S x L`` stripe (``B H S L`` elements) per layer, plus
 the ``P - 1`` visiting K/V blocks. Per rank that is ``O(L^2 / P)``: with ``P`` ranks the longest
-sequence grows only ``sqrt(P)``-fold (``L^2 / P = L_1^2`` gives ``L = sqrt(P) L_1``), the seed's
-claim. The seed's ``O((L/P)^2)`` would give ``P``-fold: it counts one block, which is right for the
+sequence grows only ``sqrt(P)``-fold (``L^2 / P = L_1^2`` gives ``L = sqrt(P) L_1``). The often
+quoted ``O((L/P)^2)`` would give ``P``-fold: it counts one block, which is right for the
 transient of a kernel that recomputes scores in backward, not for what naive autograd keeps. With
 fused (flash) kernels no score matrix outlives a kernel call, per-rank memory is linear in
 ``L / P`` and the longest sequence grows about ``P``-fold (less the static part).
@@ -138,7 +138,7 @@ class ModelDims:
 
 
 def default_ffn_hidden_size(hidden_size: int) -> int:
-    """The SwiGLU width of :class:`cp_dtensor.model.ModelConfig`: ``8E/3`` rounded up to a multiple of 32."""
+    """The SwiGLU width of :class:`cp_dtensor.training.model.ModelConfig`: ``8E/3`` rounded up to a multiple of 32."""
     return -(-(8 * hidden_size // 3) // 32) * 32
 
 
@@ -526,7 +526,7 @@ def estimate_context_parallel_memory_savings(
 ) -> dict:
     """Per-rank peak memory of a training step without and with context parallelism, and the longest fit.
 
-    The model is the Llama-style decoder of :mod:`cp_dtensor.model`; the formulas are in Note [What
+    The model is the Llama-style decoder of :mod:`cp_dtensor.training.model`; the formulas are in Note [What
     one rank holds] and Note [Naive attention and the square root] of this module, each component in
     :func:`saved_per_token`, :func:`phase_bytes` and :func:`estimate_rank_memory`. In short, per rank
     with ``T = B L / P`` local tokens::
@@ -536,7 +536,7 @@ def estimate_context_parallel_memory_savings(
                                     + transients ]               # logits / MLP grads / ring workspace
              (+ N * B H (L/P) L b                                # naive: the saved probability stripes)
 
-    Example (the seed's)::
+    Example (1M tokens, a 7B-sized model, 8 ranks)::
 
         >>> s = estimate_context_parallel_memory_savings(
         ...     seq_len=1_000_000, hidden_size=4096, num_layers=32, batch_size=1, cp_size=8)
@@ -563,7 +563,7 @@ def estimate_context_parallel_memory_savings(
         memory_budget_gb: Memory per rank, GiB, for ``max_seq_len_with_cp``.
         dp_size: Data-parallel replicas; changes per-rank memory only with ``param_sharding="fsdp"``.
         param_sharding: ``"replicated"`` (every rank holds all weights and gradients), ``"ddp"`` (the
-            same plus DDP's gradient buckets, as :func:`cp_dtensor.grad_sync.apply_ddp`) or ``"fsdp"``
+            same plus DDP's gradient buckets, as :func:`cp_dtensor.parallel.grad_sync.apply_ddp`) or ``"fsdp"``
             (weights, gradients and optimizer state sharded over ``dp_size * cp_size`` ranks).
         tie_embeddings: The head shares the embedding matrix.
 

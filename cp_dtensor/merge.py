@@ -15,7 +15,7 @@ Written with ``sigmoid(x) = 1 / (1 + e^{-x})`` this never exponentiates a large 
 
 The output update is the sigmoid form of ring-flash-attention PR #34 and PyTorch's own CP; their
 log-sum-exp update ``l_A - log(sigmoid(l_A - l_B))`` is the same number, but rounds once more when one
-block dominates (logits ~1e4), so the max / log1p form is used. The seed's ``output += attn`` drops
+block dominates (logits ~1e4), so the max / log1p form is used. Adding the partial outputs (``output += attn``) drops
 both weights and is only right for a single block.
 
 A block a row cannot see at all has ``l_B = -inf``: then ``sigma(l_B - l_A) = 0`` and the row is left

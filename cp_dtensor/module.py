@@ -118,7 +118,7 @@ class ContextParallelAttention(nn.Module):
                 f"x must be (batch, seq_local, hidden_size={self.hidden_size}), got shape {tuple(x_local.shape)}."
             )
         b, s, _ = x_local.shape
-        # Head counts come from the projections' widths: under tensor parallelism (cp_dtensor.tensor_parallel)
+        # Head counts come from the projections' widths: under tensor parallelism (cp_dtensor.parallel.tensor_parallel)
         # each rank projects to its own H / tp query heads and K/V heads, and attends over those alone.
         q_BHSD = self.q_proj(x_local).view(b, s, -1, self.head_dim).transpose(1, 2)
         k_BHSD = self.k_proj(x_local).view(b, s, -1, self.head_dim).transpose(1, 2)

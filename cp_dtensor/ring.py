@@ -11,8 +11,34 @@ to an fp32 accumulator that travels *with* the block and arrives home after ``P`
 stays local. The per-block backward uses the saved final output and log-sum-exp; nothing global is
 recomputed.
 
-Legend: ``B`` batch, ``H`` query heads, ``H_kv`` K/V heads, ``S`` local sequence length, ``D`` head
-dim.
+Note [The two rings]
+--------------------
+``reference/ring.py`` simulates this ring on ``P`` virtual ranks in one process (Note [Ring
+schedule] there, with the schedule drawn). The same algorithm, under these names:
+
+=====================================================  ===============================================
+``reference/ring.py``                                   here
+=====================================================  ===============================================
+``world_size``, ``rank``, ``held.source``              ``RingPlan.size``, ``.rank``, ``(rank - step) % size``
+``send_to_next_rank(buffers)``                          ``RingAttentionCommunicator.ring_forward`` + ``.wait``
+``attention_block`` / ``attention_block_backward``      ``kernels.block_forward`` / ``block_backward``
+``mask.visible(...)``, skip a hidden block              ``RingPlan.calls(step)``: tiles, ``[]`` when hidden
+``merge(out, lse, ...)`` (returns the merge)            ``merge_into(out, lse, ..., first=)`` (in place)
+``simulate_ring_attention_forward`` / ``_backward``     :func:`ring_forward` / :func:`ring_backward`
+=====================================================  ===============================================
+
+It differs in three ways, each for speed, none in the result:
+
+1. **The send is posted before the compute.** At every step the next block is already in flight
+   while this one is attended to (the reference attends, then sends).
+2. **Early stop under windows.** :attr:`RingPlan.num_steps` is fewer than ``P`` when a window hides
+   every later block from every rank; the reference runs all ``P`` steps and traces the skipped ones.
+3. **The last hop home.** The dK/dV accumulators rotate one step behind K/V, on their own
+   communicator; after the last step each goes straight home (``size - step`` hops away, one when
+   the ring ran all ``P`` steps), where the reference sends them one more hop with their block.
+
+Legend (the reference uses the same): ``B`` batch, ``H`` query heads, ``H_kv`` K/V heads, ``L``
+global sequence length, ``S = L / P`` local sequence length, ``D`` head dim, ``P`` ranks in the ring.
 """
 
 from __future__ import annotations
@@ -21,22 +47,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
+from cp_dtensor.block_loop import backward_blocks, forward_blocks
 from cp_dtensor.blocks import Block, plan_blocks
+from cp_dtensor.call import AttentionCall, run_strategy
 from cp_dtensor.comm import RingAttentionCommunicator
-from cp_dtensor.debug import check_call, recheck_output
 from cp_dtensor.group import ContextParallelGroup
-from cp_dtensor.kernels import accum_dtype, block_backward, block_forward
+from cp_dtensor.kernels import accum_dtype
 from cp_dtensor.layout import Run, shard_runs
-from cp_dtensor.masks import MaskSpec, positions, refine_block, window_hides_block
-from cp_dtensor.merge import merge_into
-from cp_dtensor.sharding import from_local_like, local_inputs
+from cp_dtensor.masks import MaskSpec, window_hides_block
+from cp_dtensor.tiles import Call, TilePlanner, tile_planner
 
-__all__ = ["ring_attention", "RingPlan", "ring_forward", "ring_backward"]
-
-
-Call = tuple[Block, "torch.Tensor | None"]  # a kernel call and its mask (None: all visible)
+__all__ = ["ring_attention", "ring_attention_local", "RingPlan", "make_plan", "ring_forward", "ring_backward"]
 
 
 @dataclass
@@ -63,33 +87,29 @@ class RingPlan:
     causal: bool
     scale: float
     mask: MaskSpec | None = None
-    _calls: dict[int, list[Call]] = field(default_factory=dict, repr=False)
+    _planner: TilePlanner | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def one_rank(
+        cls, q_runs: list[Run], kv_runs: list[Run], *, causal: bool, scale: float, mask: MaskSpec | None = None
+    ) -> RingPlan:
+        """A ring of one rank: local queries at ``q_runs`` against one K/V block at ``kv_runs``, no sends."""
+        return cls(group=None, rank=0, size=1, q_runs=q_runs, kv_runs=lambda _: kv_runs, causal=causal,
+                   scale=scale, mask=mask)
 
     def blocks(self, step: int) -> list[Block]:
         """The causal plan of ``step``: local queries against the block of rank ``rank - step``."""
         return plan_blocks(self.q_runs, self.kv_runs((self.rank - step) % self.size), self.causal)
 
     def calls(self, step: int) -> list[Call]:
-        """The kernel calls of ``step`` with their masks (computed once, reused by the backward)."""
-        if step not in self._calls:
-            kv_runs = self.kv_runs((self.rank - step) % self.size)
-            if self.mask is None or self.mask.only_causal:
-                calls = [(blk, None) for blk in self.blocks(step)]
-            elif window_hides_block(self.q_runs, kv_runs, self.mask):
-                calls = []
-            else:  # tile plans are kept in the mask: the next layer's call reuses them
-                key = (tuple(self.q_runs), tuple(kv_runs), self.causal)
-                calls = self.mask.plans.get(key)
-                if calls is None:
-                    q_pos, kv_pos = positions(self.q_runs), positions(kv_runs)
-                    calls = [
-                        c
-                        for blk in self.blocks(step)
-                        for c in refine_block(blk, q_pos, kv_pos, self.mask, q_runs=self.q_runs, kv_runs=kv_runs)
-                    ]
-                    self.mask.plans[key] = calls
-            self._calls[step] = calls
-        return self._calls[step]
+        """The kernel calls of ``step`` (local queries against the block of rank ``rank - step``) with their masks.
+
+        Planned once per call by the mask's :class:`~cp_dtensor.tiles.TilePlanner`, which the
+        backward and the next layers with the same mask share.
+        """
+        if self._planner is None:
+            self._planner = tile_planner(self.mask)
+        return self._planner.calls(self.q_runs, self.kv_runs((self.rank - step) % self.size), self.causal)
 
     @property
     def num_steps(self) -> int:
@@ -133,16 +153,7 @@ def ring_forward(
     for step in range(num_steps):
         if step + 1 < num_steps:
             comm.ring_forward(kv)  # the next block travels while we compute on this one
-        for blk, mask in plan.calls(step):
-            with record_function("cp_dtensor.ring.attn_block"):
-                block_out, block_lse = block_forward(
-                    q[:, :, blk.q], kv[0][:, :, blk.kv], kv[1][:, :, blk.kv],
-                    causal=blk.causal, scale=plan.scale, mask=mask,
-                )
-            with record_function("cp_dtensor.ring.merge"):
-                first = not bool(merged[blk.q].any())  # from the plan: no read of the device's lse
-                merge_into(out[:, :, blk.q], lse[:, :, blk.q], block_out, block_lse, first=first)
-                merged[blk.q] = True
+        forward_blocks(q, kv[0], kv[1], plan.calls(step), plan.scale, out, lse, merged)
         if step + 1 < num_steps:
             kv = comm.wait()
     return out.to(q.dtype), lse
@@ -183,15 +194,7 @@ def ring_backward(
             kv_comm.ring_forward(kv)
         dk_blk = torch.zeros(k.shape, dtype=acc, device=k.device)  # (B, H_kv, S_kv, D)
         dv_blk = torch.zeros(v.shape, dtype=acc, device=v.device)
-        for blk, mask in plan.calls(step):
-            with record_function("cp_dtensor.ring.attn_block_backward"):
-                dq_b, dk_b, dv_b = block_backward(
-                    dout[:, :, blk.q], q[:, :, blk.q], kv[0][:, :, blk.kv], kv[1][:, :, blk.kv],
-                    out[:, :, blk.q], lse[:, :, blk.q], causal=blk.causal, scale=plan.scale, mask=mask,
-                )
-            dq[:, :, blk.q] += dq_b
-            dk_blk[:, :, blk.kv] += dk_b
-            dv_blk[:, :, blk.kv] += dv_b
+        backward_blocks(dout, q, kv[0], kv[1], out, lse, plan.calls(step), plan.scale, (dq, dk_blk, dv_blk))
         if step > 0:  # the accumulator of this block, filled by the ranks it visited before
             dk_in, dv_in = grad_comm.wait()
             dk_blk += dk_in
@@ -218,10 +221,26 @@ class _RingAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         with record_function("cp_dtensor.ring.backward"):
             dq, dk, dv = ring_backward(dout, *ctx.saved_tensors, ctx.plan)
         return dq, dk, dv, None
+
+
+def ring_attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> torch.Tensor:
+    """The ring of ``plan`` on local tensors, differentiable: :func:`ring_forward` and :func:`ring_backward`.
+
+    Args:
+        q: Local queries ``(B, H, S, D)``.
+        k: Local keys ``(B, H_kv, S_kv, D)``.
+        v: Local values ``(B, H_kv, S_kv, D)``.
+        plan: The ring's ranks and layout.
+
+    Returns:
+        The local output ``(B, H, S, D)`` in ``q``'s dtype.
+    """
+    return _RingAttention.apply(q, k, v, plan)
 
 
 def make_plan(
@@ -290,12 +309,11 @@ def ring_attention(
             layout (zigzag needs an even local length), DTensors not sharded on the sequence dim, or a
             malformed mask argument; with ``validate``, ranks that disagree (the same error on every rank).
     """
-    check_call("ring_attention", cp_group, q, k, v, validate=validate, debug_check=debug_check, causal=causal,
-               scale=scale, document_ids=document_ids, window=window, seq_len=seq_len)
-    q_l, k_l, v_l, like, _, scale, mask = local_inputs(
-        q, k, v, cp_group, causal, scale, document_ids=document_ids, window=window, seq_len=seq_len
-    )
-    plan = make_plan(cp_group, q_l.shape[2], causal, scale, mask)
-    out = _RingAttention.apply(q_l, k_l, v_l, plan)
-    recheck_output("ring_attention", out, q_l, k_l, v_l, cp_group, debug_check=debug_check, scale=plan.scale, mask=mask)
-    return from_local_like(out, like)
+    return run_strategy("ring_attention", _attend, q, k, v, cp_group, causal=causal, scale=scale,
+                        document_ids=document_ids, window=window, seq_len=seq_len, validate=validate,
+                        debug_check=debug_check)
+
+
+def _attend(call: AttentionCall) -> torch.Tensor:
+    plan = make_plan(call.cp_group, call.q.shape[2], call.causal, call.scale, call.mask)
+    return ring_attention_local(call.q, call.k, call.v, plan)

@@ -38,8 +38,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from cp_dtensor.collectives import relayout
 from cp_dtensor.comm import record_comm
 from cp_dtensor.layout import check_seq_len
-from cp_dtensor.masks import mask_spec
-from cp_dtensor.validate import check_qkv, resolve_scale
 
 __all__ = [
     "SequenceDTensor",
@@ -47,7 +45,6 @@ __all__ = [
     "to_local_checked",
     "from_local_like",
     "global_document_ids",
-    "local_inputs",
 ]
 
 
@@ -155,34 +152,3 @@ def global_document_ids(document_ids, cp_group):
         record_comm("mask_gather", local.numel() * local.element_size() * (cp_group.size - 1))
     return document_ids.full_tensor()
 
-
-def local_inputs(q, k, v, cp_group, causal: bool, scale: float | None, **mask_args):
-    """Unwrap DTensors and validate like :func:`cp_dtensor.ring_attention`.
-
-    Args:
-        q: Queries (local or DTensor).
-        k: Keys.
-        v: Values.
-        cp_group: The context-parallel group.
-        causal: Causal masking.
-        scale: Softmax scale or ``None``.
-        **mask_args: ``document_ids``, ``window``, ``seq_len`` (see :mod:`cp_dtensor.masks`);
-            ``document_ids`` may also be a DTensor (:func:`global_document_ids`).
-
-    Returns:
-        ``(q, k, v, like, seq_len, scale, mask)``: local shards in the group's layout, how to wrap
-        the output (:func:`from_local_like`; ``None`` for local inputs), the global (padded) sequence
-        length, the resolved scale and the
-        :class:`~cp_dtensor.masks.MaskSpec`.
-
-    Raises:
-        ValueError: As :func:`cp_dtensor.ring_attention`.
-    """
-    (q_l, k_l, v_l), like = to_local_checked((q, k, v), cp_group, seq_dim=2)
-    check_qkv(q_l, k_l, v_l)
-    if "document_ids" in mask_args:
-        mask_args["document_ids"] = global_document_ids(mask_args["document_ids"], cp_group)
-    mask = mask_spec(cp_group, q_l, causal=causal, **mask_args)
-    seq_len = q_l.shape[2] * cp_group.size
-    cp_group.runs(seq_len)  # raises ValueError if the local length does not fit the layout
-    return q_l, k_l, v_l, like, seq_len, resolve_scale(scale, q_l.shape[-1]), mask

@@ -38,12 +38,11 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from cp_dtensor.call import AttentionCall, run_strategy
 from cp_dtensor.collectives import all_to_all
-from cp_dtensor.debug import check_call, recheck_output
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.layout import Run
-from cp_dtensor.ring import RingPlan, _RingAttention
-from cp_dtensor.sharding import from_local_like, local_inputs
+from cp_dtensor.ring import RingPlan, ring_attention_local
 
 __all__ = ["ulysses_attention", "HeadExchange", "kv_replication", "check_heads", "attend_over_heads"]
 
@@ -169,7 +168,7 @@ def attend_over_heads(
         k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
     with record_function("cp_dtensor.ulysses.to_heads"):
         q_h, k_h, v_h = exchange.to_heads([q, k, v])
-    out_h = _RingAttention.apply(q_h, k_h, v_h, plan)
+    out_h = ring_attention_local(q_h, k_h, v_h, plan)
     with record_function("cp_dtensor.ulysses.to_sequence"):
         return exchange.to_sequence(out_h)
 
@@ -216,21 +215,17 @@ def ulysses_attention(
     Raises:
         ValueError: ``P`` does not divide ``H`` (use ring); or as :func:`cp_dtensor.ring_attention`.
     """
-    check_call("ulysses_attention", cp_group, q, k, v, validate=validate, debug_check=debug_check, causal=causal,
-               scale=scale, document_ids=document_ids, window=window, seq_len=seq_len)
-    q_l, k_l, v_l, like, total, scale, mask = local_inputs(
-        q, k, v, cp_group, causal, scale, document_ids=document_ids, window=window, seq_len=seq_len
-    )
-    check_heads(q_l.shape[1], cp_group.size, "the cp size")
+    return run_strategy("ulysses_attention", _attend, q, k, v, cp_group, causal=causal, scale=scale,
+                        document_ids=document_ids, window=window, seq_len=seq_len, validate=validate,
+                        debug_check=debug_check)
+
+
+def _attend(call: AttentionCall) -> torch.Tensor:
+    cp_group = call.cp_group
+    check_heads(call.q.shape[1], cp_group.size, "the cp size")
     exchange = HeadExchange(
         group=cp_group.process_group if cp_group.size > 1 else None,
-        member_runs=tuple(tuple(cp_group.runs(total, r)) for r in range(cp_group.size)),
+        member_runs=tuple(tuple(cp_group.runs(call.seq_len, r)) for r in range(cp_group.size)),
     )
-    runs = exchange.runs
-    plan = RingPlan(
-        group=None, rank=0, size=1, q_runs=runs, kv_runs=lambda _: runs, causal=causal, scale=scale, mask=mask
-    )
-    out = attend_over_heads(q_l, k_l, v_l, exchange, plan)
-    recheck_output("ulysses_attention", out, q_l, k_l, v_l, cp_group, debug_check=debug_check, scale=scale,
-                   mask=mask)
-    return from_local_like(out, like)
+    plan = RingPlan.one_rank(exchange.runs, exchange.runs, causal=call.causal, scale=call.scale, mask=call.mask)
+    return attend_over_heads(call.q, call.k, call.v, exchange, plan)

@@ -1,6 +1,6 @@
 r"""Sequence layouts: which global token positions each (virtual) rank holds.
 
-A layout splits a sequence of ``S`` tokens over ``P`` ranks. Three are offered (``LAYOUTS``):
+A layout splits a sequence of ``L`` tokens over ``P`` ranks. Three are offered (``LAYOUTS``):
 
 * ``"contiguous"``: ``P`` equal chunks; rank ``r`` holds chunk ``r``.
 * ``"zigzag"``: ``2P`` equal chunks; rank ``r`` holds chunk ``r`` and then chunk ``2P - 1 - r``
@@ -29,7 +29,7 @@ Note [Causal load balance of the layouts]
     Contiguous makes the last rank do ``(2P - 1) / P`` times the mean work; zigzag pairs an early
     chunk with a late one, so every rank does the same work.
 
-Shape legend: S sequence length, P world size, S_local = S / P tokens per rank.
+Shape legend: L sequence length, P world size, S = L / P tokens per rank.
 """
 
 from __future__ import annotations
@@ -66,12 +66,12 @@ def shard_indices(seq_len: int, world_size: int, layout: str) -> list[torch.Tens
     """Global token positions held by each rank, in the rank's local order.
 
     Args:
-        seq_len: Sequence length S.
+        seq_len: Sequence length L.
         world_size: Number of ranks P, at least 1.
         layout: One of `LAYOUTS`.
 
     Returns:
-        ``P`` int64 tensors of shape (S_local,); entry ``r`` lists rank ``r``'s positions. Together
+        ``P`` int64 tensors of shape (S,); entry ``r`` lists rank ``r``'s positions. Together
         they hold every position exactly once.
 
     Raises:
@@ -85,10 +85,10 @@ def shard_indices(seq_len: int, world_size: int, layout: str) -> list[torch.Tens
             f"sequence length {seq_len} is not a multiple of {chunks}, which layout {layout!r} "
             f"needs for world_size {world_size}; pad the sequence to {padded} tokens"
         )
-    positions = torch.arange(seq_len)  # (S,)
+    positions = torch.arange(seq_len)  # (L,)
     if layout == "striped":
         return [positions[r::world_size] for r in range(world_size)]
-    pieces = positions.reshape(chunks, seq_len // chunks)  # (num_chunks, S / num_chunks)
+    pieces = positions.reshape(chunks, seq_len // chunks)  # (num_chunks, L / num_chunks)
     if layout == "contiguous":
         return list(pieces)
     return [torch.cat([pieces[r], pieces[chunks - 1 - r]]) for r in range(world_size)]  # zigzag
@@ -98,14 +98,14 @@ def shard(x: torch.Tensor, world_size: int, layout: str, dim: int) -> list[torch
     """Split a full-length tensor into the per-rank shards of a layout.
 
     Args:
-        x: Tensor whose dimension ``dim`` is the sequence, of length S.
+        x: Tensor whose dimension ``dim`` is the sequence, of length L.
         world_size: Number of ranks P.
         layout: One of `LAYOUTS`.
         dim: The sequence dimension of ``x`` (2 for SDPA-layout q/k/v).
 
     Returns:
         ``P`` tensors, shard ``r`` being ``x`` restricted to rank ``r``'s positions along ``dim``
-        (length S_local there).
+        (length S there).
 
     Raises:
         ValueError: As `shard_indices`.
@@ -118,13 +118,13 @@ def unshard(shards: list[torch.Tensor], world_size: int, layout: str, dim: int) 
     """Put per-rank shards back together in global token order (the inverse of `shard`).
 
     Args:
-        shards: ``P`` tensors as returned by `shard`, each of length S_local along ``dim``.
+        shards: ``P`` tensors as returned by `shard`, each of length S along ``dim``.
         world_size: Number of ranks P.
         layout: One of `LAYOUTS`.
         dim: The sequence dimension of the shards.
 
     Returns:
-        Tensor of length ``S = P * S_local`` along ``dim``, in global order.
+        Tensor of length ``L = P * S`` along ``dim``, in global order.
 
     Raises:
         ValueError: If ``len(shards) != world_size``, or as `shard_indices`.
@@ -132,6 +132,6 @@ def unshard(shards: list[torch.Tensor], world_size: int, layout: str, dim: int) 
     if len(shards) != world_size:
         raise ValueError(f"got {len(shards)} shards for world_size {world_size}; need one per rank")
     seq_len = sum(s.shape[dim] for s in shards)
-    held = torch.cat(shard_indices(seq_len, world_size, layout))  # (S,) position of each row
+    held = torch.cat(shard_indices(seq_len, world_size, layout))  # (L,) position of each row
     stacked = torch.cat(shards, dim=dim)  # rows in rank order
     return stacked.index_select(dim, torch.argsort(held).to(stacked.device))

@@ -6,7 +6,7 @@ key at global position ``j``? It may when every rule that is switched on allows 
 * ``causal``: ``j <= i``;
 * ``window = (left, right)``: ``i - left <= j <= i + right`` (``None`` leaves that side unbounded;
   ``(w - 1, 0)`` with ``causal`` is the usual sliding window of ``w`` tokens);
-* ``document_ids`` (B, S): ``doc[b, i] == doc[b, j]`` and ``doc[b, i] >= 0`` (several documents
+* ``document_ids`` (B, L): ``doc[b, i] == doc[b, j]`` and ``doc[b, i] >= 0`` (several documents
   packed into one row; a negative id marks padding, which neither attends nor is attended to);
 * ``seq_len``: ``i < seq_len`` and ``j < seq_len`` (the positions from ``seq_len`` on are padding).
 
@@ -15,7 +15,7 @@ mask of the whole sequence (the oracle's, `AttentionMask.dense`) and the visible
 a rank meets in the ring, whatever the layout scattered the positions to. A query row with no
 visible key at all gets output 0 and gradient 0.
 
-Shape legend: B batch, S sequence length, S_q / S_k number of query / key positions asked about.
+Shape legend: B batch, L sequence length, S_q / S_k number of query / key positions asked about.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class AttentionMask:
     window: tuple[int | None, int | None] | None = None
     """``(left, right)``: a query at ``i`` sees keys in ``[i - left, i + right]``; ``None`` for no window."""
     document_ids: torch.Tensor | None = None
-    """Integer ids, shape (B, S), in global token order; a query sees only keys of its own document,
+    """Integer ids, shape (B, L), in global token order; a query sees only keys of its own document,
     and a negative id (padding) sees nothing. ``None`` for one document per row."""
     seq_len: int | None = None
     """Number of real tokens; positions ``>= seq_len`` are padding. ``None`` when nothing is padded."""
@@ -75,14 +75,14 @@ class AttentionMask:
         """The mask of the whole sequence, for `reference.attention.full_attention`'s ``mask=``.
 
         Args:
-            num_tokens: Sequence length S.
+            num_tokens: Sequence length L.
 
         Returns:
-            Bool, shape (S, S), or (B, 1, S, S) when ``document_ids`` is set; both broadcast to
-            (B, H, S, S).
+            Bool, shape (L, L), or (B, 1, L, L) when ``document_ids`` is set; both broadcast to
+            (B, H, L, L).
         """
         device = self.document_ids.device if self.document_ids is not None else None
-        positions = torch.arange(num_tokens, device=device)  # (S,)
+        positions = torch.arange(num_tokens, device=device)  # (L,)
         allowed = self.visible(positions, positions)
         return allowed if allowed.dim() == 2 else allowed[:, None]
 
@@ -100,11 +100,11 @@ def make_mask(
 
     Args:
         batch: Batch size B of the queries.
-        num_tokens: Sequence length S (padding included).
+        num_tokens: Sequence length L (padding included).
         causal: Causal masking.
         window: ``None`` or ``(left, right)``, each a non-negative int or ``None``.
-        document_ids: ``None`` or an integer tensor of shape (B, S) in global token order.
-        seq_len: ``None`` or the number of real tokens, in ``[1, S]``.
+        document_ids: ``None`` or an integer tensor of shape (B, L) in global token order.
+        seq_len: ``None`` or the number of real tokens, in ``[1, L]``.
 
     Returns:
         The mask.

@@ -4,6 +4,8 @@ Full-length tensors go in and come out; inside, the sequence is sharded with a l
 (`reference.layouts`), and each virtual rank only ever touches its own shard and the one K/V
 block in its buffer, exactly as a real rank would. The math of one block lives in
 `reference.attention`; this file owns the ranks, the buffers and the "sends".
+Its production twin is `cp_dtensor/ring.py`: Note [The two rings] there maps the names and
+names the three differences.
 
 Note [Ring schedule]
     Rank ``r`` keeps its query shard ``Q_r`` for the whole pass. Its K/V buffer starts as its own
@@ -28,8 +30,8 @@ Note [Ring schedule]
     always runs all ``P`` steps so that the trace shows every skipped block;
     `reference.trace.ring_steps_needed` tells after how many steps a real ring may stop.
 
-Shape legend: B batch, H query heads, H_kv key/value heads, S sequence length, P world size,
-S_local = S / P tokens per rank, D head dim.
+Shape legend: B batch, H query heads, H_kv key/value heads, L sequence length, P world size,
+S = L / P tokens per rank, D head dim.
 """
 
 from __future__ import annotations
@@ -69,13 +71,13 @@ class KVBuffer:
     source: int
     """The rank this block belongs to (its home)."""
     k: torch.Tensor
-    """Keys, shape (B, H_kv, S_local, D)."""
+    """Keys, shape (B, H_kv, S, D)."""
     v: torch.Tensor
-    """Values, shape (B, H_kv, S_local, D)."""
+    """Values, shape (B, H_kv, S, D)."""
     dk: torch.Tensor | None = None
-    """Backward only: gradient accumulated for ``k`` so far, shape (B, H_kv, S_local, D)."""
+    """Backward only: gradient accumulated for ``k`` so far, shape (B, H_kv, S, D)."""
     dv: torch.Tensor | None = None
-    """Backward only: gradient accumulated for ``v`` so far, shape (B, H_kv, S_local, D)."""
+    """Backward only: gradient accumulated for ``v`` so far, shape (B, H_kv, S, D)."""
 
 
 def send_to_next_rank(buffers: list[T]) -> list[T]:
@@ -112,19 +114,19 @@ def merge(
     PR #34 writes the same merge as ``out_A - sigmoid(lse_B - lse_A) * (out_A - out_B)``.)
 
     Args:
-        out: Running output, shape (B, H, S_local, D).
-        lse: Running log-sum-exp, shape (B, H, S_local); ``-inf`` where no key has been seen.
-        block_out: This block's output, shape (B, H, S_local, D).
-        block_lse: This block's log-sum-exp, shape (B, H, S_local); ``-inf`` where the block has
+        out: Running output, shape (B, H, S, D).
+        lse: Running log-sum-exp, shape (B, H, S); ``-inf`` where no key has been seen.
+        block_out: This block's output, shape (B, H, S, D).
+        block_lse: This block's log-sum-exp, shape (B, H, S); ``-inf`` where the block has
             no visible key.
 
     Returns:
         The merged ``(out, lse)``, same shapes.
     """
-    new_lse = torch.logaddexp(lse, block_lse)  # (B, H, S_local)
+    new_lse = torch.logaddexp(lse, block_lse)  # (B, H, S)
     finite_lse = new_lse.masked_fill(new_lse == float("-inf"), 0.0)  # rows with no key at all yet
-    weight = torch.exp(lse - finite_lse)[..., None]  # (B, H, S_local, 1)
-    block_weight = torch.exp(block_lse - finite_lse)[..., None]  # (B, H, S_local, 1)
+    weight = torch.exp(lse - finite_lse)[..., None]  # (B, H, S, 1)
+    block_weight = torch.exp(block_lse - finite_lse)[..., None]  # (B, H, S, 1)
     return weight * out + block_weight * block_out, new_lse
 
 
@@ -153,7 +155,7 @@ def _prepare(
         raise ValueError(
             f"q has {q.shape[2]} tokens but k/v have {k.shape[2]}; the ring shards one sequence, so they must be equal"
         )
-    positions = [p.to(q.device) for p in shard_indices(q.shape[2], world_size, layout)]  # P x (S_local,)
+    positions = [p.to(q.device) for p in shard_indices(q.shape[2], world_size, layout)]  # P x (S,)
     scale = default_scale(q.shape[-1]) if scale is None else scale
     mask = make_mask(q.shape[0], q.shape[2], **mask_options)
     if mask.document_ids is not None:
@@ -180,38 +182,38 @@ def simulate_ring_attention_forward(
     block; a block the mask hides entirely is skipped (no work, traced as ``"skipped"``).
 
     Args:
-        q: Queries, shape (B, H, S, D), in global token order.
-        k: Keys, shape (B, H_kv, S, D); H_kv divides H.
-        v: Values, shape (B, H_kv, S, D).
+        q: Queries, shape (B, H, L, D), in global token order.
+        k: Keys, shape (B, H_kv, L, D); H_kv divides H.
+        v: Values, shape (B, H_kv, L, D).
         world_size: Number of virtual ranks P, at least 1.
         causal: If True, token ``i`` attends tokens ``j <= i``.
         scale: Multiplier of the scores; defaults to ``1 / sqrt(D)``.
         layout: How the sequence is sharded, one of `reference.layouts.LAYOUTS`.
-        document_ids: Packed documents: integer ids, shape (B, S), in global token order; a query
+        document_ids: Packed documents: integer ids, shape (B, L), in global token order; a query
             sees only keys of its own document, and a negative id (padding) sees nothing.
         window: ``(left, right)``: the query at ``i`` sees keys in ``[i - left, i + right]``;
             ``None`` for an unbounded side.
         seq_len: Number of real tokens; later positions are padding (no key, output 0).
 
     Returns:
-        ``(out, lse, trace)``: the output (B, H, S, D) and the log-sum-exp of every query row
-        (B, H, S), both in global order and in the compute dtype (q's dtype, but at least
+        ``(out, lse, trace)``: the output (B, H, L, D) and the log-sum-exp of every query row
+        (B, H, L), both in global order and in the compute dtype (q's dtype, but at least
         float32, as flash-attention kernels accumulate), and the schedule: one `TraceEntry` per
         (rank, step), in the order computed. A row with no visible key has output 0 and
         ``lse = -inf``.
 
     Raises:
-        ValueError: If the shapes do not fit, ``world_size < 1``, the layout is unknown, S is
+        ValueError: If the shapes do not fit, ``world_size < 1``, the layout is unknown, L is
             not a multiple of the layout's chunk count, or a mask argument is malformed.
     """
     mask_options = {"causal": causal, "document_ids": document_ids, "window": window, "seq_len": seq_len}
     positions, scale, dtype, mask = _prepare(q, k, v, world_size, layout, scale, mask_options)
-    q_shards = shard(q.to(dtype), world_size, layout, dim=2)  # P x (B, H, S_local, D)
-    k_shards = shard(k.to(dtype), world_size, layout, dim=2)  # P x (B, H_kv, S_local, D)
-    v_shards = shard(v.to(dtype), world_size, layout, dim=2)  # P x (B, H_kv, S_local, D)
+    q_shards = shard(q.to(dtype), world_size, layout, dim=2)  # P x (B, H, S, D)
+    k_shards = shard(k.to(dtype), world_size, layout, dim=2)  # P x (B, H_kv, S, D)
+    v_shards = shard(v.to(dtype), world_size, layout, dim=2)  # P x (B, H_kv, S, D)
     buffers = [KVBuffer(rank, k_shards[rank], v_shards[rank]) for rank in range(world_size)]
-    outs = [torch.zeros_like(q_r) for q_r in q_shards]  # P x (B, H, S_local, D)
-    lses = [q_r.new_full(q_r.shape[:-1], float("-inf")) for q_r in q_shards]  # P x (B, H, S_local)
+    outs = [torch.zeros_like(q_r) for q_r in q_shards]  # P x (B, H, S, D)
+    lses = [q_r.new_full(q_r.shape[:-1], float("-inf")) for q_r in q_shards]  # P x (B, H, S)
     B, H, _, D = q.shape
     # QK^T and PV, 2 FLOPs per multiply-add each, per pair of every batch row (a per-row mask
     # counts its pairs row by row already)
@@ -221,17 +223,17 @@ def simulate_ring_attention_forward(
         for rank in range(world_size):  # every rank does this at the same time
             held = buffers[rank]
             assert held.source == (rank - step) % world_size
-            visible = mask.visible(positions[rank], positions[held.source])  # (S_local, S_local) or (B, ...)
+            visible = mask.visible(positions[rank], positions[held.source])  # (S, S) or (B, ...)
             trace.append(make_entry(rank, step, held.source, visible, causal=causal, flops_per_pair=flops_per_pair))
             if not visible.any():
                 continue  # the mask hides the whole block: skipped
             block_out, block_lse = attention_block(
                 q_shards[rank], held.k, held.v, scale=scale, visible=_per_head(visible)
-            )  # (B, H, S_local, D), (B, H, S_local)
+            )  # (B, H, S, D), (B, H, S)
             outs[rank], lses[rank] = merge(outs[rank], lses[rank], block_out, block_lse)
         if step < world_size - 1:
             buffers = send_to_next_rank(buffers)
-    out = unshard(outs, world_size, layout, dim=2)  # (B, H, S, D)
+    out = unshard(outs, world_size, layout, dim=2)  # (B, H, L, D)
     return out, unshard(lses, world_size, layout, dim=2), trace
 
 
@@ -259,12 +261,12 @@ def simulate_ring_attention_backward(
     final send brings them home.
 
     Args:
-        dout: Gradient of the output, shape (B, H, S, D), in global token order.
-        q: Queries, shape (B, H, S, D).
-        k: Keys, shape (B, H_kv, S, D).
-        v: Values, shape (B, H_kv, S, D).
-        out: The forward output, shape (B, H, S, D).
-        lse: The forward log-sum-exp, shape (B, H, S).
+        dout: Gradient of the output, shape (B, H, L, D), in global token order.
+        q: Queries, shape (B, H, L, D).
+        k: Keys, shape (B, H_kv, L, D).
+        v: Values, shape (B, H_kv, L, D).
+        out: The forward output, shape (B, H, L, D).
+        lse: The forward log-sum-exp, shape (B, H, L).
         world_size: Number of virtual ranks P.
         causal: As in the forward.
         scale: As in the forward; defaults to ``1 / sqrt(D)``.
@@ -283,10 +285,10 @@ def simulate_ring_attention_backward(
     positions, scale, dtype, mask = _prepare(q, k, v, world_size, layout, scale, mask_options)
     q_shards, dout_shards, out_shards, k_shards, v_shards = (
         shard(x.to(dtype), world_size, layout, dim=2) for x in (q, dout, out, k, v)
-    )  # P x (B, H, S_local, D) for q, dout, out; P x (B, H_kv, S_local, D) for k, v
-    lse_shards = shard(lse.to(dtype), world_size, layout, dim=2)  # P x (B, H, S_local)
-    deltas = [(do * o).sum(-1) for do, o in zip(dout_shards, out_shards, strict=True)]  # P x (B, H, S_local)
-    dqs = [torch.zeros_like(q_r) for q_r in q_shards]  # P x (B, H, S_local, D), stay home
+    )  # P x (B, H, S, D) for q, dout, out; P x (B, H_kv, S, D) for k, v
+    lse_shards = shard(lse.to(dtype), world_size, layout, dim=2)  # P x (B, H, S)
+    deltas = [(do * o).sum(-1) for do, o in zip(dout_shards, out_shards, strict=True)]  # P x (B, H, S)
+    dqs = [torch.zeros_like(q_r) for q_r in q_shards]  # P x (B, H, S, D), stay home
     buffers = [
         KVBuffer(r, k_shards[r], v_shards[r], torch.zeros_like(k_shards[r]), torch.zeros_like(v_shards[r]))
         for r in range(world_size)
@@ -302,17 +304,17 @@ def simulate_ring_attention_backward(
                 dout_shards[rank], q_shards[rank], held.k, held.v, lse_shards[rank], deltas[rank],
                 scale=scale, visible=_per_head(visible),
             )  # fmt: skip
-            dqs[rank] += dq  # (B, H, S_local, D)
-            held.dk += dk  # (B, H_kv, S_local, D), travels with the block
+            dqs[rank] += dq  # (B, H, S, D)
+            held.dk += dk  # (B, H_kv, S, D), travels with the block
             held.dv += dv
         if step < world_size - 1:
             buffers = send_to_next_rank(buffers)  # K, V, dK, dV move on together
     # The P-th send: K/V are no longer needed; only dK/dV travel, and each lands on its home rank.
     home = send_to_next_rank([(held.source, held.dk, held.dv) for held in buffers])
     assert all(source == rank for rank, (source, _, _) in enumerate(home))
-    dq = unshard(dqs, world_size, layout, dim=2).to(q.dtype)  # (B, H, S, D)
-    dk = unshard([dk for _, dk, _ in home], world_size, layout, dim=2).to(k.dtype)  # (B, H_kv, S, D)
-    dv = unshard([dv for _, _, dv in home], world_size, layout, dim=2).to(v.dtype)  # (B, H_kv, S, D)
+    dq = unshard(dqs, world_size, layout, dim=2).to(q.dtype)  # (B, H, L, D)
+    dk = unshard([dk for _, dk, _ in home], world_size, layout, dim=2).to(k.dtype)  # (B, H_kv, L, D)
+    dv = unshard([dv for _, _, dv in home], world_size, layout, dim=2).to(v.dtype)  # (B, H_kv, L, D)
     return dq, dk, dv
 
 
@@ -356,14 +358,14 @@ def simulate_ring_attention(
     ``seq_len`` is set. ``.backward()`` through the result runs `simulate_ring_attention_backward`.
 
     Args:
-        q: Queries, shape (B, H, S, D), in global token order.
-        k: Keys, shape (B, H_kv, S, D); H_kv divides H (grouped-query attention).
-        v: Values, shape (B, H_kv, S, D).
+        q: Queries, shape (B, H, L, D), in global token order.
+        k: Keys, shape (B, H_kv, L, D); H_kv divides H (grouped-query attention).
+        v: Values, shape (B, H_kv, L, D).
         world_size: Number of virtual ranks P, at least 1.
         causal: If True, token ``i`` attends tokens ``j <= i``.
         scale: Multiplier of the scores; defaults to ``1 / sqrt(D)``.
         layout: How the sequence is sharded, one of `reference.layouts.LAYOUTS`.
-        document_ids: Packed documents: integer ids, shape (B, S), in global token order; a query
+        document_ids: Packed documents: integer ids, shape (B, L), in global token order; a query
             sees only keys of its own document, and a negative id (padding) sees nothing.
         window: ``(left, right)``: the query at ``i`` sees keys in ``[i - left, i + right]``;
             ``None`` for an unbounded side.
@@ -371,11 +373,11 @@ def simulate_ring_attention(
         trace: If True, also return the schedule.
 
     Returns:
-        The output, shape (B, H, S, D), in q's dtype and global token order; with ``trace=True``,
+        The output, shape (B, H, L, D), in q's dtype and global token order; with ``trace=True``,
         the tuple ``(out, trace)`` where ``trace`` lists one `TraceEntry` per (rank, step).
 
     Raises:
-        ValueError: If the shapes do not fit, ``world_size < 1``, the layout is unknown, S is not
+        ValueError: If the shapes do not fit, ``world_size < 1``, the layout is unknown, L is not
             a multiple of the layout's chunk count (`reference.layouts.num_chunks`), or a mask
             argument is malformed (`reference.masks.make_mask`).
     """

@@ -51,8 +51,8 @@ class TraceEntry:
     flops: int
     """Forward FLOPs spent: ``4 * head_dim * heads`` per computed pair of each batch row."""
     visible: torch.Tensor
-    """Bool, shape (S_local, S_local): pair ``(i, j)`` of local query ``i`` and local key ``j`` of
-    the held block was computed. Shape (B, S_local, S_local) when the mask differs between batch
+    """Bool, shape (S, S): pair ``(i, j)`` of local query ``i`` and local key ``j`` of
+    the held block was computed. Shape (B, S, S) when the mask differs between batch
     rows (packed documents)."""
 
 
@@ -103,7 +103,7 @@ def make_entry(
         rank: The rank computing.
         step: The ring step.
         kv_source: The rank whose K/V block it holds.
-        visible: Bool, shape (S_local, S_local), or (B, S_local, S_local) for a per-row mask; the
+        visible: Bool, shape (S, S), or (B, S, S) for a per-row mask; the
             pairs computed.
         causal: Whether the attention is causal.
         flops_per_pair: ``4 * head_dim * heads``, times ``batch`` when ``visible`` has no batch dim.

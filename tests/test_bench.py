@@ -235,7 +235,7 @@ def test_report_regenerates_the_committed_page(tmp_path):
     from bench import report
 
     page = report.PAGE.read_text()
-    # The memory harness's block mirrors another module's results file (cp_dtensor.memory_measure);
+    # The memory harness's block mirrors another module's results file (bench.memory_measure);
     # it is regenerated with the page but not pinned here, so re-measuring memory never breaks this test.
     pinned = {name: fn for name, fn in report.BLOCKS.items() if name != "memory-harness"}
     assert report.render_page(page, pinned) == page, "run: python -m bench.report"

@@ -199,7 +199,8 @@ def test_tile_plan_from_row_intervals_equals_pair_by_pair(data):
     calls and masks that evaluating every (query, key) pair plans."""
     from cp_dtensor.blocks import plan_blocks
     from cp_dtensor.layout import shard_runs
-    from cp_dtensor.masks import positions, refine_block
+    from cp_dtensor.masks import positions
+    from cp_dtensor.tiles import refine_block
 
     world_size = data.draw(st.sampled_from([1, 2, 4]))
     cfg = data.draw(masked_configs(world_size))
@@ -228,59 +229,70 @@ def test_tile_plan_from_row_intervals_equals_pair_by_pair(data):
         assert spec.row_intervals(torch.arange(cfg["seq_len"])) is None
 
 
-def reuse_case(world_size: int) -> dict:
-    """Two 'layers' in a row with the same global ids, then changed ids, then shard ids; see the test."""
-    from cp_dtensor.masks import mask_spec
-
-    group = mp_pool.group(world_size)
-    L, B = 32, 2
-    gen = torch.Generator().manual_seed(7)
-    ids = torch.tensor([[0] * 5 + [1] * 17 + [2] * 10, [0] * 20 + [1] * 12])  # (B, L), global order
-    dense = (ids[:, :, None] == ids[:, None, :]) & torch.ones(L, L, dtype=torch.bool).tril()
-    errors, specs = [], []
-    for _ in range(2):  # two layers: the same ids object, other q / k / v: the plan is reused, the result exact
-        q, k, v = (torch.randn(B, 2, L, 8, generator=gen, dtype=torch.float64) for _ in range(3))
-        out = context_parallel_attention(*(group.partition_sequence(x, seq_dim=2) for x in (q, k, v)), group,
-                                         causal=True, document_ids=ids)
-        want = full_attention(q, k, v, mask=dense[:, None])
-        errors.append((group.gather_sequence(out, seq_dim=2) - want).abs().max().item())
-        specs.append(mask_spec(group, group.partition_sequence(q, seq_dim=2), causal=True, document_ids=ids))
-    reused = specs[0] is specs[1] and len(specs[0].plans) > 0
-    ids[1, 25:] = 2  # in place: a third document in row 1; the cached plan must not be used
+def _masked_call_error(group, ids: torch.Tensor, gen: torch.Generator) -> float:
+    """Max error of one causal document-masked call (fresh q, k, v) against the dense oracle of ``ids`` now."""
+    B, L = ids.shape
     q, k, v = (torch.randn(B, 2, L, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     out = context_parallel_attention(*(group.partition_sequence(x, seq_dim=2) for x in (q, k, v)), group,
                                      causal=True, document_ids=ids)
     dense = (ids[:, :, None] == ids[:, None, :]) & torch.ones(L, L, dtype=torch.bool).tril()
     want = full_attention(q, k, v, mask=dense[:, None])
-    errors.append((group.gather_sequence(out, seq_dim=2) - want).abs().max().item())
-    after_edit = mask_spec(group, group.partition_sequence(q, seq_dim=2), causal=True, document_ids=ids)
-    same_values = mask_spec(group, group.partition_sequence(q, seq_dim=2), causal=True, document_ids=ids.clone())
+    return (group.gather_sequence(out, seq_dim=2) - want).abs().max().item()
+
+
+def reuse_case(world_size: int) -> dict:
+    """Layers in a row with the same ids, then ids edited in three ways, then shard ids; see the test."""
+    from cp_dtensor.call import mask_spec
+    from cp_dtensor.tiles import tile_planner
+
+    group = mp_pool.group(world_size)
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.tensor([[0] * 5 + [1] * 17 + [2] * 10, [0] * 20 + [1] * 12])  # (B, L), global order
+    q_local = group.partition_sequence(torch.zeros(2, 2, 32, 8), seq_dim=2)
+
+    def planner(document_ids):
+        return tile_planner(mask_spec(group, q_local, causal=True, document_ids=document_ids))
+
+    errors = [_masked_call_error(group, ids, gen) for _ in range(2)]  # two layers: the plan is reused, exact
+    first = planner(ids)
+    reused = planner(ids) is first and planner(ids.clone()) is first and len(first._calls) > 0
+    seen = {}
+    for how in ("in place", ".data", "numpy view"):
+        before = planner(ids)
+        if how == "in place":
+            ids[1, 25:] = 2  # a third document in row 1 (bumps the version counter)
+        elif how == ".data":
+            ids.data[0, 3:5] = 7  # bypasses the version counter
+        else:
+            ids.numpy()[0, 30:] = 8  # a numpy view shares the storage and bumps nothing either
+        errors.append(_masked_call_error(group, ids, gen))
+        seen[how] = planner(ids) is not before
     shard = group.partition_sequence(ids, seq_dim=1)
     with count_comm() as comm:
-        a = mask_spec(group, group.partition_sequence(q, seq_dim=2), causal=True, document_ids=shard)
-        b = mask_spec(group, group.partition_sequence(q, seq_dim=2), causal=True, document_ids=shard)
+        a = planner(shard)
+        b = planner(shard)
     # The cache must not keep a group (and so gloo's threads) alive: a group dropped by its owner is freed.
     throwaway = dataclasses.replace(group)
-    mask_spec(throwaway, group.partition_sequence(q, seq_dim=2), causal=True, document_ids=ids)
+    context_parallel_attention(*(torch.zeros(2, 2, 32 // world_size, 8) for _ in range(3)), throwaway,
+                               causal=True, document_ids=ids)
     throwaway_ref = weakref.ref(throwaway)
     del throwaway
     gc.collect()
-    return {"errors": errors, "reused": reused, "edit_rebuilt": after_edit is not specs[0],
-            "group_released": throwaway_ref() is None, "clone_rebuilt": same_values is not after_edit,
-            "shard_rebuilt": a is not b,
-            "shard_gathers": comm.calls.get("mask_gather", 0)}
+    return {"errors": errors, "reused": reused, "seen": seen, "group_released": throwaway_ref() is None,
+            "shard_reused": a is b, "shard_gathers": comm.calls.get("mask_gather", 0)}
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_a_mask_is_reused_across_layers_only_when_nothing_changed(world_size):
-    """Note [Reusing a mask across layers]: same global ids object -> same MaskSpec and plans; an in-place
-    edit, another object or shard ids -> a new one; the cache holds no group alive. Every output is checked
-    against the dense oracle."""
+def test_tile_plans_are_reused_across_layers_only_when_the_mask_is_the_same(world_size):
+    """Note [Reusing tile plans across layers]: equal ids (the same object or a copy) -> the same planner and
+    plans; an edit in place, through .data or through a numpy view -> a new one; shard ids are gathered at
+    every call; the cache holds no group alive. Every output is checked against the dense oracle."""
     for r in mp_pool.run_on_ranks(world_size, reuse_case, world_size):
         assert max(r["errors"]) < 1e-12, r["errors"]  # fp64: summation order only
-        assert r["reused"] and r["edit_rebuilt"] and r["clone_rebuilt"] and r["group_released"]
-        if world_size > 1:  # (at P = 1 a shard is the whole row: global ids, reused like any)
-            assert r["shard_rebuilt"] and r["shard_gathers"] == 2  # a collective at every call, never skipped
+        assert r["reused"] and r["group_released"] and r["shard_reused"]
+        assert all(r["seen"].values()), r["seen"]
+        if world_size > 1:  # (at P = 1 a shard is the whole row: global ids)
+            assert r["shard_gathers"] == 2  # a collective at every call, never skipped
 
 
 def test_mask_arguments_are_validated():
@@ -292,3 +304,14 @@ def test_mask_arguments_are_validated():
     with pytest.raises(ValueError, match="cu_seqlens"):
         document_ids_from_cu_seqlens(torch.tensor([1, 3]))
     assert document_ids_from_cu_seqlens(torch.tensor([0, 2, 5]), 7).tolist() == [0, 0, 1, 1, 1, -1, -1]
+
+
+def test_plan_blocks_rejects_runs_that_overlap_without_being_equal():
+    """Runs from one layout are equal or disjoint; a direct caller passing others gets a ValueError, not
+    a plan that silently drops pairs (or an assert that -O strips)."""
+    from cp_dtensor.blocks import Block, plan_blocks
+
+    with pytest.raises(ValueError, match=r"Query run \(0, 8\) and key run \(4, 8\)"):
+        plan_blocks([(0, 8)], [(4, 8)], causal=True)
+    # Sharing one position is no such overlap: every key is at or before every query, so all are visible.
+    assert plan_blocks([(7, 4)], [(4, 4)], causal=True) == [Block(0, 4, 0, 4, False)]

@@ -137,7 +137,7 @@ def test_invalid_arguments_raise_value_error_naming_value_and_options(kwargs, fr
 
 def saved_bytes_case(dtype_name: str, num_kv_heads: int | None) -> tuple[int, int, int, int]:
     """Runs on one rank: bytes one decoder block saves for backward (autograd hooks) and the model's size."""
-    from cp_dtensor.model import ModelConfig, TransformerWithCP
+    from cp_dtensor.training.model import ModelConfig, TransformerWithCP
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     group = mp_pool.group(1)
@@ -176,7 +176,7 @@ SMALL = {"vocab_size": 256, "hidden_size": 128, "num_layers": 2, "num_heads": 4}
 
 
 def measured_case(seq_len: int, cp_size: int) -> dict:
-    from cp_dtensor.memory_measure import measure_case
+    from bench.memory_measure import measure_case
 
     torch.set_num_threads(1)
     return measure_case(seq_len, cp_size, model=SMALL, cp_group=mp_pool.group(cp_size), rss=False)
@@ -234,12 +234,12 @@ REPORT = REPO / "bench" / "results" / "memory_cpu.json"
 
 
 def test_docs_table_is_the_committed_measurement_against_the_current_estimator(tmp_path):
-    from cp_dtensor.memory_measure import markdown_table, plot_results
+    from bench.memory_measure import markdown_table, plot_results
 
     report = json.loads(REPORT.read_text())
     table = markdown_table(report)  # estimates recomputed now: the page must follow the estimator
     page = (REPO / "docs" / "memory.md").read_text()
-    assert table in page, "regenerate it: python -m cp_dtensor.memory_measure --report bench/results/memory_cpu.json"
+    assert table in page, "regenerate it: python -m bench.memory_measure --report bench/results/memory_cpu.json"
     for case in report["cases"]:
         assert len(case["ranks"]) == case["summary"]["cp_size"]
     plot_results(report, tmp_path / "figure.png")

@@ -104,7 +104,7 @@ def test_dp2_cp2_step_equals_one_process_step():
     assert moved > 1e-3, "the step must change every parameter, or the comparison proves nothing"
 
 
-# ---- the seed's examples (docs), with the import path cp_dtensor --------------------------------
+# ---- the Production page's examples (docs), with the import path cp_dtensor ----------------------------
 
 
 def seed_attention_example() -> tuple:
@@ -134,7 +134,7 @@ def seed_training_example() -> tuple:
 
     from cp_dtensor import LongSequenceDataset, TransformerWithCP, apply_ddp, init_context_parallel_group
 
-    # 4 ranks: 2-way CP, 2-way DP (the seed's 8 GPUs: cp_size=4)
+    # 4 ranks: 2-way CP, 2-way DP (the example's 8 GPUs: cp_size=4)
     cp_group = init_context_parallel_group(cp_size=2)
 
     # Model with CP attention; gradients summed over dp AND cp

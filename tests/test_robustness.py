@@ -222,13 +222,13 @@ def debug_case(strategy: str, corrupt_rank: int | None, via_env: bool, inputs: d
     """Runs on every rank: attention with the debug check; ``corrupt_rank`` scales its block outputs by 1.5."""
     import torch.distributed as dist
 
-    import cp_dtensor.ring
+    import cp_dtensor.block_loop
 
     group = strategy_group(strategy, 2)
     q, k, v = (group.partition_sequence(inputs[n], seq_dim=2).float() for n in "qkv")
-    original = cp_dtensor.ring.block_forward
+    original = cp_dtensor.block_loop.block_forward
     if dist.get_rank() == corrupt_rank:  # a wrong kernel on one rank (every strategy computes through it)
-        cp_dtensor.ring.block_forward = lambda *a, **kw: (lambda o, lse: (o * 1.5, lse))(*original(*a, **kw))
+        cp_dtensor.block_loop.block_forward = lambda *a, **kw: (lambda o, lse: (o * 1.5, lse))(*original(*a, **kw))
     if via_env:
         os.environ["CP_DTENSOR_DEBUG_CHECK"] = "1"
     try:
@@ -237,7 +237,7 @@ def debug_case(strategy: str, corrupt_rank: int | None, via_env: bool, inputs: d
             out = context_parallel_attention(q, k, v, group, strategy=strategy, causal=True,
                                              **({} if via_env else {"debug_check": True}))
     finally:
-        cp_dtensor.ring.block_forward = original
+        cp_dtensor.block_loop.block_forward = original
         os.environ.pop("CP_DTENSOR_DEBUG_CHECK", None)
     messages = [str(w.message) for w in caught if "debug check" in str(w.message)]
     return {"out": out.detach(), "warnings": messages, "max_v": v.abs().max().item()}

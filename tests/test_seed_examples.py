@@ -1,6 +1,6 @@
-"""The seed's examples and the README's first look run as shown, and agree with one process.
+"""The Production page's examples and the README's first look run as shown, and agree with one process.
 
-The seed's examples live in ``docs/examples/seed_*.py`` (shown on the Production page). Each runs
+Those examples live in ``docs/examples/seed_*.py`` (shown on the Production page). Each runs
 here with the command of its docstring (``torchrun`` on 4 gloo ranks, under a timeout), and its
 output is checked: against the same computation on one process where there is one (the layer, the
 CP x DP training loop), else against what the example claims to show. ``seed_debugging.py`` asserts
@@ -42,11 +42,11 @@ def torchrun(example: str, *args: str) -> str:
                 str(EXAMPLES / example), *args])
 
 
-# ---- Basic Setup: the seed's layer, full size ------------------------------------------------------
+# ---- Basic Setup: the example's layer, full size --------------------------------------------------
 
 
 def basic_setup_on_one_process(x: torch.Tensor) -> torch.Tensor:
-    """Runs in a one-rank world: the seed's layer, seeded as in the example, over the whole sequence."""
+    """Runs in a one-rank world: the example's layer, seeded as in the example, over the whole sequence."""
     cp_group = mp_pool.group(1)
     torch.manual_seed(0)  # as the example: the same weights
     attention = ContextParallelAttention(hidden_size=4096, num_heads=32, cp_group=cp_group, causal=True)

@@ -12,7 +12,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from cp_dtensor import ModelConfig, TransformerWithCP, apply_ddp, shift_labels
-from cp_dtensor.tensor_parallel import check_tp_heads, parallelize_for_tp, tp_plan
+from cp_dtensor.parallel.tensor_parallel import check_tp_heads, parallelize_for_tp, tp_plan
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, GLOBAL_BATCH, LR = 16, 4, 1e-2
@@ -289,7 +289,7 @@ TINY = ["--seq-len", "32", "--batch-size", "4", "--hidden-size", "32", "--num-he
 
 def train_case(argv: list[str]) -> dict:
     """The training job's ``train`` on this pool's ranks (``main`` would tear the process group down)."""
-    from cp_dtensor.train import parse_args, train
+    from cp_dtensor.training.train import parse_args, train
 
     summary = train(parse_args(argv))
     return {"losses": [c["loss"] for c in summary["curve"]],
@@ -303,7 +303,7 @@ def one_process_losses() -> list[float]:
 
 
 def test_train_job_3d_matches_one_process(one_process_losses):
-    """The seed's 3-D configuration (dp x cp x tp) at CPU size.
+    """The Production page's 3-D configuration (dp x cp x tp) at CPU size.
 
     Run in the session's 8-rank pool (``train(parse_args(argv))``, the job minus its launcher): a
     torchrun launch of 8 fresh processes would double this file's time on 2 cores, and
@@ -317,7 +317,7 @@ def test_train_job_3d_matches_one_process(one_process_losses):
 
 
 def test_train_job_cp2_tp2_matches_one_process_and_resumes(tmp_path, one_process_losses):
-    """The seed's CP + TP configuration at CPU size; a run resumed from its step-2 checkpoint gives step 3's loss."""
+    """The Production page's CP + TP configuration at CPU size; a run resumed from its step-2 checkpoint gives step 3's loss."""
     ckpt = ["--cp", "2", "--tp", "2", "--ckpt-dir", str(tmp_path), "--save-every", "2"]
     straight = mp_pool.run_on_ranks(4, train_case, [*TINY, *ckpt])
     assert straight[0]["mesh"] == (1, 2, 2, 4)

@@ -13,7 +13,7 @@ import torch
 
 from cp_dtensor import LongSequenceDataset, shift_labels
 from cp_dtensor.loss import IGNORE_INDEX
-from cp_dtensor.train import TrainConfig, lr_at, parse_args
+from cp_dtensor.training.train import TrainConfig, lr_at, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ def test_every_config_field_is_a_flag():
 
 
 def test_packed_and_window_flags_become_attention_masks():
-    from cp_dtensor.train import attention_kwargs
+    from cp_dtensor.training.train import attention_kwargs
 
     docs = torch.tensor([[0, 0, 1, 1, 1, 2]])
     kw = attention_kwargs(TrainConfig(packed=3, window=4), docs)
@@ -129,14 +129,14 @@ def test_packed_and_window_flags_become_attention_masks():
     (["--no-document-mask"], "--no-document-mask needs --packed N"),
 ])
 def test_bad_packing_flags_fail_loudly(flags, message):
-    from cp_dtensor.train import _setup  # the job's first step: checks the flags before any process group
+    from cp_dtensor.training.train import _setup  # the job's first step: checks the flags before any process group
 
     with pytest.raises(ValueError, match=message):
         _setup(parse_args(flags))
 
 
 def test_a_sequence_too_short_for_its_documents_names_the_flags():
-    from cp_dtensor.train import _datasets
+    from cp_dtensor.training.train import _datasets
 
     with pytest.raises(ValueError, match=r"--seq-len 512, --packed 30.*need seq_len >= 720"):
         _datasets(parse_args(["--packed", "30", "--seq-len", "512"]))
@@ -160,7 +160,7 @@ def run_job(tmp: Path, name: str, *flags: str, nproc: int = 4) -> tuple[subproce
     """Run the job (torchrun for nproc > 1), return the process and its JSON summary (None if none)."""
     out = tmp / f"{name}.json"
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    cmd = [sys.executable, *launcher, "-m", "cp_dtensor.train", *TINY, "--out", str(out), *flags]
+    cmd = [sys.executable, *launcher, "-m", "cp_dtensor.training", *TINY, "--out", str(out), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     return proc, (json.loads(out.read_text()) if out.exists() else None)

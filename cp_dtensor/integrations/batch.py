@@ -26,10 +26,7 @@ import torch.distributed as dist
 
 from cp_dtensor import ContextParallelGroup, ShardedLoss, cross_entropy_across_shards, document_ids_from_cu_seqlens
 
-try:  # the dp x cp replicas; the module moves into cp_dtensor.parallel
-    from cp_dtensor.parallel.grad_sync import replica_group
-except ImportError:
-    from cp_dtensor.grad_sync import replica_group
+from cp_dtensor.parallel.grad_sync import replica_group
 
 __all__ = ["IGNORE_INDEX", "ShardedBatch", "causal_lm_loss", "document_ids_from_position_ids", "shard_batch"]
 

@@ -3,7 +3,7 @@
     python docs/scripts/fig_training.py              # writes docs/assets/figures/training_curve.png
     python docs/scripts/fig_training.py --out /tmp/f # somewhere else (the docs test does this)
 
-The data is ``docs/assets/data/train_curve.json``: the summary that ``python -m cp_dtensor.train
+The data is ``docs/assets/data/train_curve.json``: the summary that ``python -m cp_dtensor.training
 --out FILE`` writes (its ``curve`` holds one entry per step; ``command`` and ``machine`` say what
 produced it). Nothing here runs the job; only matplotlib (Agg) and the JSON file are needed.
 """

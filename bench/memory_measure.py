@@ -1,19 +1,19 @@
-r"""Measure one rank's peak memory in a training step of :class:`~cp_dtensor.model.TransformerWithCP`.
+r"""Measure one rank's peak memory in a training step of :class:`~cp_dtensor.training.model.TransformerWithCP`.
 
 This checks :mod:`cp_dtensor.memory` against what the model really allocates. One case, on CPU
 (gloo) or CUDA (NCCL) alike::
 
-    torchrun --standalone --nproc-per-node 4 -m cp_dtensor.memory_measure --seq-len 16384 --cp-size 4
-    python -m cp_dtensor.memory_measure --seq-len 4096            # one process, cp_size 1
+    torchrun --standalone --nproc-per-node 4 -m bench.memory_measure --seq-len 16384 --cp-size 4
+    python -m bench.memory_measure --seq-len 4096            # one process, cp_size 1
 
 The whole table of ``docs/memory.md`` (every case in fresh torchrun processes, one thread per rank)::
 
-    python -m cp_dtensor.memory_measure --sweep --seq-lens 4096 8192 16384 --cp-sizes 1 2 4 \\
+    python -m bench.memory_measure --sweep --seq-lens 4096 8192 16384 --cp-sizes 1 2 4 \\
         --out bench/results/memory_cpu.json
 
 Its table and figure (estimates recomputed with the current estimator)::
 
-    python -m cp_dtensor.memory_measure --report bench/results/memory_cpu.json \\
+    python -m bench.memory_measure --report bench/results/memory_cpu.json \\
         --plot docs/assets/figures/memory/estimate_vs_measured.png
 
 Note [Measuring peak memory on CPU]
@@ -177,7 +177,7 @@ def measure_case(
     Args:
         seq_len: Global sequence length ``L``.
         cp_size: ``P``; the world must hold ``P`` ranks (dp = world / P).
-        model: Keyword arguments of :class:`~cp_dtensor.model.ModelConfig`; default
+        model: Keyword arguments of :class:`~cp_dtensor.training.model.ModelConfig`; default
             :data:`SMALL_MODEL`.
         batch_size: Sequences per step.
         dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (parameters and activations).
@@ -191,7 +191,7 @@ def measure_case(
         the estimator's ``estimate`` for the same configuration.
     """
     from cp_dtensor import init_context_parallel_group
-    from cp_dtensor.model import ModelConfig, TransformerWithCP
+    from cp_dtensor.training.model import ModelConfig, TransformerWithCP
 
     group = cp_group or init_context_parallel_group(cp_size=cp_size)
     device = torch.device("cuda", torch.cuda.current_device()) if group.device_type == "cuda" else torch.device("cpu")
@@ -297,7 +297,7 @@ def _summary(ranks: list[dict]) -> dict:
 
 def _fresh_estimate(case: dict) -> dict:
     """The current estimator on a recorded case (the JSON keeps the estimate of its day too)."""
-    from cp_dtensor.model import ModelConfig
+    from cp_dtensor.training.model import ModelConfig
 
     rank = case["ranks"][0]
     config = ModelConfig(**{k: v for k, v in rank["model"].items() if k in ModelConfig.__dataclass_fields__})
@@ -399,7 +399,7 @@ def _sweep(args: argparse.Namespace) -> None:
                 "--standalone",
                 f"--nproc-per-node={cp_size}",
                 "-m",
-                "cp_dtensor.memory_measure",
+                "bench.memory_measure",
                 "--seq-len",
                 str(seq_len),
                 "--cp-size",
@@ -425,7 +425,7 @@ def _sweep(args: argparse.Namespace) -> None:
             cases.append({"summary": summary, "ranks": ranks})
             print(json.dumps(summary), flush=True)
     report = {
-        "command": " ".join(["python -m cp_dtensor.memory_measure", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench.memory_measure", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, torch {torch.__version__}",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "threads_per_rank": args.threads,

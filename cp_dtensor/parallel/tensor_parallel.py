@@ -55,8 +55,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 from cp_dtensor.group import ContextParallelGroup
-from cp_dtensor.model import TransformerWithCP
 from cp_dtensor.module import ContextParallelAttention
+from cp_dtensor.training.model import TransformerWithCP
 
 __all__ = ["ReplicateParallel", "ReplicatedKVParallel", "check_tp_heads", "parallelize_for_tp", "tp_plan"]
 

@@ -3,14 +3,14 @@
 Run it on one process, or on four (2-way data parallel x 2-way context parallel; gloo on CPU, NCCL
 when GPUs are present)::
 
-    python -m cp_dtensor.train
-    torchrun --standalone --nproc-per-node 4 -m cp_dtensor.train
+    python -m cp_dtensor.training
+    torchrun --standalone --nproc-per-node 4 -m cp_dtensor.training
 
 Both run the same computation on the same global batch (the global batch size is fixed, the ranks
 split it), so their loss curves agree up to floating-point summation order. Each sequence is split
 over the cp ranks in the zigzag layout; every attention call sees the whole sequence through ring
 attention (or ``--strategy``); gradients are summed over dp x cp
-(Note [Gradient sync over dp x cp] in :mod:`cp_dtensor.grad_sync`).
+(Note [Gradient sync over dp x cp] in :mod:`cp_dtensor.parallel.grad_sync`).
 
 The task (:class:`~cp_dtensor.LongSequenceDataset`): key-value pairs scattered over the whole
 sequence, queried at its end, so many answers sit on another rank's shard (about half under cp=2,
@@ -21,16 +21,16 @@ summary and the loss/accuracy curve as JSON. The exit status is non-zero on fail
 a non-finite loss, or an evaluation accuracy below ``--min-accuracy``).
 
 Tensor parallelism: ``--tp T`` splits each layer's heads and MLP width over ``T`` consecutive ranks
-(:mod:`cp_dtensor.tensor_parallel`), e.g. dp 2 x cp 2 x tp 2 on 8 processes::
+(:mod:`cp_dtensor.parallel.tensor_parallel`), e.g. dp 2 x cp 2 x tp 2 on 8 processes::
 
-    torchrun --standalone --nproc-per-node 8 -m cp_dtensor.train --dp 2 --cp 2 --tp 2
+    torchrun --standalone --nproc-per-node 8 -m cp_dtensor.training --dp 2 --cp 2 --tp 2
 
 Packed documents and windows: ``--packed N`` packs N recall documents of random lengths into each
 sequence and passes their ``document_ids`` to every attention call, so a token attends only within its
 document; ``--window W`` lets each token see itself and the ``W - 1`` tokens before it. Both are exact
 and skip the blocks the mask hides (docs/packed-and-windows.md)::
 
-    torchrun --standalone --nproc-per-node 4 -m cp_dtensor.train --packed 4 --seq-len 1024
+    torchrun --standalone --nproc-per-node 4 -m cp_dtensor.training --packed 4 --seq-len 1024
 
 Checkpoints: ``--ckpt-dir DIR --save-every N`` saves through ``torch.distributed.checkpoint``;
 ``--resume`` continues from the newest complete checkpoint with the same loss curve.
@@ -56,13 +56,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cp_dtensor.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from cp_dtensor.data import LongSequenceDataset
-from cp_dtensor.grad_sync import apply_ddp, replica_group
 from cp_dtensor.group import ContextParallelGroup, init_context_parallel_group
 from cp_dtensor.loss import IGNORE_INDEX, cross_entropy_across_shards
-from cp_dtensor.model import ModelConfig, TransformerWithCP
-from cp_dtensor.tensor_parallel import parallelize_for_tp
+from cp_dtensor.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cp_dtensor.parallel.grad_sync import apply_ddp, replica_group
+from cp_dtensor.parallel.tensor_parallel import parallelize_for_tp
+from cp_dtensor.training.data import LongSequenceDataset
+from cp_dtensor.training.model import ModelConfig, TransformerWithCP
 
 __all__ = ["TrainConfig", "parse_args", "train", "main"]
 
@@ -126,7 +126,7 @@ class TrainConfig:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Build a :class:`TrainConfig` from command-line flags (one ``--flag`` per field)."""
     parser = argparse.ArgumentParser(
-        prog="python -m cp_dtensor.train", description=__doc__.split("\n\n")[0],
+        prog="python -m cp_dtensor.training", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in fields(TrainConfig):
@@ -358,8 +358,8 @@ def _throughput(curve: list[dict[str, float]], tokens_per_step: int) -> float:
 
 def _banner(cfg: TrainConfig, cp_group: ContextParallelGroup, dataset: LongSequenceDataset, device: torch.device,
             num_params: int, start_step: int) -> None:
-    print(f"cp_dtensor.train: world {dist.get_world_size()} = dp {cp_group.dp_mesh.size()} x cp {cp_group.size} x tp "
-          f"{cp_group.tp_size} ({cp_group.layout}, {cfg.strategy}), {device.type}/{dist.get_backend()}, "
+    print(f"cp_dtensor.training: world {dist.get_world_size()} = dp {cp_group.dp_mesh.size()} x cp {cp_group.size} "
+          f"x tp {cp_group.tp_size} ({cp_group.layout}, {cfg.strategy}), {device.type}/{dist.get_backend()}, "
           f"{num_params:,} parameters, {cfg.dtype}")
     mask = "NO document mask" if cfg.no_document_mask else "document mask"
     packing = f"{cfg.packed} packed documents ({mask}) of " if cfg.packed else ""
@@ -471,7 +471,7 @@ def _machine() -> dict[str, Any]:
 def _command(world: int) -> str:
     args = shlex.join(sys.argv[1:])
     launcher = f"torchrun --standalone --nproc-per-node {world}" if world > 1 else "python"
-    return f"{launcher} -m cp_dtensor.train {args}".strip()
+    return f"{launcher} -m cp_dtensor.training {args}".strip()
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -500,7 +500,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m cp_dtensor.train``; returns the exit status (0 = success)."""
+    """Entry point of ``python -m cp_dtensor.training``; returns the exit status (0 = success)."""
     cfg = parse_args(argv)
     status = 0
     try:

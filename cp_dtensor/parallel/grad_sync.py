@@ -24,7 +24,7 @@ comm hook that sums instead of averaging. Why this one:
   not the activations, are what does not fit; the loss needs no change (set its gradient divide
   factor to 1, since the loss is already a global mean).
 
-With tensor parallelism (a ``"tp"`` mesh axis, :mod:`cp_dtensor.tensor_parallel`) the replicas are the
+With tensor parallelism (a ``"tp"`` mesh axis, :mod:`cp_dtensor.parallel.tensor_parallel`) the replicas are the
 dp x cp ranks that hold the SAME tp shard: every tp rank already has the whole gradient of what it
 holds (Note [Tensor parallelism inside context parallelism]), so the sum runs over the flattened
 ``"dp_cp"`` axis, never over tp. DDP does not take DTensor parameters (it fails broadcasting them,

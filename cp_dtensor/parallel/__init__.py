@@ -1,0 +1,12 @@
+"""Context parallelism composed with the other parallelisms: data parallel, tensor parallel, checkpoints.
+
+- :mod:`~cp_dtensor.parallel.grad_sync`: gradients summed over every replica of the ``dp x cp`` mesh (DDP).
+- :mod:`~cp_dtensor.parallel.tensor_parallel`: heads split over a ``"tp"`` axis inside the cp ring.
+- :mod:`~cp_dtensor.parallel.checkpoint`: DCP checkpoints of a model on any of these meshes.
+
+Their public names are also exported from :mod:`cp_dtensor`. This package imports none of its modules
+itself: :mod:`cp_dtensor.loss` needs ``grad_sync``, while ``tensor_parallel`` needs the model, which
+needs the loss.
+"""
+
+__all__ = ["checkpoint", "grad_sync", "tensor_parallel"]
