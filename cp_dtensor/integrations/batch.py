@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from cp_dtensor import ContextParallelGroup, ShardedLoss, cross_entropy_across_shards, document_ids_from_cu_seqlens
-
 from cp_dtensor.parallel.grad_sync import replica_group
 
 __all__ = ["IGNORE_INDEX", "ShardedBatch", "causal_lm_loss", "document_ids_from_position_ids", "shard_batch"]
