@@ -25,8 +25,8 @@ import torch
 
 from cp_dtensor.layout import shard_runs
 from cp_dtensor.masks import MaskSpec
-from cp_dtensor.tiles import TilePlanner
 from cp_dtensor.ring import RingPlan
+from cp_dtensor.tiles import TilePlanner
 from reference import document_ids_from_lengths
 
 CASES = [  # (name, L, P, document length or None, window or None)

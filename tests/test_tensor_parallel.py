@@ -317,7 +317,7 @@ def test_train_job_3d_matches_one_process(one_process_losses):
 
 
 def test_train_job_cp2_tp2_matches_one_process_and_resumes(tmp_path, one_process_losses):
-    """The Production page's CP + TP configuration at CPU size; a run resumed from its step-2 checkpoint gives step 3's loss."""
+    """The Production page's CP + TP setup at CPU size; a run resumed from its step-2 checkpoint gives step 3's loss."""
     ckpt = ["--cp", "2", "--tp", "2", "--ckpt-dir", str(tmp_path), "--save-every", "2"]
     straight = mp_pool.run_on_ranks(4, train_case, [*TINY, *ckpt])
     assert straight[0]["mesh"] == (1, 2, 2, 4)
