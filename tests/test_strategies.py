@@ -12,9 +12,9 @@ from pathlib import Path
 import mp_pool
 import pytest
 import torch
+from helpers import DTYPES, assert_close_to_oracle, attention_and_grads, make_inputs, oracle, unshard
 from hypothesis import given
 from hypothesis import strategies as st
-from test_ring import DTYPES, fused_sdpa_error, make_inputs, oracle, unshard
 
 from cp_dtensor import context_parallel_attention, count_comm, init_context_parallel_group
 from cp_dtensor.comm_model import comm_bytes
@@ -90,18 +90,11 @@ def assert_bytes_match_model(strategy, cp_size, ulysses_size, cfg, results):
 
 
 def assert_matches_oracle(cfg, inputs, got):
-    expected = oracle(cfg, inputs)
-    if cfg["dtype"] == "float64":
-        for name in got:  # fp64 everywhere: only summation order differs from the oracle
-            torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-10, msg=name)
-        return
-    # Lower precision: no worse than one process's fused SDPA in the same dtype (x2 for the extra
-    # roundings of partial results and of the collectives, + a floor where SDPA is near exact).
-    baseline = fused_sdpa_error(cfg, inputs, expected)
-    floor = {"float32": 2e-5, "bfloat16": 2e-2}[cfg["dtype"]]
-    for name in got:
-        err = (got[name] - expected[name]).abs().max().item()
-        assert err <= 2 * baseline[name] + floor, f"{name}: error {err:.3g} vs one-process SDPA {baseline[name]:.3g}"
+    """Within helpers.tolerance of the fp64 oracle (below fp64: of one process's SDPA in the same dtype)."""
+    dtype = DTYPES[cfg["dtype"]]
+    one_process = None if dtype == torch.float64 else attention_and_grads(
+        inputs, dtype, causal=cfg["causal"], scale=cfg["scale"])
+    assert_close_to_oracle(got, oracle(cfg, inputs), dtype, one_process, what=cfg.get("strategy", "sharded"))
 
 
 def configs(heads_multiple: int):
