@@ -143,3 +143,87 @@ def default_tile(tile: int) -> Iterator[None]:
         yield
     finally:
         cp_dtensor.masks.DEFAULT_TILE = before
+
+
+# ---- explicit coverage, then random draws --------------------------------------------------------
+
+
+def covering_cases(core: dict[str, list], others: dict[str, list]) -> list[dict]:
+    """Rows that hold every combination of the ``core`` factors and every PAIR of values of all factors.
+
+    Greedy and deterministic: one row per combination of ``core`` (in order), each completed with the
+    values of ``others`` that cover the most pairs not yet covered; then rows are added the same way
+    until every pair of values of any two factors appears in some row. A property test runs these rows
+    as fixed cases, and hypothesis draws more at random on top (``HYPOTHESIS_PROFILE=thorough`` many).
+    """
+    import itertools
+
+    names = [*core, *others]
+    values = {**core, **others}
+    uncovered = {
+        ((a, va), (b, vb))
+        for a, b in itertools.combinations(names, 2)
+        for va in values[a]
+        for vb in values[b]
+    }
+
+    def gain(row: dict) -> int:
+        items = [(n, row[n]) for n in names if n in row]
+        return sum(((x, y) in uncovered) for x, y in itertools.combinations(items, 2))
+
+    def complete(row: dict) -> dict:
+        for name in others:
+            row[name] = max(others[name], key=lambda v: (gain({**row, name: v}), -others[name].index(v)))
+        return row
+
+    def take(row: dict) -> None:
+        items = [(n, row[n]) for n in names]
+        uncovered.difference_update(itertools.combinations(items, 2))
+
+    rows = []
+    for combo in itertools.product(*core.values()):
+        rows.append(complete(dict(zip(core, combo))))
+        take(rows[-1])
+    while uncovered:
+        (a, va), (b, vb) = min(uncovered, key=lambda p: (names.index(p[0][0]), names.index(p[1][0]), str(p)))
+        row = {a: va, b: vb}
+        for name in names:  # the remaining factors, greedily
+            if name not in row:
+                row[name] = max(values[name], key=lambda v: (gain({**row, name: v}), -values[name].index(v)))
+        rows.append({n: row[n] for n in names})
+        take(rows[-1])
+    return rows
+
+
+def case_id(row: dict) -> str:
+    """A short pytest id for a covering row."""
+    return "-".join(str(v) for v in row.values())
+
+
+def random_draws(ci_examples: int):
+    """Hypothesis settings for a property test that ALSO has explicit covering cases: ``ci_examples`` random
+    draws in the CI profile (the covering cases carry the coverage there), the profile's count otherwise."""
+    import os
+
+    from hypothesis import settings
+
+    if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci":  # the profile conftest.py loads
+        return settings(max_examples=ci_examples)
+    return settings()
+
+
+def record_draw(cfg: dict) -> bool:
+    """With ``CP_LIST_DRAWS=<file>``: append this test's case (the current pytest test id and ``cfg``) to the
+    file and return True, so that the test returns before running it (``tests/list_draws.py`` lists what each
+    property test really covers). Otherwise False."""
+    import json
+    import os
+
+    path = os.environ.get("CP_LIST_DRAWS")
+    if not path:
+        return False
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+    summary = {k: (repr(v) if not isinstance(v, (int, float, str, bool, type(None))) else v) for k, v in cfg.items()}
+    with open(path, "a") as f:
+        f.write(json.dumps({"test": test, "cfg": summary}) + "\n")
+    return True

@@ -9,7 +9,19 @@ import weakref
 import mp_pool
 import pytest
 import torch
-from helpers import DTYPES, assert_close_to_oracle, attention_and_grads, default_tile, make_inputs, oracle, unshard
+from helpers import (
+    DTYPES,
+    assert_close_to_oracle,
+    attention_and_grads,
+    case_id,
+    covering_cases,
+    default_tile,
+    make_inputs,
+    oracle,
+    random_draws,
+    record_draw,
+    unshard,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -101,20 +113,75 @@ def masked_configs(draw, world_size: int, strategy: str = "ring", ulysses_size: 
         "strategy": strategy, "ulysses_size": ulysses_size,
         "layout": layout, "seq_len": seq_len, "batch": batch, "heads": heads, "kv_heads": kv_heads,
         "head_dim": draw(st.sampled_from([8, 16])), "causal": draw(st.booleans()), "docs": docs,
-        "window": window, "seq_len_real": padded, "dtype": draw(st.sampled_from(["float64", "float32"])),
+        "window": window, "seq_len_real": padded, "dtype": draw(st.sampled_from(list(DTYPES))),
         "tile": draw(st.sampled_from([1, 2, 3, 256])), "scale": None, "seed": draw(st.integers(0, 2**31 - 1)),
     }
 
 
 STRATEGY_CASES = [  # (strategy, world size, ulysses size)
-    ("ring", 1, None), ("ring", 2, None), ("ring", 4, None),
+    ("ring", 1, None), ("ring", 2, None), ("ring", 3, None), ("ring", 4, None),
     ("ulysses", 2, None), ("ulysses", 4, None),
-    ("allgather", 2, None), ("allgather", 4, None),
+    ("allgather", 2, None), ("allgather", 3, None), ("allgather", 4, None),
     ("hybrid", 4, 2),
 ]
+MASK_KINDS = ["none", "documents", "documents_padded", "recurring_ids", "window_left", "window_both", "padding"]
+COVERING_HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
+COVERING = covering_cases(
+    {"mask": MASK_KINDS, "causal": [True, False]},
+    {"case": [f"{s}-P{p}" + (f"-u{u}" if u else "") for s, p, u in STRATEGY_CASES],
+     "layout": ["zigzag", "contiguous", "documents"], "dtype": list(DTYPES), "heads": list(COVERING_HEADS),
+     "tile": [1, 2, 3, 256]},
+)
+
+
+def covering_config(row: dict) -> dict:
+    """The masked configuration of one covering row, built deterministically (documents: a DocumentZigzag
+    of three segments, ``documents`` its own ids, padded at their ends for ``documents_padded``)."""
+    strategy, world_size, ulysses_size = STRATEGY_CASES[COVERING_CASES.index(row["case"])]
+    unit = 2 * world_size
+    layout = DocumentZigzag((3 * unit, unit, 2 * unit)) if row["layout"] == "documents" else row["layout"]
+    seq_len = layout.seq_len if isinstance(layout, DocumentZigzag) else max(8, 4 * num_chunks(world_size, layout))
+    batch, kind, docs, window, padded = 2, row["mask"], None, None, None
+    if kind in ("documents", "documents_padded", "recurring_ids"):
+        if isinstance(layout, DocumentZigzag):
+            ids = []
+            for i, length in enumerate(layout.lengths):
+                pad = (length // 3 + 1) if kind == "documents_padded" else 0
+                ids += [i] * (length - pad) + [-1] * pad
+            docs = torch.tensor([ids] * batch)
+        else:  # one document shorter than a shard, one longer than a shard, in two different rows
+            cuts = [[0, 2, seq_len // 2 + 3, seq_len], [0, seq_len - 3, seq_len]]
+            docs = torch.stack([document_ids_from_cu_seqlens(torch.tensor(c)) for c in cuts])
+            if kind == "documents_padded":
+                docs[:, -max(1, seq_len // 4):] = -1
+        if kind == "recurring_ids":  # ids that come back after others: not contiguous (pair-by-pair path)
+            docs = torch.where(docs >= 0, docs % 2, docs)
+    elif kind == "window_left":
+        window = (max(1, seq_len // 4), None)
+    elif kind == "window_both":
+        window = (2, max(1, seq_len // 3))
+    elif kind == "padding":
+        padded = seq_len - max(1, seq_len // 4) + 1
+    heads, kv_heads = COVERING_HEADS[row["heads"]]
+    return {"strategy": strategy, "ulysses_size": ulysses_size, "layout": layout, "seq_len": seq_len, "batch": batch,
+            "heads": heads, "kv_heads": kv_heads, "head_dim": 8, "causal": row["causal"], "docs": docs,
+            "window": window, "seq_len_real": padded, "dtype": row["dtype"], "tile": row["tile"], "scale": None,
+            "seed": len(case_id(row)), "world_size": world_size}
+
+
+COVERING_CASES = [f"{s}-P{p}" + (f"-u{u}" if u else "") for s, p, u in STRATEGY_CASES]
+
+
+@pytest.mark.parametrize("row", COVERING, ids=case_id)
+def test_masked_attention_covering_cases(row):
+    """Every mask kind x causal, and every pair of those with each (strategy, P, u), layout, dtype, MHA/GQA/MQA
+    and tile size, as fixed cases; hypothesis draws more below."""
+    cfg = covering_config(row)
+    check_against_dense_mask(cfg, cfg.pop("world_size"))
 
 
 @pytest.mark.parametrize(("strategy", "world_size", "ulysses_size"), STRATEGY_CASES)
+@random_draws(ci_examples=3)
 @given(data=st.data())
 def test_masked_attention_matches_dense_mask(strategy, world_size, ulysses_size, data):
     check_against_dense_mask(data.draw(masked_configs(world_size, strategy, ulysses_size)), world_size)
@@ -137,6 +204,8 @@ def test_document_zigzag_in_every_strategy(strategy, world_size, ulysses_size):
 
 def check_against_dense_mask(cfg: dict, world_size: int) -> None:
     """Run ``cfg`` on ``world_size`` ranks; compare output and gradients with fp64 attention and the dense mask."""
+    if record_draw({"P": world_size, **cfg}):
+        return
     inputs = make_inputs(cfg, cfg["seed"])
     results = mp_pool.run_on_ranks(world_size, masked_ring_case, world_size, cfg, inputs)
     mask = dense_mask(cfg)

@@ -5,7 +5,18 @@ from __future__ import annotations
 import mp_pool
 import pytest
 import torch
-from helpers import DTYPES, assert_close_to_oracle, attention_and_grads, make_inputs, oracle, unshard
+from helpers import (
+    DTYPES,
+    assert_close_to_oracle,
+    attention_and_grads,
+    case_id,
+    covering_cases,
+    make_inputs,
+    oracle,
+    random_draws,
+    record_draw,
+    unshard,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -54,10 +65,33 @@ def _expand(raw: dict, world_size: int) -> dict:
     return cfg
 
 
+HEADS_KV = {"mha": (2, 2), "gqa": (4, 2), "mqa": (3, 1)}  # (heads, kv_heads)
+COVERING = covering_cases(
+    {"layout": ["zigzag", "contiguous"], "causal": [True, False], "dtype": list(DTYPES)},
+    {"world_size": WORLD_SIZES, "heads": list(HEADS_KV), "scale": [None, 0.3]},
+)
+
+
+@pytest.mark.parametrize("case", COVERING, ids=case_id)
+def test_ring_matches_full_attention_covering(case):
+    """Every layout x causal x dtype, and every pair of those with P, MHA/GQA/MQA and the scale, as fixed cases."""
+    raw = {"batch": 2, "heads_kv": HEADS_KV[case["heads"]], "head_dim": 16, "chunk": 3, "causal": case["causal"],
+           "scale": case["scale"], "dtype": case["dtype"], "layout": case["layout"], "seed": len(case_id(case))}
+    check_ring(case["world_size"], raw)
+
+
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
+@random_draws(ci_examples=6)
 @given(raw=configs)
 def test_ring_matches_full_attention(world_size, raw):
+    check_ring(world_size, raw)
+
+
+def check_ring(world_size: int, raw: dict) -> None:
+    """One drawn (or fixed) configuration on ``world_size`` ranks vs the oracle and the simulation."""
     cfg = _expand(raw, world_size)
+    if record_draw({"P": world_size, **cfg}):
+        return
     inputs = make_inputs(cfg, cfg["seed"])
     results = mp_pool.run_on_ranks(world_size, ring_case, world_size, cfg, inputs)
     got = {n: unshard([r[n] for r in results], world_size, cfg["layout"]).double() for n in ("out", "dq", "dk", "dv")}

@@ -12,7 +12,18 @@ from pathlib import Path
 import mp_pool
 import pytest
 import torch
-from helpers import DTYPES, assert_close_to_oracle, attention_and_grads, make_inputs, oracle, unshard
+from helpers import (
+    DTYPES,
+    assert_close_to_oracle,
+    attention_and_grads,
+    case_id,
+    covering_cases,
+    make_inputs,
+    oracle,
+    random_draws,
+    record_draw,
+    unshard,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -125,12 +136,40 @@ def _exchange_size(strategy: str, world_size: int, ulysses_size: int | None) -> 
     return {"ulysses": world_size, "hybrid": ulysses_size, "allgather": 1}[strategy]
 
 
-@pytest.mark.parametrize(("strategy", "world_size", "ulysses_size"), CASES,
-                         ids=[f"{s}-P{p}" + (f"-u{u}" if u else "") for s, p, u in CASES])
+def _case_name(case: tuple) -> str:
+    strategy, world_size, ulysses_size = case
+    return f"{strategy}-P{world_size}" + (f"-u{ulysses_size}" if ulysses_size else "")
+
+
+COVERING_HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}  # 4 heads: every exchange size here divides it
+COVERING = covering_cases(
+    {"layout": ["zigzag", "contiguous"], "causal": [True, False], "dtype": list(DTYPES)},
+    {"case": [_case_name(c) for c in CASES], "heads": list(COVERING_HEADS), "scale": [None, 0.3]},
+)
+
+
+@pytest.mark.parametrize("row", COVERING, ids=case_id)
+def test_strategy_covering_cases(row):
+    """Every layout x causal x dtype, and every pair of those with each (strategy, P, u), MHA/GQA/MQA and the
+    scale, as fixed cases; hypothesis draws more below."""
+    strategy, world_size, ulysses_size = next(c for c in CASES if _case_name(c) == row["case"])
+    raw = {"batch": 2, "heads_kv": COVERING_HEADS[row["heads"]], "head_dim": 8, "chunk": 2, "causal": row["causal"],
+           "scale": row["scale"], "dtype": row["dtype"], "layout": row["layout"], "seed": len(case_id(row))}
+    check_strategy(strategy, world_size, ulysses_size, raw)
+
+
+@pytest.mark.parametrize(("strategy", "world_size", "ulysses_size"), CASES, ids=[_case_name(c) for c in CASES])
+@random_draws(ci_examples=3)
 @given(data=st.data())
 def test_strategy_matches_full_attention_and_sends_the_model_bytes(strategy, world_size, ulysses_size, data):
-    raw = data.draw(configs(_exchange_size(strategy, world_size, ulysses_size)), label="cfg")
+    check_strategy(strategy, world_size, ulysses_size,
+                   data.draw(configs(_exchange_size(strategy, world_size, ulysses_size)), label="cfg"))
+
+
+def check_strategy(strategy: str, world_size: int, ulysses_size: int | None, raw: dict) -> None:
     cfg = _expand(raw, world_size)
+    if record_draw({"strategy": strategy, "P": world_size, "u": ulysses_size, **cfg}):
+        return
     got, results = run_case(strategy, world_size, ulysses_size, cfg)
     assert_matches_oracle(cfg, make_inputs(cfg, cfg["seed"]), got)
     assert_bytes_match_model(strategy, world_size, ulysses_size, cfg, results)
@@ -141,7 +180,7 @@ BYTE_CASES = [("ring", 4, None), *CASES]
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize(("strategy", "world_size", "ulysses_size"), BYTE_CASES,
-                         ids=[f"{s}-P{p}" + (f"-u{u}" if u else "") for s, p, u in BYTE_CASES])
+                         ids=[_case_name(c) for c in BYTE_CASES])
 def test_bytes_sent_equal_the_model(strategy, world_size, ulysses_size, dtype):
     """GQA with K/V heads that P does not divide (so Ulysses replicates them), both dtypes, the ring too."""
     cfg = {"batch": 2, "heads": 4, "kv_heads": 1, "head_dim": 8, "seq_len": 4 * world_size, "causal": True,
