@@ -171,14 +171,21 @@ def covering_cases(core: dict[str, list], others: dict[str, list]) -> list[dict]
         items = [(n, row[n]) for n in names if n in row]
         return sum(((x, y) in uncovered) for x, y in itertools.combinations(items, 2))
 
+    used = {name: dict.fromkeys(values[name], 0) for name in names}  # ties go to the least used value
+
+    def best(row: dict, name: str):
+        return max(values[name], key=lambda v: (gain({**row, name: v}), -used[name][v], -values[name].index(v)))
+
     def complete(row: dict) -> dict:
         for name in others:
-            row[name] = max(others[name], key=lambda v: (gain({**row, name: v}), -others[name].index(v)))
+            row[name] = best(row, name)
         return row
 
     def take(row: dict) -> None:
         items = [(n, row[n]) for n in names]
         uncovered.difference_update(itertools.combinations(items, 2))
+        for n, v in items:
+            used[n][v] += 1
 
     rows = []
     for combo in itertools.product(*core.values()):
@@ -189,7 +196,7 @@ def covering_cases(core: dict[str, list], others: dict[str, list]) -> list[dict]
         row = {a: va, b: vb}
         for name in names:  # the remaining factors, greedily
             if name not in row:
-                row[name] = max(values[name], key=lambda v: (gain({**row, name: v}), -values[name].index(v)))
+                row[name] = best(row, name)
         rows.append({n: row[n] for n in names})
         take(rows[-1])
     return rows
