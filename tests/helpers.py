@@ -77,8 +77,9 @@ def attention_and_grads(inputs: dict, dtype: torch.dtype = torch.float64, **opti
 
 def oracle(cfg: dict, inputs: dict, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """fp64 full attention (``cfg["causal"]``, ``cfg["scale"]``, an optional dense bool mask) and its gradients."""
-    return attention_and_grads(inputs, torch.float64, causal=cfg.get("causal", False), scale=cfg.get("scale"),
-                               mask=mask)
+    return attention_and_grads(
+        inputs, torch.float64, causal=cfg.get("causal", False), scale=cfg.get("scale"), mask=mask
+    )
 
 
 # ---- THE tolerance rule ------------------------------------------------------------------------------
@@ -106,8 +107,9 @@ def max_errors(got: dict, expected: dict) -> dict[str, float]:
     return {n: (got[n].double() - expected[n]).abs().max().item() for n in got}
 
 
-def assert_close_to_oracle(got: dict, expected: dict, dtype: torch.dtype, one_process: dict | None = None,
-                           what: str = "sharded") -> None:
+def assert_close_to_oracle(
+    got: dict, expected: dict, dtype: torch.dtype, one_process: dict | None = None, what: str = "sharded"
+) -> None:
     """Each of ``got``'s tensors within :func:`tolerance` of the fp64 ``expected``.
 
     Args:
@@ -161,10 +163,7 @@ def covering_cases(core: dict[str, list], others: dict[str, list]) -> list[dict]
     names = [*core, *others]
     values = {**core, **others}
     uncovered = {
-        ((a, va), (b, vb))
-        for a, b in itertools.combinations(names, 2)
-        for va in values[a]
-        for vb in values[b]
+        ((a, va), (b, vb)) for a, b in itertools.combinations(names, 2) for va in values[a] for vb in values[b]
     }
 
     def gain(row: dict) -> int:

@@ -59,8 +59,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "draws.jsonl"
         env = {**os.environ, "CP_LIST_DRAWS": str(path)}
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS], cwd=REPO,
-                              env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             sys.exit(proc.stdout[-3000:] + proc.stderr[-3000:])
         records = [json.loads(line) for line in path.read_text().splitlines()]
@@ -77,8 +82,10 @@ def main() -> None:
             counts = collections.Counter(str(c[name]) for c in cases)
             print(f"- {name}: " + ", ".join(f"{v} x{n}" for v, n in sorted(counts.items())))
         core = collections.Counter((c["layout"], c["causal"], c["dtype"]) for c in cases)
-        print(f"- layout x causal x dtype: {len(core)} of the combinations drawn; causal zigzag per dtype: "
-              + ", ".join(f"{d} x{core[('zigzag', True, d)]}" for d in ("float64", "float32", "bfloat16")))
+        print(
+            f"- layout x causal x dtype: {len(core)} of the combinations drawn; causal zigzag per dtype: "
+            + ", ".join(f"{d} x{core[('zigzag', True, d)]}" for d in ("float64", "float32", "bfloat16"))
+        )
         print()
     print("## Values never reached (fixed cases and draws of one file together)")
     missing_any = False

@@ -51,32 +51,41 @@ MUTATIONS = [
         "the causal plan treats the key chunk right after the queries as already seen (one chunk off)",
         "elif kv_start + kv_len - 1 <= q_start:",
         "elif kv_start <= q_start + q_len:",
-        ("tests/test_ring.py::test_ring_matches_full_attention_covering",
-         "tests/test_masks.py::test_document_zigzag_in_every_strategy"),
+        (
+            "tests/test_ring.py::test_ring_matches_full_attention_covering",
+            "tests/test_masks.py::test_document_zigzag_in_every_strategy",
+        ),
     ),
     Mutation(
         "zigzag-order",
         "rank r takes chunks r and P + r (a valid split, but not the zigzag that balances causal work)",
         "return [(rank * chunk, chunk), ((2 * world_size - 1 - rank) * chunk, chunk)]",
         "return [(rank * chunk, chunk), ((world_size + rank) * chunk, chunk)]",
-        ("tests/test_layout.py", "tests/test_ring.py::test_ring_matches_full_attention_covering",
-         "tests/test_ring.py::test_ring_sends_exactly_the_expected_blocks"),
+        (
+            "tests/test_layout.py",
+            "tests/test_ring.py::test_ring_matches_full_attention_covering",
+            "tests/test_ring.py::test_ring_sends_exactly_the_expected_blocks",
+        ),
     ),
     Mutation(
         "grad-sync-average",
         "the DDP hook averages the gradients over dp x cp instead of summing them",
         "work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)",
         "work = dist.all_reduce(bucket.buffer().div_(dist.get_world_size(group)), group=group, async_op=True)",
-        ("tests/test_model.py::test_dp2_cp2_step_equals_one_process_step",
-         "tests/test_model.py::test_seed_training_example_sums_gradients_over_dp_and_cp"),
+        (
+            "tests/test_model.py::test_dp2_cp2_step_equals_one_process_step",
+            "tests/test_model.py::test_seed_training_example_sums_gradients_over_dp_and_cp",
+        ),
     ),
     Mutation(
         "validation-dropped",
         "attention no longer checks that causal is a bool (causal=1 runs as if it were True)",
         'if not isinstance(causal, bool):\n        raise ValueError(f"causal must be a bool, got {causal!r}.")',
         "if False:\n        pass",
-        ("tests/test_fuzz.py::test_every_strategy_rejects_invalid_arguments",
-         "tests/test_strategies.py::test_bad_input_is_a_value_error_on_every_rank"),
+        (
+            "tests/test_fuzz.py::test_every_strategy_rejects_invalid_arguments",
+            "tests/test_strategies.py::test_bad_input_is_a_value_error_on_every_rank",
+        ),
     ),
 ]
 
@@ -101,11 +110,22 @@ def apply(mutation: Mutation, root: Path) -> Path:
 def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[int, list[str], str]:
     """Run ``tests`` in ``root``; return (exit status, ids of the failed tests, output tail)."""
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    where = subprocess.run([sys.executable, "-c", "import cp_dtensor; print(cp_dtensor.__file__)"], cwd=root,
-                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    where = subprocess.run(
+        [sys.executable, "-c", "import cp_dtensor; print(cp_dtensor.__file__)"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert where.startswith(str(root)), f"the tests would import {where}, not the mutated copy"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *tests], cwd=root,
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *tests],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     failed = sorted(set(re.findall(r"^FAILED (\S+)", proc.stdout, re.M)))
     return proc.returncode, failed, proc.stdout[-1500:]
 
@@ -130,8 +150,10 @@ def main(names: list[str]) -> int:
             survivors.append(mutation.name)
             print(tail)
         print(flush=True)
-    print(f"{len(chosen) - len(survivors)} of {len(chosen)} mutations caught" +
-          (f"; survivors: {survivors}" if survivors else ""))
+    print(
+        f"{len(chosen) - len(survivors)} of {len(chosen)} mutations caught"
+        + (f"; survivors: {survivors}" if survivors else "")
+    )
     return 1 if survivors else 0
 
 
