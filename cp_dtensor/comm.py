@@ -46,7 +46,7 @@ _ACTIVE: list[CommCounter] = []
 def count_comm() -> Iterator[CommCounter]:
     """Count what this rank sends inside the ``with`` block.
 
-    Example:
+    Examples:
         >>> with count_comm() as counter:  # doctest: +SKIP
         ...     out = ring_attention(q, k, v, cp_group)
         >>> counter.calls["ring_send"]  # P - 1 K/V blocks in the forward  # doctest: +SKIP

@@ -56,13 +56,12 @@ class DocumentZigzag:
     The layout only places tokens; what a query sees is still set by the attention call's
     ``document_ids`` (and ``causal``, ``window``). All rows of a batch share the segments.
 
-    Example::
-
-        ids_L = document_ids_from_cu_seqlens(torch.tensor([0, 512, 640, 1024]))   # 3 documents
-        group = cp_group.with_layout(DocumentZigzag.from_document_ids(ids_L))     # P = 4: 8 | each length
-        q_local = group.partition_sequence(q, seq_dim=2)
-        out = ring_attention(q_local, k_local, v_local, group, causal=True,
-                             document_ids=group.partition_sequence(ids_L[None], seq_dim=1))
+    Examples:
+        >>> ids_L = document_ids_from_cu_seqlens(torch.tensor([0, 512, 640, 1024]))  # doctest: +SKIP
+        >>> group = cp_group.with_layout(DocumentZigzag.from_document_ids(ids_L))  # 3 documents
+        >>> q_local = group.partition_sequence(q, seq_dim=2)  # P = 4: 8 divides each length
+        >>> out = ring_attention(q_local, k_local, v_local, group, causal=True,
+        ...                      document_ids=group.partition_sequence(ids_L[None], seq_dim=1))
 
     Attributes:
         lengths: Token counts of the consecutive segments (documents, each with any padding after

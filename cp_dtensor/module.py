@@ -40,7 +40,7 @@ def _check_heads(hidden_size: int, num_heads: int, num_kv_heads: int) -> None:
 class ContextParallelAttention(nn.Module):
     """Multi-head (GQA) self-attention over a sequence sharded on the cp axis, with RoPE.
 
-    Example:
+    Examples:
         >>> cp_group = init_context_parallel_group(cp_size=4)  # doctest: +SKIP
         >>> attention = ContextParallelAttention(hidden_size=4096, num_heads=32, cp_group=cp_group)
         >>> out_local = attention(x_local)  # x_local = cp_group.partition_sequence(x, seq_dim=1)

@@ -11,7 +11,7 @@ Pure PyTorch, one process, no `torch.distributed`. It is what the production pac
   padding on global positions (`reference.masks`); the ring takes them as ``document_ids=``,
   ``window=`` and ``seq_len=``, and `AttentionMask.dense` gives the oracle's mask.
 
-Example:
+Examples:
     >>> import torch
     >>> from reference import full_attention, simulate_ring_attention
     >>> q, k, v = (torch.randn(1, 2, 16, 8, dtype=torch.float64) for _ in range(3))

@@ -5,6 +5,20 @@ with ``torch.distributed`` initialised once. A test sends a task (a module-level
 arguments, identical on every rank) and receives every rank's return value. Every task runs under a
 timeout: a hang fails the test instead of blocking CI, and a pool that timed out or failed is torn
 down and replaced, so one broken case never poisons the next.
+
+Errors: when a rank raises, the test fails with THAT rank's traceback first (the first failure to
+arrive), followed by whatever the other ranks reported within a short grace period (often only a
+consequence, e.g. a timeout waiting for the failed rank). Every process group of a worker, the
+default one and those :func:`group` builds for its mesh axes, has a short timeout
+(``CP_TEST_GROUP_TIMEOUT``, seconds), shorter than a task's, so a rank stuck in a collective raises
+and reports where it was instead of being killed silently.
+
+State: a worker runs many tests one after the other. After every task it compares the library's
+module-level settings (upper-case names of ``cp_dtensor`` modules, e.g. ``masks.DEFAULT_TILE``) and
+torch's global defaults with their values before the task, and fails the task that changed one
+without restoring it (use a context manager such as ``helpers.default_tile``).
+
+How to write a multi-rank test: see ``tests/helpers.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ import importlib
 import io
 import os
 import queue
+import time
 import traceback
 from dataclasses import replace
 from functools import cache
@@ -23,6 +38,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("CP_TEST_TIMEOUT", "120"))
+GROUP_TIMEOUT_S = float(os.environ.get("CP_TEST_GROUP_TIMEOUT", "60"))  # below DEFAULT_TIMEOUT_S
+GRACE_S = 3.0  # after a rank fails, how long to wait for the others' reports
 
 
 def _dumps(obj) -> bytes:
@@ -52,7 +69,7 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
         WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1", TORCHELASTIC_USE_AGENT_STORE="True",
     )
     torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=60)
+    timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     while True:
@@ -61,12 +78,42 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
             break
         name, args, kwargs = _loads(item)
         module, _, qualname = name.partition(":")
+        before = _global_settings()
         try:
             fn = getattr(importlib.import_module(module), qualname)
-            results.put((rank, True, _dumps(fn(*args, **kwargs))))
+            answer = (rank, True, _dumps(fn(*args, **kwargs)))
         except BaseException:  # report everything, including assertion errors, to the test
-            results.put((rank, False, traceback.format_exc()))
+            answer = (rank, False, traceback.format_exc())
+        leaked = _changed_settings(before)
+        if leaked and answer[1]:
+            answer = (rank, False, f"{name} changed global state and did not restore it: {leaked}. "
+                                   "Change it inside a context manager (see tests/helpers.py).")
+        results.put(answer)
     dist.destroy_process_group()
+
+
+def _global_settings() -> dict[str, object]:
+    """Module-level settings a task could leave changed: cp_dtensor's upper-case names, torch's defaults."""
+    import sys
+
+    found = {
+        "torch.get_default_dtype()": torch.get_default_dtype(),
+        "torch.is_grad_enabled()": torch.is_grad_enabled(),
+        "torch.are_deterministic_algorithms_enabled()": torch.are_deterministic_algorithms_enabled(),
+    }
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not (mod_name == "cp_dtensor" or mod_name.startswith("cp_dtensor.")):
+            continue
+        for attr, value in vars(mod).items():
+            if attr.isupper() and isinstance(value, (int, float, str, bool, tuple, type(None))):
+                found[f"{mod_name}.{attr}"] = value
+    return found
+
+
+def _changed_settings(before: dict[str, object]) -> dict[str, tuple[object, object]]:
+    """Settings whose value differs from ``before`` (names that appeared since, by import, do not count)."""
+    after = _global_settings()
+    return {k: (v, after[k]) for k, v in before.items() if k in after and after[k] != v}
 
 
 class RankPool:
@@ -97,18 +144,30 @@ class RankPool:
         for q in self._tasks:
             q.put(payload)
         answers: dict[int, tuple[bool, object]] = {}
-        try:
-            while len(answers) < self.world_size:
-                rank, ok, data = self._results.get(timeout=timeout)
-                answers[rank] = (ok, data)
-        except queue.Empty:
-            raise TimeoutError(
-                f"{fn.__qualname__} did not finish on ranks "
-                f"{sorted(set(range(self.world_size)) - set(answers))} within {timeout} s"
-            ) from None
-        failures = {r: data for r, (ok, data) in answers.items() if not ok}
+        failures: list[tuple[int, str]] = []  # in order of arrival: the first is the real one
+        deadline = time.monotonic() + timeout
+        while len(answers) < self.world_size:
+            wait = deadline - time.monotonic()
+            if failures:  # the others may be stuck waiting on the failed rank: do not wait for them long
+                wait = min(wait, GRACE_S)
+            try:
+                rank, ok, data = self._results.get(timeout=max(wait, 0.01))
+            except queue.Empty:
+                break
+            answers[rank] = (ok, data)
+            if not ok:
+                failures.append((rank, data))
+        missing = sorted(set(range(self.world_size)) - set(answers))
         if failures:
-            raise RuntimeError("\n".join(f"rank {r} failed:\n{tb}" for r, tb in sorted(failures.items())))
+            first_rank, first_tb = failures[0]
+            parts = [f"{fn.__qualname__}: rank {first_rank} failed first:\n{first_tb}"]
+            parts += [f"then rank {r} failed:\n{tb}" for r, tb in failures[1:]]
+            if missing:
+                parts.append(f"(no answer from ranks {missing}: probably waiting on rank {first_rank})")
+            raise RuntimeError("\n".join(parts))
+        if missing:
+            raise TimeoutError(f"{fn.__qualname__} did not finish on ranks {missing} within {timeout} s "
+                               f"(ranks {sorted(answers)} finished)")
         return [_loads(answers[r][1]) for r in range(self.world_size)]
 
     def close(self) -> None:
@@ -155,9 +214,12 @@ def close_all() -> None:
 def _cached_group(cp_size: int, dp_size: int | None, extra: tuple):
     from cp_dtensor import init_context_parallel_group
 
-    return init_context_parallel_group(cp_size, dp_size=dp_size, **dict(extra))
+    return init_context_parallel_group(cp_size, dp_size=dp_size, timeout=GROUP_TIMEOUT_S, **dict(extra))
 
 
 def group(cp_size: int, *, layout: str = "zigzag", dp_size: int | None = None, **extra):
-    """A cached ``ContextParallelGroup`` for this worker (meshes are built once per shape)."""
+    """A cached ``ContextParallelGroup`` for this worker (meshes are built once per shape).
+
+    Every process group of its mesh (sub-groups included) times out after ``GROUP_TIMEOUT_S``.
+    """
     return replace(_cached_group(cp_size, dp_size, tuple(sorted(extra.items()))), layout=layout)

@@ -12,9 +12,13 @@ What runs, and how (one test per item):
 * ``test_example[<file>]``: every ``docs/examples/*.py`` runs with the command written in its
   module docstring (the line starting ``torchrun`` or ``python``), so the command a reader copies
   is the command that is tested.
-* ``test_mkdocs_build_strict``: ``mkdocs build --strict`` succeeds and the built HTML/CSS
-  references nothing outside the site (the pages must render offline). It fails, rather than
-  skips, when mkdocs is missing: CI installs the ``docs`` extra.
+* ``test_mkdocs_build_strict``: ``mkdocs build --strict`` succeeds with no WARNING or ERROR in its
+  log and the built HTML/CSS references nothing outside the site (the pages must render offline).
+  It fails, rather than skips, when mkdocs is missing: CI installs the ``docs`` extra.
+* ``test_api_page_renders_examples_and_returns``: the API page's HTML shows docstring examples as
+  code and each Returns section as one value.
+* ``test_the_build_fails_on_a_broken_link_and_on_a_docstring_warning``: strictness is real: a copy of
+  the docs with a broken link, and one with a docstring griffe warns about, both fail to build.
 * ``test_site_in_headless_browser``: the built pages open in headless Chromium with every formula
   rendered, every image shown and no request leaving the machine (``docs/scripts/check_site.py``);
   skipped only where no Chromium is installed.
@@ -206,23 +210,38 @@ def external_fetches(text: str) -> list[str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The site, built once with ``mkdocs build --strict``; fails (not skips) without mkdocs."""
-    try:
-        import mkdocs  # noqa: F401
-    except ImportError:
-        pytest.fail("mkdocs is not installed: pip install -e '.[docs]' (CI must build the site)")
-    site = tmp_path_factory.mktemp("site")
-    proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(site)],
-        cwd=REPO,
+def mkdocs_build(root: Path, site: Path) -> subprocess.CompletedProcess:
+    """``mkdocs build --strict`` of the project at ``root`` into ``site``, with its full log (no ``--quiet``:
+    it would hide warnings from strict mode's counter)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
+        cwd=root,
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},  # material's banner about MkDocs 2
     )
-    assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+def build_problems(proc: subprocess.CompletedProcess) -> list[str]:
+    """Why a build is not clean: a non-zero exit, or any WARNING or ERROR line in its log."""
+    log = proc.stdout + proc.stderr
+    problems = [ln for ln in log.splitlines() if re.match(r"\s*(WARNING|ERROR)\b", ln)]
+    if proc.returncode != 0:
+        problems.append(f"exit status {proc.returncode}:\n{log[-3000:]}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site, built once with ``mkdocs build --strict``; fails (not skips) without mkdocs, and on any warning."""
+    try:
+        import mkdocs  # noqa: F401
+    except ImportError:
+        pytest.fail("mkdocs is not installed: pip install -e '.[docs]' (CI must build the site)")
+    site = tmp_path_factory.mktemp("site")
+    problems = build_problems(mkdocs_build(REPO, site))
+    assert not problems, "mkdocs build --strict is not clean:\n" + "\n".join(problems)
     return site
 
 
@@ -231,6 +250,59 @@ def test_mkdocs_build_strict(built_site: Path) -> None:
     for f in [*built_site.rglob("*.html"), *built_site.rglob("*.css")]:
         offenders += [f"{f.relative_to(built_site)}: {t}" for t in external_fetches(f.read_text(errors="replace"))]
     assert not offenders, "the site must render offline; external references:\n" + "\n".join(offenders)
+
+
+API = "api.html"
+
+
+def test_api_page_renders_examples_and_returns(built_site: Path) -> None:
+    """Every ``Examples:`` section is highlighted doctest code, no ``Example:`` heading is left as prose,
+    and each ``Returns`` table has exactly one row (one value described in prose, not fake items)."""
+    html = (built_site / API).read_text()
+    examples = re.findall(r'doc-section-title">Examples:</span></p>\s*(<div class="highlight">.*?</div>)', html, re.S)
+    assert len(examples) == html.count('doc-section-title">Examples:') >= 6, "an Examples section is not code"
+    assert all('class="gp">&gt;&gt;&gt;' in block for block in examples), "an example is not a doctest block"
+    # griffe reads "Example:" as an admonition, whose doctest lines run together as prose
+    assert not re.search(r'class="admonition example"|<details class="example"|<p>Examples?::?\s', html), (
+        "a docstring says 'Example:' or 'Example::' (Google style wants 'Examples:')")
+    tables = re.findall(r'doc-section-title">Returns:</span></p>\s*<table>(.*?)</table>', html, re.S)
+    assert len(tables) == html.count('doc-section-title">Returns:') >= 30
+    split = [t for t in tables if t.count('class="doc-section-item"') != 1]
+    assert not split, f"{len(split)} Returns tables split one description into several items:\n{split[0][:800]}"
+
+
+def _copy_project(dest: Path) -> None:
+    """What ``mkdocs build`` reads (mkdocs.yml, docs/, and the packages the API page documents), copied."""
+    import shutil
+
+    shutil.copy(REPO / "mkdocs.yml", dest / "mkdocs.yml")
+    for name in ("docs", "cp_dtensor", "reference"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def test_the_build_fails_on_a_broken_link_and_on_a_docstring_warning(tmp_path: Path) -> None:
+    """Two copies of the project, one with a link to a missing page, one with a docstring griffe warns
+    about; both builds (run side by side) must fail and name the fault."""
+    link, doc = tmp_path / "link", tmp_path / "doc"
+    for root in (link, doc):
+        root.mkdir()
+        _copy_project(root)
+    page = link / "docs" / "index.md"
+    page.write_text(page.read_text() + "\n[a broken link](no-such-page.md)\n")
+    module = doc / "cp_dtensor" / "layout.py"
+    # an Args entry for a parameter the function does not have: griffe warns
+    entry = r"\1Args:\n\1    no_such_argument: Documented but absent.\n"
+    module.write_text(re.sub(r"(?m)^( *)Args:\n", entry, module.read_text(), count=1))
+    procs = {}
+    for name, root in (("link", link), ("doc", doc)):
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(root / "site")], cwd=root,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    for name, expected in (("link", "no-such-page.md"), ("doc", "no_such_argument")):
+        out, _ = procs[name].communicate(timeout=300)
+        proc = subprocess.CompletedProcess([], procs[name].returncode, out, "")
+        assert procs[name].returncode != 0, f"{name}: the build passed despite the injected fault:\n{out[-2000:]}"
+        assert any(expected in p for p in build_problems(proc)), f"{name}: the warning does not name {expected}:\n{out}"
 
 
 def test_site_in_headless_browser(built_site: Path) -> None:

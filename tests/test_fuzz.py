@@ -1,8 +1,10 @@
 """The public functions fuzzed with invalid arguments, on 2 real gloo ranks.
 
-Every rank gets the same arguments. A call must either succeed on every rank (the draw happened to
-be valid) or raise ``ValueError`` with a message on every rank, the same way: any other exception
-type is a bug to fix with a validation in the library, and a hang fails through the pool's timeout.
+Every rank gets the same arguments. A call with an argument that is invalid by construction (a wrong
+type, a broken tensor, an out-of-range value) must raise ``ValueError`` with a message on every rank,
+the same way: success means a validation is missing, any other exception type is a bug to fix with a
+validation in the library, and a hang fails through the pool's timeout. Only where the draw may be
+valid (e.g. a length that may or may not split evenly) may the call also succeed, on every rank.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import traceback
 import mp_pool
 import pytest
 import torch
+from helpers import GROUP_KWARGS
 from hypothesis import given
 from hypothesis import strategies as st
-from test_robustness import GROUP_KWARGS
 
 from cp_dtensor import STRATEGIES
 
@@ -43,10 +45,12 @@ def call_on_rank(target: str, args: tuple, kwargs: dict) -> dict:
         return {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()}
 
 
-def check_outcome(target: str, args: tuple = (), kwargs: dict | None = None) -> None:
+def check_outcome(target: str, args: tuple = (), kwargs: dict | None = None, *, invalid: bool) -> None:
+    """Call ``target`` on every rank; ``invalid``: the arguments are wrong by construction, so it must raise."""
     outcomes = mp_pool.run_on_ranks(WORLD_SIZE, call_on_rank, target, args, kwargs or {}, timeout=TIMEOUT_S)
     first = outcomes[0]
     assert all(o["type"] == first["type"] for o in outcomes), f"ranks disagree: {outcomes}"
+    assert first["type"] is not None or not invalid, f"{target}{args}{kwargs} succeeded: a validation is missing"
     if first["type"] is not None:
         assert first["type"] == "ValueError", f"{target}{args}{kwargs}:\n{first['traceback']}"
         assert len(first["message"]) > 20, first["message"]
@@ -103,20 +107,32 @@ def test_init_context_parallel_group_rejects_invalid_arguments(data):
 @given(x=st.one_of(tensors(), WRONG_TYPES), seq_dim=st.one_of(st.integers(-6, 6), WRONG_TYPES),
        pad=st.one_of(st.booleans(), WRONG_TYPES))
 def test_partition_and_distribute_sequence(x, seq_dim, pad):
-    check_outcome("partition_sequence", (x,), {"seq_dim": seq_dim, "pad": pad})
-    check_outcome("distribute_sequence", (x,), {"seq_dim": seq_dim, "pad": pad})
+    invalid = not _is_seq_dim_of(x, seq_dim) or not isinstance(pad, bool)
+    check_outcome("partition_sequence", (x,), {"seq_dim": seq_dim, "pad": pad}, invalid=invalid)
+    check_outcome("distribute_sequence", (x,), {"seq_dim": seq_dim, "pad": pad}, invalid=invalid)
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    """``value`` is an int (not a bool) in ``[low, high)``."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
+
+
+def _is_seq_dim_of(x, seq_dim) -> bool:
+    """``x`` is a tensor with at least one dim, and ``seq_dim`` an int that indexes a dim of it."""
+    return isinstance(x, torch.Tensor) and x.dim() > 0 and _is_int(seq_dim, -x.dim(), x.dim())
 
 
 @given(x=st.one_of(tensors(), WRONG_TYPES), seq_dim=st.one_of(st.integers(-6, 6), WRONG_TYPES))
 def test_gather_sequence(x, seq_dim):
-    check_outcome("gather_sequence", (x,), {"seq_dim": seq_dim})
+    check_outcome("gather_sequence", (x,), {"seq_dim": seq_dim}, invalid=not _is_seq_dim_of(x, seq_dim))
 
 
 @given(seq_len=st.one_of(st.integers(-4, 20), BAD_SIZES, WRONG_TYPES),
        rank=st.one_of(st.none(), st.integers(-2, 3), WRONG_TYPES))
 def test_position_ids_and_runs(seq_len, rank):
-    check_outcome("position_ids", (seq_len,))
-    check_outcome("runs", (seq_len, rank))
+    bad_len = not _is_int(seq_len, 1, 2**62)
+    check_outcome("position_ids", (seq_len,), invalid=bad_len)
+    check_outcome("runs", (seq_len, rank), invalid=bad_len or not (rank is None or _is_int(rank, 0, WORLD_SIZE)))
 
 
 # ---- attention --------------------------------------------------------------------------------
@@ -150,7 +166,9 @@ def broken_qkv(draw) -> tuple:
     elif fault == "size":
         shape[draw(st.sampled_from([0, 2, 3]))] += draw(st.integers(1, 3))
         out[victim] = torch.randn(shape).to(out[victim].dtype)
-    else:  # K/V heads that do not divide the query heads (or differ between k and v)
+    else:  # K/V heads that differ between k and v (and do not divide the query heads)
+        victim = draw(st.sampled_from("kv"))
+        shape = list(out[victim].shape)
         shape[1] = draw(st.sampled_from([3, 5]))
         out[victim] = torch.randn(shape).to(out[victim].dtype)
     return out["q"], out["k"], out["v"]
@@ -182,7 +200,7 @@ def invalid_document_ids(draw, q: torch.Tensor) -> object:
 def test_every_strategy_rejects_broken_tensors(data):
     strategy = data.draw(st.sampled_from(sorted(STRATEGIES)), label="strategy")
     q, k, v = data.draw(broken_qkv(), label="qkv")
-    check_outcome(f"attention:{strategy}", (q, k, v, "GROUP"), {"causal": data.draw(st.booleans())})
+    check_outcome(f"attention:{strategy}", (q, k, v, "GROUP"), {"causal": data.draw(st.booleans())}, invalid=True)
 
 
 @given(data=st.data())
@@ -194,12 +212,12 @@ def test_every_strategy_rejects_invalid_arguments(data):
     for name in names:
         draw = invalid_document_ids(q) if name == "document_ids" else INVALID_ATTENTION_KWARGS[name]
         kwargs[name] = data.draw(draw, label=name)
-    check_outcome(f"attention:{strategy}", (q, k, v, "GROUP"), kwargs)
+    check_outcome(f"attention:{strategy}", (q, k, v, "GROUP"), kwargs, invalid=True)
     if not {"validate", "debug_check"} & set(names):  # the same mistakes, with validation on
-        check_outcome(f"attention:{strategy}", (q, k, v, "GROUP"), kwargs | {"validate": True})
+        check_outcome(f"attention:{strategy}", (q, k, v, "GROUP"), kwargs | {"validate": True}, invalid=True)
 
 
 @given(strategy=st.sampled_from(sorted(STRATEGIES)), group=st.one_of(WRONG_TYPES, st.just("a group")))
 def test_every_strategy_rejects_a_wrong_group(strategy, group):
     q = torch.randn(1, 2, 4, 8)
-    check_outcome(f"attention:{strategy}", (q, q, q, group))
+    check_outcome(f"attention:{strategy}", (q, q, q, group), invalid=True)

@@ -9,7 +9,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_dtensor import DocumentZigzag, document_ids_from_cu_seqlens
-from cp_dtensor.layout import LAYOUTS, check_seq_len, padded_length, relayout_pieces, shard_positions, shard_runs
+from cp_dtensor.layout import (
+    LAYOUTS,
+    check_seq_len,
+    num_chunks,
+    padded_length,
+    relayout_pieces,
+    shard_positions,
+    shard_runs,
+)
+from reference import shard_indices as reference_shard_indices
 
 
 def causal_document_work(ids_L: torch.Tensor, positions: torch.Tensor) -> int:
@@ -17,6 +26,26 @@ def causal_document_work(ids_L: torch.Tensor, positions: torch.Tensor) -> int:
     i, j = positions[:, None], torch.arange(len(ids_L))[None, :]
     same = (ids_L[positions][:, None] == ids_L[None, :]) & (ids_L[positions][:, None] >= 0)
     return int((same & (j <= i)).sum())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
+def test_whole_row_layouts_place_tokens_as_the_reference_defines_them(layout, world_size):
+    """Production positions equal the reference's (an independent definition), and whole-row zigzag gives
+    every rank the same causal work. The ring's results cannot show a wrong order: any split that the
+    unsharding inverts gives the same attention, only the balance changes."""
+    L = num_chunks(world_size, layout) * 3
+    for rank, want in enumerate(reference_shard_indices(L, world_size, layout)):
+        assert shard_positions(L, world_size, rank, layout).tolist() == want.tolist(), (rank, layout)
+    if layout == "zigzag":
+        work = [causal_document_work(torch.zeros(L, dtype=torch.long), shard_positions(L, world_size, r, layout))
+                for r in range(world_size)]
+        assert len(set(work)) == 1, work
+
+
+def test_zigzag_example():
+    """P = 2, L = 8: rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2 (of 2P = 4 chunks)."""
+    assert [shard_positions(8, 2, r, "zigzag").tolist() for r in range(2)] == [[0, 1, 6, 7], [2, 3, 4, 5]]
 
 
 @given(world_size=st.integers(1, 5), pieces=st.lists(st.integers(1, 4), min_size=1, max_size=6))

@@ -9,9 +9,21 @@ import weakref
 import mp_pool
 import pytest
 import torch
+from helpers import (
+    DTYPES,
+    assert_close_to_oracle,
+    attention_and_grads,
+    case_id,
+    covering_cases,
+    default_tile,
+    make_inputs,
+    oracle,
+    random_draws,
+    record_draw,
+    unshard,
+)
 from hypothesis import given
 from hypothesis import strategies as st
-from test_ring import DTYPES, make_inputs, unshard
 
 from cp_dtensor import context_parallel_attention, count_comm
 from cp_dtensor.layout import DocumentZigzag, num_chunks
@@ -42,9 +54,11 @@ def dense_mask(cfg: dict) -> torch.Tensor:
 
 
 def masked_ring_case(world_size: int, cfg: dict, inputs: dict) -> dict:
-    import cp_dtensor.masks
+    with default_tile(cfg["tile"]):  # small tiles exercise the skip / full / masked split
+        return _masked_ring_case(world_size, cfg, inputs)
 
-    cp_dtensor.masks.DEFAULT_TILE = cfg["tile"]  # small tiles exercise the skip / full / masked split
+
+def _masked_ring_case(world_size: int, cfg: dict, inputs: dict) -> dict:
     extra = {"ulysses_size": cfg["ulysses_size"]} if cfg.get("ulysses_size") else {}
     group = mp_pool.group(world_size, layout=cfg["layout"], **extra)
     dtype = DTYPES[cfg["dtype"]]
@@ -99,20 +113,74 @@ def masked_configs(draw, world_size: int, strategy: str = "ring", ulysses_size: 
         "strategy": strategy, "ulysses_size": ulysses_size,
         "layout": layout, "seq_len": seq_len, "batch": batch, "heads": heads, "kv_heads": kv_heads,
         "head_dim": draw(st.sampled_from([8, 16])), "causal": draw(st.booleans()), "docs": docs,
-        "window": window, "seq_len_real": padded, "dtype": draw(st.sampled_from(["float64", "float32"])),
+        "window": window, "seq_len_real": padded, "dtype": draw(st.sampled_from(list(DTYPES))),
         "tile": draw(st.sampled_from([1, 2, 3, 256])), "scale": None, "seed": draw(st.integers(0, 2**31 - 1)),
     }
 
 
 STRATEGY_CASES = [  # (strategy, world size, ulysses size)
-    ("ring", 1, None), ("ring", 2, None), ("ring", 4, None),
+    ("ring", 1, None), ("ring", 2, None), ("ring", 3, None), ("ring", 4, None),
     ("ulysses", 2, None), ("ulysses", 4, None),
-    ("allgather", 2, None), ("allgather", 4, None),
+    ("allgather", 2, None), ("allgather", 3, None), ("allgather", 4, None),
     ("hybrid", 4, 2),
 ]
+MASK_KINDS = ["none", "documents", "documents_padded", "recurring_ids", "window_left", "window_both", "padding"]
+COVERING_HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
+COVERING = covering_cases(
+    {"mask": MASK_KINDS, "causal": [True, False], "layout": ["zigzag", "contiguous", "documents"]},
+    {"case": [f"{s}-P{p}" + (f"-u{u}" if u else "") for s, p, u in STRATEGY_CASES], "dtype": list(DTYPES),
+     "heads": list(COVERING_HEADS), "tile": [1, 2, 3, 256]},
+)
+
+
+def covering_config(row: dict) -> dict:
+    """The masked configuration of one covering row, built deterministically (documents: a DocumentZigzag
+    of three segments, ``documents`` its own ids, padded at their ends for ``documents_padded``)."""
+    strategy, world_size, ulysses_size = STRATEGY_CASES[COVERING_CASES.index(row["case"])]
+    unit = 2 * world_size
+    layout = DocumentZigzag((3 * unit, unit, 2 * unit)) if row["layout"] == "documents" else row["layout"]
+    seq_len = layout.seq_len if isinstance(layout, DocumentZigzag) else max(8, 4 * num_chunks(world_size, layout))
+    batch, kind, docs, window, padded = 2, row["mask"], None, None, None
+    if kind in ("documents", "documents_padded", "recurring_ids"):
+        if isinstance(layout, DocumentZigzag):
+            ids = []
+            for i, length in enumerate(layout.lengths):
+                pad = (length // 3 + 1) if kind == "documents_padded" else 0
+                ids += [i] * (length - pad) + [-1] * pad
+            docs = torch.tensor([ids] * batch)
+        else:  # one document shorter than a shard, one longer than a shard, in two different rows
+            cuts = [[0, 2, seq_len // 2 + 3, seq_len], [0, seq_len - 3, seq_len]]
+            docs = torch.stack([document_ids_from_cu_seqlens(torch.tensor(c)) for c in cuts])
+            if kind == "documents_padded":
+                docs[:, -max(1, seq_len // 4):] = -1
+        if kind == "recurring_ids":  # ids that come back after others: not contiguous (pair-by-pair path)
+            docs = torch.where(docs >= 0, docs % 2, docs)
+    elif kind == "window_left":
+        window = (max(1, seq_len // 4), None)
+    elif kind == "window_both":
+        window = (2, max(1, seq_len // 3))
+    elif kind == "padding":
+        padded = seq_len - max(1, seq_len // 4) + 1
+    heads, kv_heads = COVERING_HEADS[row["heads"]]
+    return {"strategy": strategy, "ulysses_size": ulysses_size, "layout": layout, "seq_len": seq_len, "batch": batch,
+            "heads": heads, "kv_heads": kv_heads, "head_dim": 8, "causal": row["causal"], "docs": docs,
+            "window": window, "seq_len_real": padded, "dtype": row["dtype"], "tile": row["tile"], "scale": None,
+            "seed": len(case_id(row)), "world_size": world_size}
+
+
+COVERING_CASES = [f"{s}-P{p}" + (f"-u{u}" if u else "") for s, p, u in STRATEGY_CASES]
+
+
+@pytest.mark.parametrize("row", COVERING, ids=case_id)
+def test_masked_attention_covering_cases(row):
+    """Every mask kind x causal x layout, and every pair of those with each (strategy, P, u), dtype,
+    MHA/GQA/MQA and tile size, as fixed cases; hypothesis draws more below."""
+    cfg = covering_config(row)
+    check_against_dense_mask(cfg, cfg.pop("world_size"))
 
 
 @pytest.mark.parametrize(("strategy", "world_size", "ulysses_size"), STRATEGY_CASES)
+@random_draws(ci_examples=3)
 @given(data=st.data())
 def test_masked_attention_matches_dense_mask(strategy, world_size, ulysses_size, data):
     check_against_dense_mask(data.draw(masked_configs(world_size, strategy, ulysses_size)), world_size)
@@ -133,20 +201,32 @@ def test_document_zigzag_in_every_strategy(strategy, world_size, ulysses_size):
     check_against_dense_mask(cfg, world_size)
 
 
+def mask_kinds(cfg: dict) -> str:
+    """What a configuration masks, in the words of MASK_KINDS (several joined by '+'), for the draw listing."""
+    kinds = []
+    docs = cfg["docs"]
+    if docs is not None:
+        kinds.append("recurring_ids" if not documents_are_contiguous(docs) else
+                     "documents_padded" if bool((docs < 0).any()) else "documents")
+    if cfg["window"] is not None:
+        kinds.append("window_left" if cfg["window"][1] is None or cfg["window"][1] == 0 else "window_both")
+    if cfg["seq_len_real"] is not None:
+        kinds.append("padding")
+    return "+".join(kinds) or "none"
+
+
 def check_against_dense_mask(cfg: dict, world_size: int) -> None:
     """Run ``cfg`` on ``world_size`` ranks; compare output and gradients with fp64 attention and the dense mask."""
+    if record_draw({"P": world_size, "mask": mask_kinds(cfg), **cfg}):
+        return
     inputs = make_inputs(cfg, cfg["seed"])
     results = mp_pool.run_on_ranks(world_size, masked_ring_case, world_size, cfg, inputs)
-    q, k, v = (inputs[n].clone().requires_grad_() for n in "qkv")
-    expected_out = full_attention(q, k, v, mask=dense_mask(cfg))
-    expected_out.backward(inputs["dout"])
-    expected = {"out": expected_out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
-    # fp64: only summation order differs. fp32: accumulated in fp32 like the unmasked ring's bar.
-    atol = {"float64": 1e-10, "float32": 5e-5}[cfg["dtype"]]
-    for name in expected:
-        got = unshard([r[name] for r in results], world_size, cfg["layout"]).double()
-        assert torch.isfinite(got).all(), name
-        torch.testing.assert_close(got, expected[name], rtol=0, atol=atol, msg=name)
+    mask = dense_mask(cfg)
+    expected = oracle({"causal": False, "scale": None}, inputs, mask=mask)  # causality is in the mask
+    got = {n: unshard([r[n] for r in results], world_size, cfg["layout"]).double() for n in expected}
+    dtype = DTYPES[cfg["dtype"]]
+    one_process = None if dtype == torch.float64 else attention_and_grads(inputs, dtype, mask=mask)
+    assert_close_to_oracle(got, expected, dtype, one_process, what=cfg.get("strategy", "ring"))
 
 
 def test_rows_without_visible_keys_get_zero_output_and_gradient():
@@ -207,7 +287,6 @@ def test_tile_plan_from_row_intervals_equals_pair_by_pair(data):
     docs = cfg["docs"]
     spec = MaskSpec(causal=cfg["causal"], window=cfg["window"], document_ids=docs, seq_len=cfg["seq_len_real"],
                     tile=cfg["tile"])
-    contiguous = docs is None or spec.row_intervals(torch.arange(cfg["seq_len"])) is not None
     runs = [shard_runs(cfg["seq_len"], world_size, r, cfg["layout"]) for r in range(world_size)]
     rank = data.draw(st.integers(0, world_size - 1))
     for source in range(world_size):
@@ -225,8 +304,20 @@ def test_tile_plan_from_row_intervals_equals_pair_by_pair(data):
                 assert (m_fast is None) == (m_slow is None)
                 if m_fast is not None:
                     assert torch.equal(m_fast, m_slow.expand_as(m_fast)) and m_fast.shape[1:] == m_slow.shape[1:]
-    if docs is not None and not contiguous:  # non-contiguous ids must not take the interval path
-        assert spec.row_intervals(torch.arange(cfg["seq_len"])) is None
+    # The interval path is taken exactly when every document's tokens are contiguous (decided here from
+    # the ids themselves, not from the code under test); otherwise pair by pair.
+    takes_intervals = spec.row_intervals(torch.arange(cfg["seq_len"])) is not None
+    assert takes_intervals == (docs is None or documents_are_contiguous(docs)), docs
+
+
+def documents_are_contiguous(docs: torch.Tensor) -> bool:
+    """Every id >= 0 of every row occupies one unbroken run of positions."""
+    for row in docs.tolist():
+        for doc in set(row) - {-1}:
+            where = [i for i, d in enumerate(row) if d == doc]
+            if where[-1] - where[0] + 1 != len(where):
+                return False
+    return True
 
 
 def _masked_call_error(group, ids: torch.Tensor, gen: torch.Generator) -> float:

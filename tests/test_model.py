@@ -6,6 +6,7 @@ import mp_pool
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import unshard
 
 from cp_dtensor import DocumentZigzag, ModelConfig, TransformerWithCP, apply_ddp, shift_labels
 
@@ -107,13 +108,14 @@ def test_dp2_cp2_step_equals_one_process_step():
 # ---- the Production page's examples (docs), with the import path cp_dtensor ----------------------------
 
 
-def seed_attention_example() -> tuple:
+def seed_attention_example() -> torch.Tensor:
     from cp_dtensor import ContextParallelAttention, init_context_parallel_group
 
     # Initialize CP group (4-way sequence parallelism)
-    cp_group = init_context_parallel_group(cp_size=4)
+    cp_group = init_context_parallel_group(cp_size=4, timeout=mp_pool.GROUP_TIMEOUT_S)  # (test) short timeout
 
     # Use in attention layer
+    torch.manual_seed(1)  # (test) the weights one process rebuilds
     attention = ContextParallelAttention(
         hidden_size=4096,
         num_heads=32,
@@ -124,8 +126,21 @@ def seed_attention_example() -> tuple:
     # Input: local sequence shard (batch, seq_len_local, hidden_size)
     torch.manual_seed(0)
     x_local = cp_group.partition_sequence(torch.randn(1, 64, 4096), seq_dim=1)
-    output = attention(x_local)  # Computes full attention via ring communication
-    return tuple(output.shape), bool(output.isfinite().all())
+    with torch.no_grad():
+        output = attention(x_local)  # Computes full attention via ring communication
+    return output
+
+
+def seed_attention_on_one_process() -> torch.Tensor:
+    """Runs in a one-rank world: the example's layer, with the same seeds, on the whole sequence."""
+    from cp_dtensor import ContextParallelAttention
+
+    torch.manual_seed(1)  # the example's weights
+    attention = ContextParallelAttention(hidden_size=4096, num_heads=32, cp_group=mp_pool.group(1), causal=True)
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 4096)
+    with torch.no_grad():
+        return attention(x)
 
 
 def seed_training_example() -> tuple:
@@ -135,10 +150,11 @@ def seed_training_example() -> tuple:
     from cp_dtensor import LongSequenceDataset, TransformerWithCP, apply_ddp, init_context_parallel_group
 
     # 4 ranks: 2-way CP, 2-way DP (the example's 8 GPUs: cp_size=4)
-    cp_group = init_context_parallel_group(cp_size=2)
+    cp_group = init_context_parallel_group(cp_size=2, timeout=mp_pool.GROUP_TIMEOUT_S)  # (test) short timeout
 
     # Model with CP attention; gradients summed over dp AND cp
     model = apply_ddp(TransformerWithCP(cp_group=cp_group), cp_group)
+    initial = {n: p.detach().clone() for n, p in model.module.named_parameters()}  # (test) rank 0's, broadcast
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     # Dataset: long sequences; each dp replica reads its own samples
@@ -156,6 +172,8 @@ def seed_training_example() -> tuple:
 
         # Backward: standard (gradients synced by apply_ddp)
         loss.backward()
+        if step == 0:  # (test) the synced gradient, to compare with one process on the global batch
+            first_grads = {n: p.grad.clone() for n, p in model.module.named_parameters()}
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
@@ -164,21 +182,52 @@ def seed_training_example() -> tuple:
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
     every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
     dist.all_gather(every, checksum)
-    return losses, [c.item() for c in every]
+    return losses, [c.item() for c in every], initial, first_grads
 
 
-def test_seed_attention_example_runs():
-    for shape, finite in mp_pool.run_on_ranks(4, seed_attention_example):
-        assert shape == (1, 16, 4096) and finite
+def one_process_first_step(initial: dict, input_ids: torch.Tensor) -> tuple[float, dict]:
+    """Runs in a one-rank world: the seed's model from ``initial`` weights on the whole global batch."""
+    from cp_dtensor import TransformerWithCP
+
+    model = TransformerWithCP(cp_group=mp_pool.group(1))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(initial[n])
+    loss = model(input_ids)
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def test_seed_training_example_runs_and_keeps_replicas_identical():
+def test_seed_attention_example_matches_one_process():
+    results = mp_pool.run_on_ranks(4, seed_attention_example)
+    (expected,) = mp_pool.run_on_ranks(1, seed_attention_on_one_process)
+    # Each rank returns its shard of the output; put them back in zigzag order.
+    got = unshard(results, 4, "zigzag", seq_dim=1)
+    assert got.shape == (1, 64, 4096)
+    # fp32: the ring merges 4 key blocks by log-sum-exp instead of one softmax: only the order of sums
+    # of 4096-wide products differs (see helpers.FLOOR's fp32 reason), ~1e-7 relative per value.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_seed_training_example_sums_gradients_over_dp_and_cp():
+    """The synced gradient of the first step equals one process's gradient on the whole global batch (a
+    mean instead of a sum over the 4 ranks would be 4x too small), and the replicas stay identical."""
+    from cp_dtensor import LongSequenceDataset
+
     results = mp_pool.run_on_ranks(4, seed_training_example)
-    losses, checksums = results[0]
+    losses, checksums, initial, first_grads = results[0]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    assert len(set(checksums)) == 1, "replicas drifted apart: gradients were not summed over dp and cp"
+    assert len(set(checksums)) == 1, "replicas drifted apart"
     # The loss is the mean over the GLOBAL batch, so every dp and cp rank reports the same value.
     assert all(r[0] == losses for r in results)
+    dataset = LongSequenceDataset(seq_len=256)
+    global_batch = torch.stack([dataset[i]["input_ids"] for i in range(4)])  # step 0 of both dp replicas
+    (single_loss, single_grads) = mp_pool.run_on_ranks(1, one_process_first_step, initial, global_batch)[0]
+    # fp32: partial sums per shard and per replica, then all-reduced: summation order only.
+    assert losses[0] == pytest.approx(single_loss, rel=1e-5)
+    for name, expected in single_grads.items():
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(first_grads[name], expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 # ---- labels at packed-document boundaries --------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 import mp_pool
 import pytest
 import torch
+from helpers import default_tile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -331,14 +332,13 @@ def test_production_plan_skips_exactly_what_the_trace_skips(case, tile):
 
 def production_case(world_size: int, case: MaskCase, inputs: list[torch.Tensor]) -> dict:
     """Runs on every rank: the production masked ring, forward and backward, in fp64."""
-    import cp_dtensor.masks
     from cp_dtensor import ring_attention
 
-    cp_dtensor.masks.DEFAULT_TILE = 2  # small tiles: skipped, plain and masked tiles in every block
     group = mp_pool.group(world_size, layout=case.layout)
     q, k, v = (group.partition_sequence(x, seq_dim=2).requires_grad_() for x in inputs[:3])
-    out = ring_attention(q, k, v, group, **case.mask_options)
-    out.backward(group.partition_sequence(inputs[3], seq_dim=2))
+    with default_tile(2):  # small tiles: skipped, plain and masked tiles in every block
+        out = ring_attention(q, k, v, group, **case.mask_options)
+        out.backward(group.partition_sequence(inputs[3], seq_dim=2))
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import mp_pool
 import pytest
 import torch
-from test_ring import make_inputs, unshard
+from helpers import GROUP_KWARGS, make_inputs, unshard
 
 from cp_dtensor import STRATEGIES, context_parallel_attention
 from cp_dtensor.debug import DEBUG_CHECK_TOLERANCE
@@ -26,7 +26,6 @@ from reference import full_attention
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GROUP_KWARGS = {"hybrid": {"ulysses_size": 2}}  # hybrid needs a Ulysses axis; u = 2 fits P = 2 and 4
 
 
 def strategy_group(strategy: str, world_size: int, layout: str = "zigzag"):

@@ -230,7 +230,7 @@ def mesh_case() -> dict:
     errors = []
     for cp_size, dp_size in ((3, None), (2, 3)):
         try:
-            init_context_parallel_group(cp_size, dp_size=dp_size, tp_size=2)
+            init_context_parallel_group(cp_size, dp_size=dp_size, tp_size=2, timeout=mp_pool.GROUP_TIMEOUT_S)
         except ValueError as e:
             errors.append(str(e))
     return {

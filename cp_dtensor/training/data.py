@@ -48,7 +48,7 @@ __all__ = ["LongSequenceDataset"]
 class LongSequenceDataset(Dataset):
     """Deterministic multi-query key-value recall over long sequences.
 
-    Example:
+    Examples:
         >>> ds = LongSequenceDataset(seq_len=1024)
         >>> item = ds[0]
         >>> item["input_ids"].shape, item["labels"].shape
@@ -166,10 +166,10 @@ class LongSequenceDataset(Dataset):
 
             * ``input_ids`` ``(L,)`` long.
             * ``labels`` ``(L,)`` long: the value after each queried key, ``-100`` elsewhere (already
-              shifted on the full sequence, never across a document boundary; partition it like
-              ``input_ids``).
+                shifted on the full sequence, never across a document boundary; partition it like
+                ``input_ids``).
             * ``document_ids`` ``(L,)`` long: the document of each token, ``0 .. D - 1`` in order (all
-              0 without packing); the attention's ``document_ids=`` for packed training.
+                0 without packing); the attention's ``document_ids=`` for packed training.
             * ``query_positions`` ``(A,)``: positions of the queried keys (where labels are set).
             * ``source_positions`` ``(A,)``: positions of their pair tokens, in the same document.
         """

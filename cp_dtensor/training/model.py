@@ -107,7 +107,7 @@ class DecoderBlock(nn.Module):
 class TransformerWithCP(nn.Module):
     """A Llama-style decoder LM trained on sequences sharded over the cp axis.
 
-    Example:
+    Examples:
         >>> model = TransformerWithCP(cp_group=cp_group)  # doctest: +SKIP
         >>> loss = model(cp_group.partition_sequence(batch["input_ids"], seq_dim=1))
         >>> loss.backward()
