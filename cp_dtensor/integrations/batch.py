@@ -24,7 +24,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from cp_dtensor import ContextParallelGroup, ShardedLoss, cross_entropy_across_shards, document_ids_from_cu_seqlens
+from cp_dtensor import (
+    ContextParallelGroup,
+    ShardedLoss,
+    cross_entropy_across_shards,
+    document_ids_from_cu_seqlens,
+    shift_labels,
+)
 from cp_dtensor.parallel.grad_sync import replica_group
 
 __all__ = ["IGNORE_INDEX", "ShardedBatch", "causal_lm_loss", "document_ids_from_position_ids", "shard_batch"]
@@ -97,13 +103,13 @@ class ShardedBatch:
 def _targets(
     input_ids: torch.Tensor, labels: torch.Tensor | None, document_ids: torch.Tensor | None, ignore_index: int
 ) -> torch.Tensor:
-    """Next-token targets ``(B, L)`` of whole sequences, in transformers' ``labels`` convention."""
+    """Next-token targets ``(B, L)`` of whole sequences, in transformers' ``labels`` convention.
+
+    Shifting ``labels`` (rather than ``input_ids``) carries their ``ignore_index`` entries along; no
+    target crosses a document boundary (:func:`cp_dtensor.shift_labels`).
+    """
     labels_BL = input_ids if labels is None else labels
-    shifted_BL = torch.full_like(labels_BL, ignore_index)
-    shifted_BL[:, :-1] = labels_BL[:, 1:]
-    if document_ids is not None:  # the last token of a document has nothing to predict
-        shifted_BL[:, :-1].masked_fill_(document_ids[:, 1:] != document_ids[:, :-1], ignore_index)
-    return shifted_BL
+    return shift_labels(labels_BL, document_ids=document_ids, ignore_index=ignore_index)
 
 
 def _check_rows(name: str, x: torch.Tensor | None, shape: torch.Size) -> None:

@@ -36,6 +36,7 @@ Legend: ``B`` batch, ``H`` query heads, ``H_kv`` K/V heads, ``S`` local sequence
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -103,7 +104,7 @@ def cp_attention_forward(
     softcap: float | None = None,
     is_causal: bool | None = None,
     output_attentions: bool = False,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Exact attention over the sharded sequence, in transformers' attention-function convention.
 
