@@ -172,3 +172,60 @@ def test_strategy_is_exact_under_the_rules(world_size, strategy, ulysses_size, k
     for name in expected:  # fp64 everywhere: only the order of the sums differs from the oracle
         got = _unshard([r[name] for r in results], world_size)
         torch.testing.assert_close(got, expected[name], rtol=0, atol=1e-10, msg=name)
+
+
+# ---- tensor parallelism and gradient sync under the rules ---------------------------------------
+
+
+def training_step_task(sizes: dict, backend: str | None) -> dict:
+    """One forward and backward of a small model, synced over dp x cp (DDP, or hooks under tp)."""
+    from cp_dtensor import ModelConfig, TransformerWithCP, apply_ddp, parallelize_for_tp
+
+    nccl_rules.install()
+    extra = {"backend": backend, "timeout": 60} if backend else {}
+    group = mp_pool.group(sizes["cp"], dp_size=sizes["dp"], **{**extra, **sizes["extra"]})
+    torch.manual_seed(1)  # the same initial weights in every process
+    config = ModelConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2)
+    model = TransformerWithCP(config, cp_group=group).double()
+    synced = apply_ddp(parallelize_for_tp(model, group), group)
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(2))
+    ids, labels = (group.partition_sequence(x, seq_dim=1) for x in (ids, ids.roll(-1, 1)))
+    loss = synced(ids, labels)
+    loss.backward()
+    grads = {
+        n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in model.named_parameters()
+    }
+    return {"loss": loss.item(), "grads": grads}
+
+
+# cp2 x tp2 under the rules hangs on rank 0 (not reported as a point-to-point deadlock: to be
+# investigated, likely DTensor's functional collectives on a Python process group), so only DDP here.
+@pytest.mark.parametrize("sizes", [{"cp": 2, "dp": 2, "extra": {}}], ids=["dp2-cp2-ddp"])
+def test_grad_sync_passes_the_rules(sizes):
+    # gloo is the oracle here: the same collectives in the same order give the same bits (the gloo
+    # run itself is checked against one process in test_tensor_parallel.py).
+    under_rules = mp_pool.run_on_ranks(4, training_step_task, sizes, nccl_rules.BACKEND)
+    on_gloo = mp_pool.run_on_ranks(4, training_step_task, sizes, None)
+    for rules, gloo in zip(under_rules, on_gloo):
+        assert rules["loss"] == gloo["loss"]
+        for name, grad in gloo["grads"].items():
+            assert torch.equal(rules["grads"][name], grad), name
+
+
+def gloo_rotation_task(batched: bool) -> list[float]:
+    """The ring's rotation on the pool's gloo world, grouped or not."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    comm = RingAttentionCommunicator(None if size == 1 else dist.group.WORLD, batched=batched)
+    x = [torch.arange(5.0) + 10 * rank, torch.full((2,), float(rank), dtype=torch.float64)]
+    comm.ring_forward(x, offset=2)
+    got = comm.wait()
+    src = (rank - 2) % size
+    assert torch.equal(got[0], torch.arange(5.0) + 10 * src) and torch.equal(
+        got[1], torch.full((2,), float(src), dtype=torch.float64)
+    )
+    return [got[0][0].item()]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_both_paths_are_exact_on_gloo(batched):
+    assert mp_pool.run_on_ranks(3, gloo_rotation_task, batched) == [[10.0], [20.0], [0.0]]
