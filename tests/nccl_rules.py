@@ -11,7 +11,7 @@ really makes under NCCL's rules (see Note [Point-to-point on NCCL] in :mod:`cp_d
 * the ops of one ``batch_isend_irecv`` call are one group: launched together once the group is at
   the head of every pair it touches, done when all are; a grouped op never matches a lone one
   (PyTorch runs them on different NCCL communicators);
-* collectives are gloo's own (the gloo backend is registered for CPU tensors of the group).
+* collectives are gloo's own (see Note [Collectives of a Python process group] below).
 
 A deadlock under these rules raises, after ``NCCL_RULES_TIMEOUT_S`` seconds (default 10), a
 ``RuntimeError`` naming every rank of the group and the ops it is stuck on, instead of hanging.
@@ -30,6 +30,18 @@ communicators (each is gloo's), anything inside a collective, and code that call
 ``batch_isend_irecv`` through a reference taken before :func:`install` (its ops then look lone).
 Python process groups are never offered PyTorch's coalescing, so :func:`install` wraps
 ``torch.distributed.batch_isend_irecv`` to learn where a group starts and ends.
+
+Note [Collectives of a Python process group]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+PyTorch calls a collective of a Python ``ProcessGroup`` subclass through a trampoline that takes the
+GIL to look for a Python override and, finding none, runs the C++ default (dispatch to the
+registered gloo backend) STILL HOLDING the GIL (``WORK_OVERRIDE`` in ``PyProcessGroup.hpp``, torch
+2.13). Gloo's worker thread frees a finished work under its queue lock; when that drops the last
+reference to a tensor with a Python object, it needs the GIL. The caller holds the GIL and waits for
+the queue lock to enqueue the next collective: both wait forever. DTensor's tensor parallelism hit
+it at random (a ``broadcast`` of ``distribute_module`` or ``apply_ddp``, one rank stuck, the others
+waiting in a collective behind it). So every collective the trampoline knows is overridden here and
+handed to gloo through a plain C++ ``ProcessGroup`` whose Python binding releases the GIL first.
 """
 
 from __future__ import annotations
@@ -107,6 +119,10 @@ class NcclRulesProcessGroup(dist.ProcessGroup):
         super().__init__(rank, size)
         self._gloo = dist.ProcessGroupGloo(dist.PrefixStore("gloo", store), rank, size, timeout)
         self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self._gloo)
+        # Note [Collectives of a Python process group]: gloo's collectives, reached without the GIL.
+        self._collectives = dist.ProcessGroup(store, rank, size)
+        self._collectives._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self._gloo)
+        self._collectives._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
         self._state = dist.PrefixStore("nccl_rules_state", store)
         self._state.set(str(rank), "nothing pending")
         self.rules_timeout_s = float(os.environ.get("NCCL_RULES_TIMEOUT_S", "10"))
@@ -239,6 +255,32 @@ class NcclRulesProcessGroup(dist.ProcessGroup):
             text = self._state.get(str(r)).decode() if r != self.rank() else self._pending()
             lines.append(f"  rank {ranks[r]}: {text}")
         return "\n".join(lines)
+
+
+# Every collective of ProcessGroup's Python API, under each name torch 2.13 binds or looks up
+# (the trampoline tries the new name first, then the old one: all_gather_single_coalesced, then
+# allgather_into_tensor_coalesced).
+_COLLECTIVES = (
+    "allreduce", "allreduce_coalesced", "broadcast", "barrier", "reduce",
+    "allgather", "allgather_coalesced", "all_gather_single", "_allgather_base",
+    "all_gather_single_coalesced", "allgather_into_tensor_coalesced",
+    "reduce_scatter", "reduce_scatter_single", "_reduce_scatter_base",
+    "reduce_scatter_single_coalesced", "reduce_scatter_tensor_coalesced",
+    "alltoall", "all_to_all_single", "alltoall_base", "gather", "scatter",
+)  # fmt: skip
+
+
+def _through_gloo(name: str):
+    def collective(self: NcclRulesProcessGroup, *args, **kwargs) -> dist.Work:
+        return getattr(self._collectives, name)(*args, **kwargs)
+
+    collective.__name__ = collective.__qualname__ = name
+    collective.__doc__ = f"Gloo's ``{name}``, called without the GIL (Note [Collectives of a Python process group])."
+    return collective
+
+
+for _name in _COLLECTIVES:
+    setattr(NcclRulesProcessGroup, _name, _through_gloo(_name))
 
 
 def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> NcclRulesProcessGroup:
