@@ -207,10 +207,15 @@ class NcclRulesProcessGroup(dist.ProcessGroup):
 
     def _launch(self, op: _Op, batched: bool) -> None:
         data, ack = self._tags(op, batched)
-        if op.kind == "send":  # done when the receiver has the data and says so
-            op.works = [self._gloo.send([op.tensor], op.peer, data), self._gloo.recv([op.ack], op.peer, ack)]
-        else:
-            op.works = [self._gloo.recv([op.tensor], op.peer, data)]
+        try:  # posted here, in issue order: gloo matches same-tag ops of a pair in posting order
+            if op.kind == "send":  # done when the receiver has the data and says so
+                op.works = [self._gloo.send([op.tensor], op.peer, data), self._gloo.recv([op.ack], op.peer, ack)]
+            else:
+                op.works = [self._gloo.recv([op.tensor], op.peer, data)]
+        except RuntimeError as error:  # e.g. gloo closed the pair after its timeout: the caller's error
+            op.error = error
+            op.done.set()
+            return
         threading.Thread(target=self._finish, args=(op, ack), daemon=True).start()
 
     def _finish(self, op: _Op, ack: int) -> None:
