@@ -10,6 +10,7 @@ two expected deadlocks are caught inside one task, so no pool is torn down and r
 from __future__ import annotations
 
 import datetime
+import os
 
 import mp_pool
 import nccl_rules
@@ -26,8 +27,13 @@ DEADLOCK_TIMEOUT_S = 2.0  # a deadlock is reported after this (peers publish the
 
 
 def _rules_group(cp_size: int, **extra):
-    """The pool's cached ``ContextParallelGroup`` on the rules backend (``rules_timeout_s``: the default 10 s)."""
+    """The pool's cached ``ContextParallelGroup`` on the rules backend.
+
+    Its groups report a deadlock after 60 s, not the default 10: these cases pass, and a loaded CI
+    machine must not turn a slow rank into a false report.
+    """
     nccl_rules.install()
+    os.environ.setdefault("NCCL_RULES_TIMEOUT_S", "60")  # read when a group is built
     return mp_pool.group(cp_size, backend=nccl_rules.BACKEND, timeout=60, **extra)
 
 
