@@ -120,6 +120,8 @@ class ContextParallelGroup:
         if not self.key:
             self.key = f"cp_group_{len(_GROUPS)}"
             _GROUPS[self.key] = self
+            # Slice the sub-meshes now: torch.compile cannot enter a cached_property's lock (Python 3.11).
+            self.cp_mesh, self.dp_mesh  # noqa: B018
 
     @staticmethod
     def from_key(key: str) -> ContextParallelGroup:
