@@ -186,3 +186,23 @@ def test_training_job_with_compile_reproduces_the_eager_losses(tmp_path):
     # rounding of inductor's fused code around the attention.
     eager, compiled = _job_losses(tmp_path), _job_losses(tmp_path, "--compile")
     assert compiled == pytest.approx(eager, rel=1e-10, abs=0)
+
+
+def document_zigzag_case() -> str:
+    """Runs on every rank: a DocumentZigzag group under compile; returns the error's text."""
+    from cp_dtensor import DocumentZigzag, ring_attention
+
+    ids = torch.tensor([[0] * 6 + [1] * 10])
+    group = mp_pool.group(2).with_layout(DocumentZigzag.from_document_ids(ids))
+    q = torch.randn(1, 2, 8, 8)
+    step = torch.compile(lambda q: ring_attention(q, q, q, group, causal=True), fullgraph=True, backend="eager")
+    try:
+        step(q)
+    except Exception as e:  # torch._dynamo reports the ValueError raised while tracing
+        return str(e)
+    return "no error"
+
+
+def test_a_document_zigzag_layout_under_compile_names_the_fix():
+    for message in mp_pool.run_on_ranks(2, document_zigzag_case):
+        assert "needs a named layout" in message and "DocumentZigzag" in message, message
