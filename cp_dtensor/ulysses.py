@@ -137,14 +137,20 @@ class HeadExchange:
         Returns:
             ``(B, n * h, S, D)``: all heads of this rank's tokens, in the layout's order.
         """
+        return self.to_sequences([x])[0]
+
+    def to_sequences(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`to_sequence` of each of ``tensors`` (same dtype), in one all-to-all."""
         if self._is_identity():
-            return x
-        b, h, _, d = x.shape
-        send_N = x.new_empty(self.size, b, h, x.shape[2] // self.size, d)  # (n, B, h, S, D), one copy
+            return list(tensors)
+        b, _, length_h, d = tensors[0].shape
+        heads = [x.shape[1] for x in tensors]
+        send_N = tensors[0].new_empty(self.size, b, sum(heads), length_h // self.size, d)  # (n, B, sum h, S, D)
         for member, offset, gathered, length in self._pieces():
-            send_N[member, :, :, offset : offset + length] = x[:, :, gathered : gathered + length]
+            pieces = [x[:, :, gathered : gathered + length] for x in tensors]
+            send_N[member, :, :, offset : offset + length] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
         recv_N = all_to_all(send_N, self.group)  # entry m: head group m of this rank's tokens
-        return recv_N.movedim(0, 1).flatten(1, 2)
+        return [x_N.movedim(0, 1).flatten(1, 2) for x_N in recv_N.split(heads, dim=2)]
 
 
 def attend_over_heads(
@@ -230,7 +236,7 @@ def heads_backward(
     q_h, k_h, v_h, out_h = saved or (q, k, v, out)
     (dout_h,) = exchange.to_heads([dout])
     dq_h, dk_h, dv_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse_h, plan)
-    dq, dk, dv = (exchange.to_sequence(x) for x in (dq_h, dk_h, dv_h))
+    dq, dk, dv = exchange.to_sequences([dq_h, dk_h, dv_h])  # one all-to-all, as autograd does in eager mode
     r = kv_replication(k.shape[1], exchange.size)
     if r > 1:  # head i * r + j is copy j of K/V head i
         dk, dv = dk.unflatten(1, (-1, r)).sum(2), dv.unflatten(1, (-1, r)).sum(2)
