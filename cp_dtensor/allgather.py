@@ -76,20 +76,66 @@ def _gather_kv(k: torch.Tensor, v: torch.Tensor, plan: _GatherPlan) -> tuple[tor
     return kv[0], kv[1]
 
 
+def allgather_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _GatherPlan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on local tensors.
+
+    Returns:
+        ``(out, lse)``: ``out`` ``(B, H, S, D)`` in ``q``'s dtype, ``lse`` ``(B, H, S)`` in fp32 (fp64 for fp64).
+    """
+    calls, acc = plan.calls(), accum_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, S, D)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)  # (B, H, S)
+    for q_heads, kv_heads in plan.head_groups(q.shape[1], k.shape[1]):
+        with record_function("cp_dtensor.allgather.gather_kv"):
+            k_full, v_full = _gather_kv(k[:, kv_heads], v[:, kv_heads], plan)
+        with record_function("cp_dtensor.allgather.attend"):
+            merged = torch.zeros(q.shape[2], dtype=torch.bool)  # host: rows merged into (see forward_blocks)
+            out_h, lse_h = out[:, q_heads], lse[:, q_heads]
+            forward_blocks(q[:, q_heads], k_full, v_full, calls, plan.scale, out_h, lse_h, merged)
+    return out.to(q.dtype), lse
+
+
+def allgather_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    plan: _GatherPlan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward on local tensors (shapes as in :func:`allgather_forward`).
+
+    Returns:
+        ``(dq, dk, dv)`` in the dtypes of ``q``, ``k``, ``v``.
+    """
+    dout = dout.contiguous()
+    calls, num_ranks, acc = plan.calls(), group_size(plan.group), accum_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, S, D)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    for q_heads, kv_heads in plan.head_groups(q.shape[1], k.shape[1]):
+        with record_function("cp_dtensor.allgather.gather_kv"):
+            k_full, v_full = _gather_kv(k[:, kv_heads], v[:, kv_heads], plan)
+        # dK/dV of the whole sequence stay in fp32 until the reduce-scatter has summed the ranks' shares
+        dk_full = torch.zeros(k_full.shape, dtype=acc, device=k.device)  # (B, g, L, D)
+        dv_full = torch.zeros(v_full.shape, dtype=acc, device=v.device)
+        with record_function("cp_dtensor.allgather.attend_backward"):
+            backward_blocks(dout[:, q_heads], q[:, q_heads], k_full, v_full, out[:, q_heads], lse[:, q_heads],
+                            calls, plan.scale, (dq[:, q_heads], dk_full, dv_full))
+        # (2, B, g, P * S, D) -> (P, 2, B, g, S, D): entry r is rank r's shard of the gradient
+        dkv_N = torch.stack([dk_full, dv_full]).unflatten(3, (num_ranks, -1)).permute(3, 0, 1, 2, 4, 5)
+        with record_function("cp_dtensor.allgather.reduce_scatter"):
+            dkv = reduce_scatter(dkv_N, plan.group)  # (2, B, g, S, D), summed over ranks
+        dk[:, kv_heads], dv[:, kv_heads] = dkv[0], dkv[1]
+    return dq.to(q.dtype), dk, dv
+
+
 class _AllGatherKVAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _GatherPlan):
-        calls, acc = plan.calls(), accum_dtype(q.dtype)
-        out = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, S, D)
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)  # (B, H, S)
-        for q_heads, kv_heads in plan.head_groups(q.shape[1], k.shape[1]):
-            with record_function("cp_dtensor.allgather.gather_kv"):
-                k_full, v_full = _gather_kv(k[:, kv_heads], v[:, kv_heads], plan)
-            with record_function("cp_dtensor.allgather.attend"):
-                merged = torch.zeros(q.shape[2], dtype=torch.bool)  # host: rows merged into (see forward_blocks)
-                out_h, lse_h = out[:, q_heads], lse[:, q_heads]
-                forward_blocks(q[:, q_heads], k_full, v_full, calls, plan.scale, out_h, lse_h, merged)
-        out = out.to(q.dtype)
+        out, lse = allgather_forward(q, k, v, plan)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
         return out
@@ -97,27 +143,7 @@ class _AllGatherKVAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        plan: _GatherPlan = ctx.plan
-        dout = dout.contiguous()
-        calls, num_ranks, acc = plan.calls(), group_size(plan.group), accum_dtype(q.dtype)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, S, D)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        for q_heads, kv_heads in plan.head_groups(q.shape[1], k.shape[1]):
-            with record_function("cp_dtensor.allgather.gather_kv"):
-                k_full, v_full = _gather_kv(k[:, kv_heads], v[:, kv_heads], plan)
-            # dK/dV of the whole sequence stay in fp32 until the reduce-scatter has summed the ranks' shares
-            dk_full = torch.zeros(k_full.shape, dtype=acc, device=k.device)  # (B, g, L, D)
-            dv_full = torch.zeros(v_full.shape, dtype=acc, device=v.device)
-            with record_function("cp_dtensor.allgather.attend_backward"):
-                backward_blocks(dout[:, q_heads], q[:, q_heads], k_full, v_full, out[:, q_heads], lse[:, q_heads],
-                                calls, plan.scale, (dq[:, q_heads], dk_full, dv_full))
-            # (2, B, g, P * S, D) -> (P, 2, B, g, S, D): entry r is rank r's shard of the gradient
-            dkv_N = torch.stack([dk_full, dv_full]).unflatten(3, (num_ranks, -1)).permute(3, 0, 1, 2, 4, 5)
-            with record_function("cp_dtensor.allgather.reduce_scatter"):
-                dkv = reduce_scatter(dkv_N, plan.group)  # (2, B, g, S, D), summed over ranks
-            dk[:, kv_heads], dv[:, kv_heads] = dkv[0], dkv[1]
-        return dq.to(q.dtype), dk, dv, None
+        return *allgather_backward(dout, *ctx.saved_tensors, ctx.plan), None
 
 
 def allgather_kv_attention(
@@ -169,6 +195,10 @@ def allgather_kv_attention(
 
 
 def _attend(call: AttentionCall, kv_heads_per_gather: int | None) -> torch.Tensor:
+    return _AllGatherKVAttention.apply(call.q, call.k, call.v, _make_plan(call, kv_heads_per_gather))
+
+
+def _make_plan(call: AttentionCall, kv_heads_per_gather: int | None = None) -> _GatherPlan:
     cp_group, num_kv_heads = call.cp_group, call.k.shape[1]
     if kv_heads_per_gather is None:
         kv_heads_per_gather = num_kv_heads
@@ -177,7 +207,7 @@ def _attend(call: AttentionCall, kv_heads_per_gather: int | None) -> torch.Tenso
             f"kv_heads_per_gather must be a positive int (1 to H_kv = {num_kv_heads}) or None for all heads, "
             f"got {kv_heads_per_gather!r}."
         )
-    plan = _GatherPlan(
+    return _GatherPlan(
         group=cp_group.process_group if cp_group.size > 1 else None,
         q_runs=cp_group.runs(call.seq_len),
         kv_runs=[run for r in range(cp_group.size) for run in cp_group.runs(call.seq_len, r)],
@@ -186,4 +216,3 @@ def _attend(call: AttentionCall, kv_heads_per_gather: int | None) -> torch.Tenso
         kv_heads_per_gather=min(kv_heads_per_gather, num_kv_heads),
         mask=call.mask,
     )
-    return _AllGatherKVAttention.apply(call.q, call.k, call.v, plan)

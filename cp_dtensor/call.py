@@ -6,7 +6,9 @@ Every strategy (:func:`~cp_dtensor.ring_attention`, :func:`~cp_dtensor.ulysses_a
 plans and applies the strategy on local shards. The wrapper does the rest, in this order: check the
 group (and, with ``validate``, that all ranks agree), unwrap DTensors, validate the tensors and mask
 arguments into an :class:`AttentionCall`, ``attend``, re-check the output (``debug_check``), wrap
-the output like the inputs. A new option common to all strategies is one field here.
+the output like the inputs. A new option common to all strategies is one field here. Under
+``torch.compile`` the same call is one custom operator instead (Note [Attention as a custom op] in
+:mod:`cp_dtensor.ops`).
 
 Legend: ``B`` batch, ``H`` query heads, ``H_kv`` K/V heads, ``S`` local sequence length, ``L = P * S``
 global (padded) length, ``D`` head dim, ``P`` cp ranks.
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cp_dtensor import masks
+from cp_dtensor import masks, ops
 from cp_dtensor.comm import record_comm
 from cp_dtensor.debug import check_call, recheck_output
 from cp_dtensor.group import ContextParallelGroup
@@ -129,7 +131,13 @@ def run_strategy(
 
     Returns:
         The local output (a DTensor if the inputs were).
+
+    Under ``torch.compile`` the whole call, checks included, is ``torch.ops.cp_dtensor.attention``
+    (:func:`cp_dtensor.ops.attention`); DTensor inputs are then a ``ValueError``.
     """
+    if torch.compiler.is_compiling():  # one opaque node per call: see Note [Attention as a custom op]
+        return ops.attention(name, q, k, v, cp_group, causal=causal, scale=scale, document_ids=document_ids,
+                             window=window, seq_len=seq_len, validate=validate, debug_check=debug_check, **options)
     mask_args = {"document_ids": document_ids, "window": window, "seq_len": seq_len}
     check_call(
         name,

@@ -14,7 +14,7 @@ import atexit
 import datetime
 import functools
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -87,6 +87,9 @@ def _destroy_default_process_group() -> None:
         dist.destroy_process_group()
 
 
+_GROUPS: dict[str, ContextParallelGroup] = {}  # every group made, by key: custom ops take the key
+
+
 @dataclass
 class ContextParallelGroup:
     """A device mesh with a context-parallel axis ``"cp"`` and the layout used to shard sequences.
@@ -109,6 +112,21 @@ class ContextParallelGroup:
     layout: Layout = "zigzag"
     flat_cp_mesh: DeviceMesh | None = None
     flat_dp_cp_mesh: DeviceMesh | None = None
+    key: str = field(default="", compare=False, repr=False)
+    """Names the group's meshes in compiled graphs (Note [Attention as a custom op] in
+    :mod:`cp_dtensor.ops`); shared by the copies :meth:`with_layout` makes."""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = f"cp_group_{len(_GROUPS)}"
+            _GROUPS[self.key] = self
+            # Slice the sub-meshes now: torch.compile cannot enter a cached_property's lock (Python 3.11).
+            self.cp_mesh, self.dp_mesh  # noqa: B018
+
+    @staticmethod
+    def from_key(key: str) -> ContextParallelGroup:
+        """The group registered under ``key`` (its meshes; its layout as created)."""
+        return _GROUPS[key]
 
     def with_layout(self, layout: Layout) -> ContextParallelGroup:
         """The same group (same meshes and process groups, no communication) sharding with ``layout``.

@@ -81,6 +81,10 @@ def hybrid_attention(
 
 
 def _attend(call: AttentionCall) -> torch.Tensor:
+    return attend_over_heads(call.q, call.k, call.v, *_make_plan(call))
+
+
+def _make_plan(call: AttentionCall) -> tuple[HeadExchange, RingPlan]:
     cp_group, total = call.cp_group, call.seq_len
     u = cp_group.ulysses_size
     if u is None:
@@ -106,4 +110,4 @@ def _attend(call: AttentionCall) -> torch.Tensor:
         scale=call.scale,
         mask=call.mask,
     )
-    return attend_over_heads(call.q, call.k, call.v, exchange, plan)
+    return exchange, plan

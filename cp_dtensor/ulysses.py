@@ -42,7 +42,7 @@ from cp_dtensor.call import AttentionCall, run_strategy
 from cp_dtensor.collectives import all_to_all
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.layout import Run
-from cp_dtensor.ring import RingPlan, ring_attention_local
+from cp_dtensor.ring import RingPlan, ring_attention_local, ring_backward, ring_forward
 
 __all__ = ["ulysses_attention", "HeadExchange", "kv_replication", "check_heads", "attend_over_heads"]
 
@@ -137,14 +137,20 @@ class HeadExchange:
         Returns:
             ``(B, n * h, S, D)``: all heads of this rank's tokens, in the layout's order.
         """
+        return self.to_sequences([x])[0]
+
+    def to_sequences(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`to_sequence` of each of ``tensors`` (same dtype), in one all-to-all."""
         if self._is_identity():
-            return x
-        b, h, _, d = x.shape
-        send_N = x.new_empty(self.size, b, h, x.shape[2] // self.size, d)  # (n, B, h, S, D), one copy
+            return list(tensors)
+        b, _, length_h, d = tensors[0].shape
+        heads = [x.shape[1] for x in tensors]
+        send_N = tensors[0].new_empty(self.size, b, sum(heads), length_h // self.size, d)  # (n, B, sum h, S, D)
         for member, offset, gathered, length in self._pieces():
-            send_N[member, :, :, offset : offset + length] = x[:, :, gathered : gathered + length]
+            pieces = [x[:, :, gathered : gathered + length] for x in tensors]
+            send_N[member, :, :, offset : offset + length] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
         recv_N = all_to_all(send_N, self.group)  # entry m: head group m of this rank's tokens
-        return recv_N.movedim(0, 1).flatten(1, 2)
+        return [x_N.movedim(0, 1).flatten(1, 2) for x_N in recv_N.split(heads, dim=2)]
 
 
 def attend_over_heads(
@@ -171,6 +177,70 @@ def attend_over_heads(
     out_h = ring_attention_local(q_h, k_h, v_h, plan)
     with record_function("cp_dtensor.ulysses.to_sequence"):
         return exchange.to_sequence(out_h)
+
+
+def heads_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, exchange: HeadExchange, plan: RingPlan
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """:func:`attend_over_heads` without autograd, keeping what :func:`heads_backward` needs.
+
+    Args:
+        q: Local queries ``(B, H, S, D)``.
+        k: Local keys ``(B, H_kv, S, D)``.
+        v: Local values ``(B, H_kv, S, D)``.
+        exchange: The Ulysses group of this rank.
+        plan: The ring over the groups.
+
+    Returns:
+        ``(out, lse_h, saved)``: ``out`` ``(B, H, S, D)``; ``lse_h`` ``(B, h, n * S)`` in the head frame
+        (fp32, fp64 for fp64 inputs); ``saved`` the head-frame ``(q_h, k_h, v_h, out_h)``, or ``()``
+        when the exchange is the identity (the inputs are then the head frame).
+    """
+    r = kv_replication(k.shape[1], exchange.size)
+    if r > 1:
+        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+    q_h, k_h, v_h = exchange.to_heads([q, k, v])
+    out_h, lse_h = ring_forward(q_h, k_h, v_h, plan)
+    if exchange._is_identity():
+        return out_h, lse_h, ()
+    return exchange.to_sequence(out_h), lse_h, (q_h, k_h, v_h, out_h)
+
+
+def heads_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse_h: torch.Tensor,
+    saved: tuple[torch.Tensor, ...],
+    exchange: HeadExchange,
+    plan: RingPlan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`heads_forward`: ``dout`` to the head frame, the ring backward, back to tokens.
+
+    Args:
+        dout: Gradient of the local output ``(B, H, S, D)``.
+        q: Local queries ``(B, H, S, D)``.
+        k: Local keys ``(B, H_kv, S, D)``.
+        v: Local values ``(B, H_kv, S, D)``.
+        out: The forward's output ``(B, H, S, D)``.
+        lse_h: The forward's head-frame log-sum-exp ``(B, h, n * S)``.
+        saved: The forward's ``saved``.
+        exchange: The Ulysses group of this rank.
+        plan: The ring over the groups.
+
+    Returns:
+        ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v``; the gradients of repeated K/V heads summed.
+    """
+    q_h, k_h, v_h, out_h = saved or (q, k, v, out)
+    (dout_h,) = exchange.to_heads([dout])
+    dq_h, dk_h, dv_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse_h, plan)
+    dq, dk, dv = exchange.to_sequences([dq_h, dk_h, dv_h])  # one all-to-all, as autograd does in eager mode
+    r = kv_replication(k.shape[1], exchange.size)
+    if r > 1:  # head i * r + j is copy j of K/V head i
+        dk, dv = dk.unflatten(1, (-1, r)).sum(2), dv.unflatten(1, (-1, r)).sum(2)
+    return dq, dk, dv
 
 
 def ulysses_attention(
@@ -221,6 +291,10 @@ def ulysses_attention(
 
 
 def _attend(call: AttentionCall) -> torch.Tensor:
+    return attend_over_heads(call.q, call.k, call.v, *_make_plan(call))
+
+
+def _make_plan(call: AttentionCall) -> tuple[HeadExchange, RingPlan]:
     cp_group = call.cp_group
     check_heads(call.q.shape[1], cp_group.size, "the cp size")
     exchange = HeadExchange(
@@ -228,4 +302,4 @@ def _attend(call: AttentionCall) -> torch.Tensor:
         member_runs=tuple(tuple(cp_group.runs(call.seq_len, r)) for r in range(cp_group.size)),
     )
     plan = RingPlan.one_rank(exchange.runs, exchange.runs, causal=call.causal, scale=call.scale, mask=call.mask)
-    return attend_over_heads(call.q, call.k, call.v, exchange, plan)
+    return exchange, plan

@@ -109,6 +109,8 @@ class TrainConfig:
     window: int | None = _opt("sliding window: each token attends to itself and the window - 1 tokens before "
                               "it (exact; blocks outside every window are skipped); default: full causal",
                               default=None)
+    compile: bool = _opt("torch.compile the model (fullgraph; each attention call is one custom operator, see "
+                         "docs/performance.md); the first step compiles", default=False)
     eval_samples: int = _opt("held-out sequences scored at the end", default=64)
     log_every: int = _opt("steps between progress lines", default=10)
     ckpt_dir: str | None = _opt("directory for checkpoints (torch.distributed.checkpoint)", default=None)
@@ -313,6 +315,8 @@ def _build(cfg: TrainConfig, cp_group: ContextParallelGroup, device: torch.devic
     if cfg.dtype == "float64":
         model = model.double()
     model = parallelize_for_tp(model, cp_group)  # heads and MLP width over tp; unchanged when --tp 1
+    if cfg.compile:  # in place: the gradient-syncing wrapper calls the compiled forward
+        model.compile(fullgraph=True, dynamic=False)
     ddp = apply_ddp(model, cp_group)  # see Note [Gradient sync over dp x cp]
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     return model, ddp, optimizer
