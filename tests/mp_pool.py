@@ -214,12 +214,14 @@ def close_all() -> None:
 def _cached_group(cp_size: int, dp_size: int | None, extra: tuple):
     from cp_dtensor import init_context_parallel_group
 
-    return init_context_parallel_group(cp_size, dp_size=dp_size, timeout=GROUP_TIMEOUT_S, **dict(extra))
+    options = {"timeout": GROUP_TIMEOUT_S, **dict(extra)}  # a test may ask for another timeout
+    return init_context_parallel_group(cp_size, dp_size=dp_size, **options)
 
 
 def group(cp_size: int, *, layout: str = "zigzag", dp_size: int | None = None, **extra):
     """A cached ``ContextParallelGroup`` for this worker (meshes are built once per shape).
 
-    Every process group of its mesh (sub-groups included) times out after ``GROUP_TIMEOUT_S``.
+    Every process group of its mesh (sub-groups included) times out after ``GROUP_TIMEOUT_S`` unless
+    ``extra`` names another ``timeout``; ``extra`` goes to ``init_context_parallel_group``.
     """
     return replace(_cached_group(cp_size, dp_size, tuple(sorted(extra.items()))), layout=layout)
