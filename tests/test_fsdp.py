@@ -1,0 +1,131 @@
+"""FSDP2 over dp x cp (and tp): one AdamW step on gloo ranks equals the same step in one process."""
+
+from __future__ import annotations
+
+import mp_pool
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+from cp_dtensor import ModelConfig, TransformerWithCP, apply_fsdp, parallelize_for_tp, shift_labels
+
+SEQ_LEN, GLOBAL_BATCH, LR = 16, 4, 1e-2
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def config(num_kv_heads: int) -> ModelConfig:
+    # 4 query heads: tp=2 splits them; 2 K/V heads are split too, 1 (MQA) is replicated over tp.
+    return ModelConfig(
+        vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=num_kv_heads, intermediate_size=48
+    )
+
+
+def make_batch(seed: int) -> dict[str, torch.Tensor]:
+    """Global batch; labels on a random half of the positions, so ranks hold unequal token counts."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 32, (GLOBAL_BATCH, SEQ_LEN), generator=gen)
+    mask = torch.rand(GLOBAL_BATCH, SEQ_LEN, generator=gen) < 0.5
+    return {"input_ids": ids, "labels": shift_labels(ids, mask)}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def step_case(
+    sizes: tuple[int, int, int], dtype: str, batch: dict, divide_factor: float | None = 1.0, num_kv_heads: int = 2
+) -> dict:
+    """On every rank: one forward, backward and AdamW step on this rank's share of the batch.
+
+    ``sizes`` is ``(dp, cp, tp)``; ``(1, 1, 1)`` is the one-process oracle, run on the bare model.
+    ``divide_factor`` overrides what apply_fsdp sets (``None``: FSDP's default average), to show the
+    test catches a wrong one.
+    """
+    dp_size, cp_size, tp_size = sizes
+    extra = {"tp_size": tp_size} if tp_size > 1 else {}
+    group = mp_pool.group(cp_size, dp_size=dp_size, **extra)
+    torch.manual_seed(1)  # the same initial weights in every process
+    model = TransformerWithCP(config(num_kv_heads), cp_group=group).to(DTYPES[dtype])
+    if dp_size * cp_size * tp_size > 1:
+        model = apply_fsdp(parallelize_for_tp(model, group), group)
+        if divide_factor != 1.0:
+            for module in model.modules():
+                if hasattr(module, "set_gradient_divide_factor"):
+                    module.set_gradient_divide_factor(divide_factor)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    dp_rank = group.dp_mesh.get_local_rank()
+    rows = slice(dp_rank * GLOBAL_BATCH // dp_size, (dp_rank + 1) * GLOBAL_BATCH // dp_size)
+    ids, labels = (group.partition_sequence(batch[k][rows], seq_dim=1) for k in ("input_ids", "labels"))
+    loss = model(ids, labels)
+    loss.backward()
+    grads = {n: _whole(p.grad) for n, p in model.named_parameters()}
+    optimizer.step()
+    return {
+        "loss": loss.item(),
+        "grads": grads,
+        "params": {n: _whole(p.detach()) for n, p in model.named_parameters()},
+        "placements": {n: str(getattr(p, "placements", "plain")) for n, p in model.named_parameters()},
+    }
+
+
+def _check(ranks: list[dict], single: dict, atol: float, min_grad: float = 0.0) -> None:
+    """Loss, every gathered gradient and every weight after the step, on every rank, against one process.
+
+    ``min_grad``: compare the weights only where the one-process gradient is at least this large.
+    AdamW's first step moves a weight by about ``lr * g / (|g| + eps)``: where ``|g|`` is near the
+    rounding error of the dtype, the reordered sum may flip its sign and the step by ``2 lr``.
+    """
+    for r in ranks:
+        assert r["loss"] == pytest.approx(single["loss"], rel=atol, abs=0)
+        for name, expected in single["params"].items():
+            # Every rank gathers the same whole tensors (full_tensor() of one sharded DTensor).
+            torch.testing.assert_close(r["grads"][name], single["grads"][name], rtol=0, atol=atol, msg=name)
+            kept = single["grads"][name].abs() >= min_grad
+            torch.testing.assert_close(r["params"][name][kept], expected[kept], rtol=0, atol=atol, msg=name)
+
+
+# fp64: the ranks add the same terms in another order (cp blocks of attention and of the loss, the
+# reduce-scatter over dp x cp, tp's partial sums), ~1e-16 relative per sum; AdamW's first step divides
+# by |g|, so a weight is off by about lr * 1e-16 / |g|: all far below 1e-10.
+@pytest.mark.parametrize(
+    ("sizes", "num_kv_heads"),
+    [((2, 2, 1), 2), ((1, 4, 1), 2), ((1, 2, 2), 2), ((1, 2, 2), 1), ((2, 2, 2), 2)],
+    ids=["dp2-cp2", "cp4", "dp1-cp2-tp2", "dp1-cp2-tp2-mqa", "dp2-cp2-tp2"],
+)
+def test_fsdp_step_equals_one_process_step(sizes, num_kv_heads):
+    batch = make_batch(seed=sum(sizes))
+    ranks = mp_pool.run_on_ranks(
+        sizes[0] * sizes[1] * sizes[2], step_case, sizes, "float64", batch, num_kv_heads=num_kv_heads
+    )
+    (single,) = mp_pool.run_on_ranks(1, step_case, (1, 1, 1), "float64", batch, num_kv_heads=num_kv_heads)
+    _check(ranks, single, atol=1e-10)
+    placements = ranks[0]["placements"]
+    if sizes[2] == 1:  # one axis: every parameter is a dim-0 shard over the 4 dp x cp ranks
+        assert set(placements.values()) == {"(Shard(dim=0),)"}
+    else:  # FSDP's shard over dp x cp in front of TP's own placement
+        assert placements["layers.0.attn.q_proj.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+        kv = "(_StridedShard(dim=0, sf=2), Shard(dim=0))" if num_kv_heads == 2 else "(Shard(dim=0), Replicate())"
+        assert placements["layers.0.attn.k_proj.weight"] == kv
+        assert placements["layers.0.attn.o_proj.weight"] == "(Shard(dim=0), Shard(dim=1))"
+        assert placements["layers.0.attn_norm.weight"] == "(Shard(dim=0), Replicate())"
+
+
+def test_fsdp_default_divide_factor_is_caught():
+    """FSDP's default AVERAGES over the 4 dp x cp ranks: every gradient 4x too small, which the check sees."""
+    batch = make_batch(seed=4)
+    ranks = mp_pool.run_on_ranks(4, step_case, (2, 2, 1), "float64", batch, divide_factor=None)
+    (single,) = mp_pool.run_on_ranks(1, step_case, (1, 1, 1), "float64", batch)
+    with pytest.raises(AssertionError, match="embed.weight"):  # the first gradient compared
+        _check(ranks, single, atol=1e-10)
+    name = "layers.0.attn.q_proj.weight"
+    torch.testing.assert_close(ranks[0]["grads"][name] * 4, single["grads"][name], rtol=0, atol=1e-12)
+
+
+def test_fsdp_fp32_step_equals_one_process_step():
+    """fp32 (the dtype mixed precision reduces in): FSDP's SUM reduce-scatter on gloo, within fp32 rounding."""
+    batch = make_batch(seed=5)
+    ranks = mp_pool.run_on_ranks(4, step_case, (2, 2, 1), "float32", batch)
+    (single,) = mp_pool.run_on_ranks(1, step_case, (1, 1, 1), "float32", batch)
+    # fp32: reordered sums differ by ~1e-7 relative; gradients are O(1e-2), so 1e-6 absolute; the
+    # weights where |g| >= 1e-4, a thousand times the gradients' rounding error.
+    _check(ranks, single, atol=1e-6, min_grad=1e-4)
