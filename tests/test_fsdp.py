@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import mp_pool
 import pytest
 import torch
@@ -129,3 +131,118 @@ def test_fsdp_fp32_step_equals_one_process_step():
     # fp32: reordered sums differ by ~1e-7 relative; gradients are O(1e-2), so 1e-6 absolute; the
     # weights where |g| >= 1e-4, a thousand times the gradients' rounding error.
     _check(ranks, single, atol=1e-6, min_grad=1e-4)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+
+def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Every weight and AdamW moment, whole, by parameter name."""
+    model = getattr(model, "module", model)  # DDP
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = _whole(p.detach())
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[f"{name}.{key}"] = _whole(optimizer.state[p][key])
+    return out
+
+
+def checkpoint_case(ckpt_dir: str, sizes: tuple[int, int, int], grad_sync: str, batch: dict, save: bool) -> dict:
+    """With ``save``: one FSDP step, then a checkpoint. Else: a model of OTHER initial weights, wrapped
+    per ``grad_sync`` (``"none"``: the bare model of one process), takes one step (so that the
+    optimizer has state to overwrite) and loads the checkpoint. Returns the states after that."""
+    from cp_dtensor import apply_ddp, latest_checkpoint, load_checkpoint, save_checkpoint
+
+    dp_size, cp_size, tp_size = sizes
+    extra = {"tp_size": tp_size} if tp_size > 1 else {}
+    group = mp_pool.group(cp_size, dp_size=dp_size, **extra)
+    torch.manual_seed(1 if save else 7)
+    model = parallelize_for_tp(TransformerWithCP(config(2), cp_group=group).double(), group)
+    wrapped = {"fsdp": apply_fsdp, "ddp": apply_ddp, "none": lambda m, g: m}[grad_sync](model, group)
+    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=LR, weight_decay=0.1)
+    dp_rank = group.dp_mesh.get_local_rank()
+    rows = slice(dp_rank * GLOBAL_BATCH // dp_size, (dp_rank + 1) * GLOBAL_BATCH // dp_size)
+    ids, labels = (group.partition_sequence(batch[k][rows], seq_dim=1) for k in ("input_ids", "labels"))
+    wrapped(ids, labels).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if save:
+        save_checkpoint(ckpt_dir, 1, wrapped, optimizer, {"step": 1})
+    else:
+        assert load_checkpoint(latest_checkpoint(ckpt_dir), wrapped, optimizer) == {"step": 1}
+    return _states(wrapped, optimizer)
+
+
+def test_fsdp_checkpoint_loads_into_one_process_ddp_and_other_splits_bit_equal(tmp_path):
+    batch = make_batch(seed=9)
+    saved = mp_pool.run_on_ranks(4, checkpoint_case, str(tmp_path), (2, 2, 1), "fsdp", batch, True)[0]
+    loads = {
+        "one process": mp_pool.run_on_ranks(1, checkpoint_case, str(tmp_path), (1, 1, 1), "none", batch, False),
+        "ddp dp2 x cp2": mp_pool.run_on_ranks(4, checkpoint_case, str(tmp_path), (2, 2, 1), "ddp", batch, False),
+        "fsdp cp2 x tp2": mp_pool.run_on_ranks(4, checkpoint_case, str(tmp_path), (1, 2, 2), "fsdp", batch, False),
+    }
+    for where, ranks in loads.items():
+        for r in ranks:
+            assert r.keys() == saved.keys(), where
+            for key, expected in saved.items():  # DCP copies values: bit for bit
+                assert torch.equal(r[key], expected), f"{where}: {key}"
+
+
+# ---- the training job -----------------------------------------------------------------------------
+
+# Tiny sizes: 32-token sequences (16 per cp rank), 4 query and 2 K/V heads, fp64, 3 steps.
+TINY = [
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--hidden-size",
+    "32",
+    "--num-heads",
+    "4",
+    "--num-kv-heads",
+    "2",
+    "--num-layers",
+    "1",
+    "--num-pairs",
+    "4",
+    "--num-keys",
+    "4",
+    "--num-values",
+    "4",
+    "--warmup",
+    "1",
+    "--eval-samples",
+    "4",
+    "--log-every",
+    "3",
+    "--dtype",
+    "float64",
+    "--steps",
+    "3",
+]
+
+
+def train_case(argv: list[str]) -> list[float]:
+    """The training job's ``train`` on this pool's ranks (``main`` would tear the process group down)."""
+    from cp_dtensor.training.train import parse_args, train
+
+    return [c["loss"] for c in train(parse_args(argv))["curve"]]
+
+
+def test_train_job_with_fsdp_matches_one_process_resumes_and_loads_into_one_process(tmp_path):
+    """``--grad-sync fsdp`` at CPU size: the one-process loss curve; its step-2 checkpoint resumes the
+    FSDP run, and continues in one process, with step 3's loss."""
+    (single,) = mp_pool.run_on_ranks(1, train_case, [*TINY, "--cp", "1"])
+    ckpt = ["--ckpt-dir", str(tmp_path), "--save-every", "2"]
+    fsdp = [*TINY, "--dp", "2", "--cp", "2", "--grad-sync", "fsdp"]
+    straight = mp_pool.run_on_ranks(4, train_case, [*fsdp, *ckpt])
+    # fp64, three AdamW steps with clipping: the sums run in another order (~1e-16 relative), and
+    # Adam's division by sqrt(v) passes that on about as is; 1e-10 leaves room for three steps of it.
+    assert straight[0] == pytest.approx(single, rel=1e-10, abs=0)
+    shutil.rmtree(tmp_path / "step_00000003")  # resume from step 2, as after a crash in step 3
+    resumed = mp_pool.run_on_ranks(4, train_case, [*fsdp, *ckpt, "--resume"])
+    assert resumed[0] == pytest.approx(straight[0][2:], rel=1e-12, abs=0)  # the same sums in the same order
+    shutil.rmtree(tmp_path / "step_00000003")
+    (one,) = mp_pool.run_on_ranks(1, train_case, [*TINY, "--cp", "1", *ckpt, "--resume"])
+    assert one == pytest.approx(single[2:], rel=1e-10, abs=0)
