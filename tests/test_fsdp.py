@@ -246,3 +246,27 @@ def test_train_job_with_fsdp_matches_one_process_resumes_and_loads_into_one_proc
     shutil.rmtree(tmp_path / "step_00000003")
     (one,) = mp_pool.run_on_ranks(1, train_case, [*TINY, "--cp", "1", *ckpt, "--resume"])
     assert one == pytest.approx(single[2:], rel=1e-10, abs=0)
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+
+
+def memory_case(grad_sync: str) -> dict:
+    """One measured training step (bench.memory_measure) of a small model on cp 2, wrapped per ``grad_sync``."""
+    from bench.memory_measure import measure_case
+
+    torch.set_num_threads(1)
+    model = {"vocab_size": 1024, "hidden_size": 128, "num_layers": 2, "num_heads": 4}  # weights ~ activations
+    return measure_case(256, 2, model=model, cp_group=mp_pool.group(2), rss=False, grad_sync=grad_sync)
+
+
+@pytest.mark.parametrize("grad_sync", ["ddp", "fsdp"])
+def test_memory_estimate_of_ddp_and_fsdp_is_within_10_percent_of_the_measured_peak(grad_sync):
+    ranks = mp_pool.run_on_ranks(2, memory_case, grad_sync)
+    for r in ranks:
+        # The issue's contract: the whole peak within 10%. The static parts are counted on both sides
+        # (FSDP: this rank's shard, padding aside; DDP: whole, plus the gradient buckets), so they agree
+        # to 1%; what is left is the activations and, under FSDP, the weights it has gathered.
+        assert r["estimate"]["total"] == pytest.approx(r["peak_bytes"], rel=0.10)
+        for part in ("grads", "optimizer_state"):
+            assert r["estimate"]["components"][part] == pytest.approx(r["static"][part], rel=0.01), part
