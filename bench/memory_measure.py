@@ -66,6 +66,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 __all__ = [
     "SMALL_MODEL",
     "estimate_for",
+    "grad_sync_table",
     "markdown_table",
     "measure_case",
     "measured_static_bytes",
@@ -387,6 +388,26 @@ def markdown_table(report: dict) -> str:
     return "\n".join(rows)
 
 
+def grad_sync_table(report: dict) -> str:
+    """A sweep over ``--grad-syncs`` as a markdown table: per-rank peak by component, MiB (the largest rank)."""
+    mib = 2**20
+    rows = [
+        "| L | P | gradient sync | weights | grads | AdamW | measured peak | estimate | error | measured peak in |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for case in report["cases"]:
+        sm, est = case["summary"], _fresh_estimate(case)
+        static = max(case["ranks"], key=lambda r: r["peak_bytes"])["static"]
+        where = sm["measured_peak_at"].removeprefix("memory_measure.").replace("cp_dtensor.ring.", "ring.")
+        rows.append(
+            f"| {sm['seq_len']} | {sm['cp_size']} | {sm.get('grad_sync', 'none')} | {static['weights'] / mib:.1f} | "
+            f"{static['grads'] / mib:.1f} | {static['optimizer_state'] / mib:.1f} | "
+            f"{sm['measured_peak_bytes'] / mib:.1f} | {est['total'] / mib:.1f} | "
+            f"{100 * (est['total'] / sm['measured_peak_bytes'] - 1):+.2f}% | `{where}` |"
+        )
+    return "\n".join(rows)
+
+
 def plot_results(report: dict, path) -> None:
     """Estimate vs measurement: per-rank peak by case (left), activation peak against ``L`` (right)."""
     import matplotlib
@@ -468,6 +489,7 @@ def _sweep(args: argparse.Namespace) -> None:
             grad_sync,
             "--out",
             f"{args.out}.case.json",
+            *(["--no-rss"] if args.no_rss else []),
         ]
         start = time.perf_counter()
         subprocess.run(cmd, env=env, check=True, timeout=args.timeout)
@@ -512,7 +534,8 @@ def main(argv=None) -> None:
     if args.report:
         with open(args.report) as f:
             report = json.load(f)
-        print(markdown_table(report))
+        by_grad_sync = any(c["summary"].get("grad_sync", "none") != "none" for c in report["cases"])
+        print(grad_sync_table(report) if by_grad_sync else markdown_table(report))
         if args.plot:
             plot_results(report, args.plot)
         return

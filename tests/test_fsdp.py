@@ -270,3 +270,19 @@ def test_memory_estimate_of_ddp_and_fsdp_is_within_10_percent_of_the_measured_pe
         assert r["estimate"]["total"] == pytest.approx(r["peak_bytes"], rel=0.10)
         for part in ("grads", "optimizer_state"):
             assert r["estimate"]["components"][part] == pytest.approx(r["static"][part], rel=0.01), part
+
+
+def test_docs_memory_table_is_the_committed_fsdp_measurement_against_the_current_estimator():
+    import json
+    from pathlib import Path
+
+    from bench.memory_measure import grad_sync_table
+
+    repo = Path(__file__).resolve().parents[1]
+    report = json.loads((repo / "bench" / "results" / "memory_fsdp_cpu.json").read_text())
+    table = grad_sync_table(report)  # estimates recomputed now: the page must follow the estimator
+    assert table in (repo / "docs" / "memory.md").read_text(), (
+        "regenerate it: python -m bench.memory_measure --report bench/results/memory_fsdp_cpu.json"
+    )
+    for case in report["cases"]:
+        assert abs(case["summary"]["relative_error"]) < 0.10
