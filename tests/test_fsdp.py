@@ -7,6 +7,7 @@ import shutil
 import mp_pool
 import pytest
 import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 from cp_dtensor import ModelConfig, TransformerWithCP, apply_fsdp, parallelize_for_tp, shift_labels
@@ -35,7 +36,12 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def step_case(
-    sizes: tuple[int, int, int], dtype: str, batch: dict, divide_factor: float | None = 1.0, num_kv_heads: int = 2
+    sizes: tuple[int, int, int],
+    dtype: str,
+    batch: dict,
+    divide_factor: float | None = 1.0,
+    num_kv_heads: int = 2,
+    bf16_compute: bool = False,
 ) -> dict:
     """On every rank: one forward, backward and AdamW step on this rank's share of the batch.
 
@@ -49,7 +55,10 @@ def step_case(
     torch.manual_seed(1)  # the same initial weights in every process
     model = TransformerWithCP(config(num_kv_heads), cp_group=group).to(DTYPES[dtype])
     if dp_size * cp_size * tp_size > 1:
-        model = apply_fsdp(parallelize_for_tp(model, group), group)
+        mp_policy = None
+        if bf16_compute:  # bf16 weights in forward and backward, fp32 gradient reduction and master weights
+            mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        model = apply_fsdp(parallelize_for_tp(model, group), group, mp_policy=mp_policy)
         if divide_factor != 1.0:
             for module in model.modules():
                 if hasattr(module, "set_gradient_divide_factor"):
@@ -84,6 +93,21 @@ def _check(ranks: list[dict], single: dict, atol: float, min_grad: float = 0.0) 
             torch.testing.assert_close(r["grads"][name], single["grads"][name], rtol=0, atol=atol, msg=name)
             kept = single["grads"][name].abs() >= min_grad
             torch.testing.assert_close(r["params"][name][kept], expected[kept], rtol=0, atol=atol, msg=name)
+
+
+def test_fsdp_bf16_compute_fp32_reduce_step_is_close_to_the_fp32_step():
+    """MixedPrecisionPolicy(bf16 params, fp32 reduce) on gloo: the loss and gradients of bf16 compute."""
+    batch = make_batch(seed=6)
+    ranks = mp_pool.run_on_ranks(4, step_case, (2, 2, 1), "float32", batch, bf16_compute=True)
+    (single,) = mp_pool.run_on_ranks(1, step_case, (1, 1, 1), "float32", batch)
+    for r in ranks:
+        # bf16 has 8 bits of mantissa: ~4e-3 relative per rounding, a few roundings deep.
+        assert r["loss"] == pytest.approx(single["loss"], rel=2e-2)
+        assert r["loss"] != pytest.approx(single["loss"], rel=1e-5)  # the policy did compute in bf16
+        for name, expected in single["grads"].items():
+            assert r["grads"][name].dtype == torch.float32, name  # reduced and kept in fp32
+            err = (r["grads"][name] - expected).norm() / expected.norm().clamp_min(1e-12)
+            assert err < 5e-2, f"{name}: relative error {err:.3g}"
 
 
 # fp64: the ranks add the same terms in another order (cp blocks of attention and of the loss, the
