@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -59,11 +60,13 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile, record_function
 
 __all__ = [
     "SMALL_MODEL",
     "estimate_for",
+    "grad_sync_table",
     "markdown_table",
     "measure_case",
     "measured_static_bytes",
@@ -85,14 +88,27 @@ def _storages_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def _local(t):
+    """The tensor this rank stores: a DTensor's (FSDP's or TP's) local shard, else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def measured_static_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
-    """Bytes of the weights, gradients and optimizer state alive now, counted from the tensors."""
+    """Bytes of the weights, gradients and optimizer state alive now, counted from the tensors.
+
+    Sharded (DTensor) tensors count this rank's shard, with FSDP's padding (its storage). A DDP
+    wrapper's gradient buckets, a second copy of the gradients, count as gradients (sized from the
+    reducer's own bucket layout).
+    """
     params = list(model.parameters())
     state = [] if optimizer is None else [t for s in optimizer.state.values() for t in s.values()]
+    buckets = 0
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        buckets = sum(b.buffer().nbytes for b in model.reducer._get_zeros_like_grad_buckets())
     return {
-        "weights": _storages_bytes(params),
-        "grads": _storages_bytes(p.grad for p in params if p.grad is not None),
-        "optimizer_state": _storages_bytes(state),
+        "weights": _storages_bytes(_local(p) for p in params),
+        "grads": _storages_bytes(_local(p.grad) for p in params if p.grad is not None) + buckets,
+        "optimizer_state": _storages_bytes(_local(t) for t in state),
     }
 
 
@@ -137,7 +153,12 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
-def estimate_for(config, *, seq_len: int, cp_size: int, batch_size: int, dtype: str) -> dict:
+GRAD_SYNCS = {"none": "replicated", "ddp": "ddp", "fsdp": "fsdp"}  # --grad-sync -> the estimator's param_sharding
+
+
+def estimate_for(
+    config, *, seq_len: int, cp_size: int, batch_size: int, dtype: str, grad_sync: str = "none", dp_size: int = 1
+) -> dict:
     """The estimator's per-rank components (bytes) for the measured configuration."""
     from cp_dtensor.memory import ModelDims, estimate_rank_memory
 
@@ -151,7 +172,14 @@ def estimate_for(config, *, seq_len: int, cp_size: int, batch_size: int, dtype: 
         tie_embeddings=config.tie_embeddings,
     )
     est = estimate_rank_memory(
-        dims, seq_len=seq_len, batch_size=batch_size, cp_size=cp_size, dtype=dtype, optimizer="adamw"
+        dims,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        cp_size=cp_size,
+        dtype=dtype,
+        optimizer="adamw",
+        param_sharding=GRAD_SYNCS[grad_sync],
+        dp_size=dp_size,
     )
     return {"components": est.components, "total": est.total, "peak_phase": est.peak_phase}
 
@@ -169,6 +197,7 @@ def measure_case(
     seed: int = 0,
     cp_group=None,
     rss: bool = True,
+    grad_sync: str = "none",
 ) -> dict:
     """Build the model on this rank, run one measured training step, and report its memory.
 
@@ -184,13 +213,16 @@ def measure_case(
         seed: Seeds the weights and the token ids (identical on every rank).
         cp_group: An existing group (tests); default a new one from the torchrun environment.
         rss: Also run one unprofiled step and report the RSS cross-check (CPU only).
+        grad_sync: ``"none"`` (the bare model on every rank), ``"ddp"``
+            (:func:`~cp_dtensor.apply_ddp`) or ``"fsdp"`` (:func:`~cp_dtensor.apply_fsdp`: weights,
+            gradients and AdamW state sharded over the ranks).
 
     Returns:
         A dict with the case, this rank's measured ``peak_bytes`` (static + step), its ``static``
         part by component, ``activation_peak_bytes``, where the peak happened, the RSS figure, and
         the estimator's ``estimate`` for the same configuration.
     """
-    from cp_dtensor import init_context_parallel_group
+    from cp_dtensor import apply_ddp, apply_fsdp, init_context_parallel_group
     from cp_dtensor.training.model import ModelConfig, TransformerWithCP
 
     group = cp_group or init_context_parallel_group(cp_size=cp_size)
@@ -198,6 +230,7 @@ def measure_case(
     config = ModelConfig(**(model or SMALL_MODEL))
     torch.manual_seed(seed)
     net = TransformerWithCP(config, cp_group=group).to(device=device, dtype=_DTYPES[dtype])
+    net = {"none": lambda m, g: m, "ddp": apply_ddp, "fsdp": apply_fsdp}[grad_sync](net, group)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen)
@@ -210,9 +243,12 @@ def measure_case(
         with record_function("memory_measure.backward"):
             loss.backward()
 
-    step(warm)  # gradients and optimizer state exist from here on, as in training
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=False)
+    # Gradients and optimizer state exist from here on, as in training. A wrapped model warms up
+    # twice: DDP rebuilds its gradient buckets (a second copy of them for a moment) after its first step.
+    for _ in range(1 if grad_sync == "none" else 2):
+        step(warm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
     gc.collect()
     static = measured_static_bytes(net, optimizer)
     result = {
@@ -220,6 +256,8 @@ def measure_case(
         "cp_size": cp_size,
         "batch_size": batch_size,
         "dtype": dtype,
+        "grad_sync": grad_sync,
+        "world_size": dist.get_world_size(),
         "rank": dist.get_rank(),
         "model": asdict(config),
         "static": static,
@@ -252,7 +290,15 @@ def measure_case(
             peak_bytes=sum(static.values()) + delta,
             peak_at=where,
         )
-    result["estimate"] = estimate_for(config, seq_len=seq_len, cp_size=cp_size, batch_size=batch_size, dtype=dtype)
+    result["estimate"] = estimate_for(
+        config,
+        seq_len=seq_len,
+        cp_size=cp_size,
+        batch_size=batch_size,
+        dtype=dtype,
+        grad_sync=grad_sync,
+        dp_size=dist.get_world_size() // cp_size,
+    )
     return result
 
 
@@ -265,6 +311,7 @@ def _one_case(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         dtype=args.dtype,
         rss=not args.no_rss,
+        grad_sync=args.grad_sync,
     )
     results = [None] * dist.get_world_size()
     dist.all_gather_object(results, result)
@@ -284,6 +331,7 @@ def _summary(ranks: list[dict]) -> dict:
     return {
         "seq_len": ranks[0]["seq_len"],
         "cp_size": ranks[0]["cp_size"],
+        "grad_sync": ranks[0].get("grad_sync", "none"),
         "measured_peak_bytes": peak,
         "estimated_peak_bytes": est,
         "relative_error": est / peak - 1,
@@ -302,7 +350,13 @@ def _fresh_estimate(case: dict) -> dict:
     rank = case["ranks"][0]
     config = ModelConfig(**{k: v for k, v in rank["model"].items() if k in ModelConfig.__dataclass_fields__})
     return estimate_for(
-        config, seq_len=rank["seq_len"], cp_size=rank["cp_size"], batch_size=rank["batch_size"], dtype=rank["dtype"]
+        config,
+        seq_len=rank["seq_len"],
+        cp_size=rank["cp_size"],
+        batch_size=rank["batch_size"],
+        dtype=rank["dtype"],
+        grad_sync=rank.get("grad_sync", "none"),
+        dp_size=rank.get("world_size", rank["cp_size"]) // rank["cp_size"],
     )
 
 
@@ -330,6 +384,26 @@ def markdown_table(report: dict) -> str:
             f"{100 * (est['total'] / sm['measured_peak_bytes'] - 1):+.2f}% | "
             f"{sm['measured_activation_peak_bytes'] / mib:.1f} | {sm['rss_activation_peak_bytes'] / mib:.1f} | "
             f"{ratio:.3f} | {est['peak_phase']} | `{where}` |"
+        )
+    return "\n".join(rows)
+
+
+def grad_sync_table(report: dict) -> str:
+    """A sweep over ``--grad-syncs`` as a markdown table: per-rank peak by component, MiB (the largest rank)."""
+    mib = 2**20
+    rows = [
+        "| L | P | gradient sync | weights | grads | AdamW | measured peak | estimate | error | measured peak in |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for case in report["cases"]:
+        sm, est = case["summary"], _fresh_estimate(case)
+        static = max(case["ranks"], key=lambda r: r["peak_bytes"])["static"]
+        where = sm["measured_peak_at"].removeprefix("memory_measure.").replace("cp_dtensor.ring.", "ring.")
+        rows.append(
+            f"| {sm['seq_len']} | {sm['cp_size']} | {sm.get('grad_sync', 'none')} | {static['weights'] / mib:.1f} | "
+            f"{static['grads'] / mib:.1f} | {static['optimizer_state'] / mib:.1f} | "
+            f"{sm['measured_peak_bytes'] / mib:.1f} | {est['total'] / mib:.1f} | "
+            f"{100 * (est['total'] / sm['measured_peak_bytes'] - 1):+.2f}% | `{where}` |"
         )
     return "\n".join(rows)
 
@@ -390,40 +464,42 @@ def plot_results(report: dict, path) -> None:
 def _sweep(args: argparse.Namespace) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MALLOC_MMAP_THRESHOLD_": "131072"}
     cases = []
-    for seq_len in args.seq_lens:
-        for cp_size in args.cp_sizes:
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc-per-node={cp_size}",
-                "-m",
-                "bench.memory_measure",
-                "--seq-len",
-                str(seq_len),
-                "--cp-size",
-                str(cp_size),
-                "--model",
-                args.model,
-                "--batch-size",
-                str(args.batch_size),
-                "--dtype",
-                args.dtype,
-                "--threads",
-                str(args.threads),
-                "--out",
-                f"{args.out}.case.json",
-            ]
-            start = time.perf_counter()
-            subprocess.run(cmd, env=env, check=True, timeout=args.timeout)
-            with open(f"{args.out}.case.json") as f:
-                ranks = json.load(f)
-            os.remove(f"{args.out}.case.json")
-            summary = _summary(ranks)
-            summary["wall_s"] = round(time.perf_counter() - start, 1)
-            cases.append({"summary": summary, "ranks": ranks})
-            print(json.dumps(summary), flush=True)
+    for seq_len, cp_size, grad_sync in itertools.product(args.seq_lens, args.cp_sizes, args.grad_syncs):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={cp_size}",
+            "-m",
+            "bench.memory_measure",
+            "--seq-len",
+            str(seq_len),
+            "--cp-size",
+            str(cp_size),
+            "--model",
+            args.model,
+            "--batch-size",
+            str(args.batch_size),
+            "--dtype",
+            args.dtype,
+            "--threads",
+            str(args.threads),
+            "--grad-sync",
+            grad_sync,
+            "--out",
+            f"{args.out}.case.json",
+            *(["--no-rss"] if args.no_rss else []),
+        ]
+        start = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True, timeout=args.timeout)
+        with open(f"{args.out}.case.json") as f:
+            ranks = json.load(f)
+        os.remove(f"{args.out}.case.json")
+        summary = _summary(ranks)
+        summary["wall_s"] = round(time.perf_counter() - start, 1)
+        cases.append({"summary": summary, "ranks": ranks})
+        print(json.dumps(summary), flush=True)
     report = {
         "command": " ".join(["python -m bench.memory_measure", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, torch {torch.__version__}",
@@ -445,6 +521,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=list(_DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--no-rss", action="store_true", help="skip the unprofiled RSS step")
+    parser.add_argument("--grad-sync", choices=list(GRAD_SYNCS), default="none", help="wrap the model so (one case)")
+    parser.add_argument("--grad-syncs", choices=list(GRAD_SYNCS), nargs="+", default=["none"], help="(sweep)")
     parser.add_argument("--out", default=None, help="JSON output (default: print)")
     parser.add_argument("--sweep", action="store_true", help="run every (seq len, cp size) in fresh processes")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384])
@@ -456,7 +534,8 @@ def main(argv=None) -> None:
     if args.report:
         with open(args.report) as f:
             report = json.load(f)
-        print(markdown_table(report))
+        by_grad_sync = any(c["summary"].get("grad_sync", "none") != "none" for c in report["cases"])
+        print(grad_sync_table(report) if by_grad_sync else markdown_table(report))
         if args.plot:
             plot_results(report, args.plot)
         return

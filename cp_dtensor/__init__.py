@@ -15,6 +15,7 @@ from cp_dtensor.masks import MaskSpec, document_ids_from_cu_seqlens
 from cp_dtensor.memory import estimate_context_parallel_memory_savings
 from cp_dtensor.module import ContextParallelAttention
 from cp_dtensor.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cp_dtensor.parallel.fsdp import apply_fsdp
 from cp_dtensor.parallel.grad_sync import apply_ddp
 from cp_dtensor.parallel.tensor_parallel import parallelize_for_tp
 from cp_dtensor.ring import ring_attention
@@ -39,6 +40,7 @@ __all__ = [
     "TransformerWithCP",
     "allgather_kv_attention",
     "apply_ddp",
+    "apply_fsdp",
     "comm_bytes",
     "context_parallel_attention",
     "count_comm",

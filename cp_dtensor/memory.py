@@ -16,8 +16,11 @@ log-sum-exp). ``n`` is the number of parameters.
 * **Static** (independent of ``L`` and ``P``): weights ``n b``, gradients ``n b`` (kept between steps,
   as with gradient accumulation or DDP buckets), optimizer state ``k n b`` (AdamW ``k = 2``, SGD with
   momentum ``k = 1``, none ``k = 0``). ``param_sharding="ddp"`` adds DDP's gradient buckets ``n b``
-  (what :func:`cp_dtensor.parallel.grad_sync.apply_ddp` builds by default); ``"fsdp"`` divides each by
-  ``dp_size * cp_size`` and adds one layer's full weights and gradients while it is gathered.
+  (what :func:`cp_dtensor.parallel.grad_sync.apply_ddp` builds by default); ``"fsdp"``
+  (:func:`cp_dtensor.parallel.fsdp.apply_fsdp`) divides each by ``dp_size * cp_size`` (FSDP's padding
+  of uneven shards is ignored) and adds the weights it has gathered whole at the peak: the root's
+  (embedding, final norm, LM head), which stay gathered from forward to the end of backward, and
+  one decoder block's (the one the backward is about to need, prefetched).
 * **Activations saved for backward**, per layer: ``T * saved_per_token + S * 2 D 4`` bytes (the
   second term is the fp32 RoPE cos/sin table, shared by the batch). :func:`saved_per_token` lists
   every saved tensor; with ``attention="flash"`` all of them are linear in ``T``, so activations
@@ -359,8 +362,9 @@ def phase_bytes(
 def _static_bytes(dims: ModelDims, b: int, optimizer: str, param_sharding: str, num_shards: int) -> dict:
     n = dims.num_params()
     gathered, buckets = 0, 0
-    if param_sharding == "fsdp":  # sharded over dp x cp; one layer's weights and grads unsharded at a time
-        n, gathered = n / num_shards, 2 * dims.layer_params() * b
+    if param_sharding == "fsdp":  # sharded over dp x cp; gathered: the root's weights and one block's
+        root = n - dims.num_layers * dims.layer_params()
+        n, gathered = n / num_shards, (root + dims.layer_params()) * b
     if param_sharding == "ddp":  # DDP's gradient buckets, a second copy (gradient_as_bucket_view=False)
         buckets = n * b
     return {

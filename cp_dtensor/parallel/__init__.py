@@ -1,6 +1,7 @@
 """Context parallelism composed with the other parallelisms: data parallel, tensor parallel, checkpoints.
 
 - :mod:`~cp_dtensor.parallel.grad_sync`: gradients summed over every replica of the ``dp x cp`` mesh (DDP).
+- :mod:`~cp_dtensor.parallel.fsdp`: parameters, gradients and optimizer states sharded over ``dp x cp`` (FSDP2).
 - :mod:`~cp_dtensor.parallel.tensor_parallel`: heads split over a ``"tp"`` axis inside the cp ring.
 - :mod:`~cp_dtensor.parallel.checkpoint`: DCP checkpoints of a model on any of these meshes.
 
@@ -9,4 +10,4 @@ itself: :mod:`cp_dtensor.loss` needs ``grad_sync``, while ``tensor_parallel`` ne
 needs the loss.
 """
 
-__all__ = ["checkpoint", "grad_sync", "tensor_parallel"]
+__all__ = ["checkpoint", "fsdp", "grad_sync", "tensor_parallel"]

@@ -20,7 +20,10 @@ Parameters are replicated, so DCP writes each tensor once (deduplicated across r
 parallelism (:func:`~cp_dtensor.parallelize_for_tp`) parameters and optimizer states are DTensors on
 the tp mesh: each tp shard is written once (its dp x cp replicas deduplicated) with its place in the
 whole tensor, so the checkpoint loads into another dp x cp x tp split too, one process included
-(DCP reads what each rank's shard covers; tests/test_tensor_parallel.py).
+(DCP reads what each rank's shard covers; tests/test_tensor_parallel.py). Under FSDP2
+(:func:`~cp_dtensor.apply_fsdp`) the same holds one level down: every rank writes only its own shard
+of each parameter and AdamW moment, and the checkpoint loads into one process, into DDP and into any
+other dp x cp x tp split, FSDP or not, bit for bit (tests/test_fsdp.py).
 
 Note [RNG states across worlds]
 -------------------------------

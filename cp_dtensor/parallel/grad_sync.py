@@ -21,8 +21,9 @@ comm hook that sums instead of averaging. Why this one:
   ``dp_shard_cp``) also shards parameters, gradients and optimizer state over those ranks, saving
   ``~16 bytes x params x (1 - 1 / (dp * cp))`` per rank with Adam, at the cost of parameter
   all-gathers in forward and backward and DTensor parameters. Choose it when the model's states,
-  not the activations, are what does not fit; the loss needs no change (set its gradient divide
-  factor to 1, since the loss is already a global mean).
+  not the activations, are what does not fit; the loss needs no change (its gradient divide
+  factor is 1, since the loss is already a global mean): :func:`~cp_dtensor.apply_fsdp`, Note [FSDP
+  over dp x cp] in :mod:`cp_dtensor.parallel.fsdp`.
 
 With tensor parallelism (a ``"tp"`` mesh axis, :mod:`cp_dtensor.parallel.tensor_parallel`) the replicas are the
 dp x cp ranks that hold the SAME tp shard: every tp rank already has the whole gradient of what it

@@ -32,8 +32,15 @@ and skip the blocks the mask hides (docs/packed-and-windows.md)::
 
     torchrun --standalone --nproc-per-node 4 -m cp_dtensor.training --packed 4 --seq-len 1024
 
+Sharded states: ``--grad-sync fsdp`` shards parameters, gradients and AdamW's moments over the dp x cp
+ranks with FSDP2 instead of replicating them (:mod:`cp_dtensor.parallel.fsdp`), for models whose
+states do not fit on one rank; the loss curve is the same::
+
+    torchrun --standalone --nproc-per-node 8 -m cp_dtensor.training --dp 2 --cp 2 --tp 2 --grad-sync fsdp
+
 Checkpoints: ``--ckpt-dir DIR --save-every N`` saves through ``torch.distributed.checkpoint``;
-``--resume`` continues from the newest complete checkpoint with the same loss curve.
+``--resume`` continues from the newest complete checkpoint with the same loss curve. A checkpoint
+loads into any split and either ``--grad-sync``.
 """
 
 from __future__ import annotations
@@ -55,10 +62,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from cp_dtensor.group import ContextParallelGroup, init_context_parallel_group
 from cp_dtensor.loss import IGNORE_INDEX, cross_entropy_across_shards
 from cp_dtensor.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cp_dtensor.parallel.fsdp import apply_fsdp
 from cp_dtensor.parallel.grad_sync import apply_ddp, replica_group
 from cp_dtensor.parallel.tensor_parallel import parallelize_for_tp
 from cp_dtensor.training.data import LongSequenceDataset
@@ -67,6 +76,7 @@ from cp_dtensor.training.model import ModelConfig, TransformerWithCP
 __all__ = ["TrainConfig", "parse_args", "train", "main"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+GRAD_SYNCS = ("ddp", "fsdp")
 
 
 def _opt(help: str, **kwargs: Any) -> Any:
@@ -85,6 +95,8 @@ class TrainConfig:
     layout: str = _opt("sequence layout: zigzag or contiguous", default="zigzag")
     strategy: str = _opt("attention strategy over cp, a name in cp_dtensor.STRATEGIES", default="ring")
     ulysses_size: int | None = _opt("Ulysses ranks inside cp, for --strategy hybrid (a divisor of cp)", default=None)
+    grad_sync: str = _opt("ddp: every dp x cp rank holds the whole model, gradients all-reduced; fsdp: parameters, "
+                          "gradients and optimizer states sharded over the dp x cp ranks (FSDP2)", default="ddp")
     hidden_size: int = _opt("model width", default=128)
     num_layers: int = _opt("decoder blocks", default=2)
     num_heads: int = _opt("attention heads", default=8)
@@ -236,6 +248,10 @@ class Progress:
 def _setup(cfg: TrainConfig) -> tuple[ContextParallelGroup, torch.device]:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"Invalid dtype {cfg.dtype!r}. Must be one of: {', '.join(map(repr, DTYPES))}.")
+    if cfg.grad_sync not in GRAD_SYNCS:
+        raise ValueError(f"Invalid grad_sync {cfg.grad_sync!r}. Must be one of: {', '.join(map(repr, GRAD_SYNCS))}.")
+    if cfg.compile and cfg.grad_sync == "fsdp":
+        raise ValueError("--compile with --grad-sync fsdp is not supported yet: use --grad-sync ddp to compile.")
     if cfg.packed < 0:
         raise ValueError(f"--packed {cfg.packed} must be >= 0 (documents per sequence; 0: no packing).")
     if cfg.no_document_mask and not cfg.packed:
@@ -317,7 +333,13 @@ def _build(cfg: TrainConfig, cp_group: ContextParallelGroup, device: torch.devic
     model = parallelize_for_tp(model, cp_group)  # heads and MLP width over tp; unchanged when --tp 1
     if cfg.compile:  # in place: the gradient-syncing wrapper calls the compiled forward
         model.compile(fullgraph=True, dynamic=False)
-    ddp = apply_ddp(model, cp_group)  # see Note [Gradient sync over dp x cp]
+    if cfg.grad_sync == "fsdp":  # see Note [FSDP over dp x cp]; the model itself becomes the FSDP module
+        mp_policy = None
+        if cfg.dtype == "bfloat16" and device.type == "cuda":  # bf16 weights in compute, fp32 reduction
+            mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        ddp = model = apply_fsdp(model, cp_group, mp_policy=mp_policy)
+    else:
+        ddp = apply_ddp(model, cp_group)  # see Note [Gradient sync over dp x cp]
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     return model, ddp, optimizer
 
@@ -363,7 +385,8 @@ def _throughput(curve: list[dict[str, float]], tokens_per_step: int) -> float:
 def _banner(cfg: TrainConfig, cp_group: ContextParallelGroup, dataset: LongSequenceDataset, device: torch.device,
             num_params: int, start_step: int) -> None:
     print(f"cp_dtensor.training: world {dist.get_world_size()} = dp {cp_group.dp_mesh.size()} x cp {cp_group.size} "
-          f"x tp {cp_group.tp_size} ({cp_group.layout}, {cfg.strategy}), {device.type}/{dist.get_backend()}, "
+          f"x tp {cp_group.tp_size} ({cp_group.layout}, {cfg.strategy}, {cfg.grad_sync}), "
+          f"{device.type}/{dist.get_backend()}, "
           f"{num_params:,} parameters, {cfg.dtype}")
     mask = "NO document mask" if cfg.no_document_mask else "document mask"
     packing = f"{cfg.packed} packed documents ({mask}) of " if cfg.packed else ""
