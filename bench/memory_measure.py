@@ -151,7 +151,14 @@ def estimate_for(config, *, seq_len: int, cp_size: int, batch_size: int, dtype: 
         tie_embeddings=config.tie_embeddings,
     )
     est = estimate_rank_memory(
-        dims, seq_len=seq_len, batch_size=batch_size, cp_size=cp_size, dtype=dtype, optimizer="adamw"
+        dims,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        cp_size=cp_size,
+        dtype=dtype,
+        optimizer="adamw",
+        activation_checkpointing=getattr(config, "activation_checkpointing", "none"),
+        loss_chunk_size=getattr(config, "loss_chunk_size", None),
     )
     return {"components": est.components, "total": est.total, "peak_phase": est.peak_phase}
 

@@ -78,11 +78,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             compute_dtype, z_CV = z_CV.dtype, _upcast(z_CV)
             valid_C = labels_C != ctx.ignore_index
             dz_CV = torch.softmax(z_CV, dim=1)
+            del z_CV  # one (C, V) tile alive at a time, besides the matmuls' own
             dz_CV.scatter_add_(1, labels_C.clamp_min(0).unsqueeze(1), -torch.ones_like(dz_CV[:, :1]))
-            dz_CV = (dz_CV * (valid_C.unsqueeze(1) * grad_sum)).to(compute_dtype)
+            dz_CV = dz_CV.mul_(valid_C.unsqueeze(1) * grad_sum).to(compute_dtype)
             if dh_NE is not None:
                 dh_NE[start : start + ctx.chunk_size] = dz_CV @ weight_VE.to(compute_dtype)
-            dweight_VE += dz_CV.t() @ h_CE.to(compute_dtype)
+            if dz_CV.dtype == dweight_VE.dtype:  # accumulate in place: no (V, E) temporary
+                dweight_VE.addmm_(dz_CV.t(), h_CE)
+            else:
+                dweight_VE += dz_CV.t() @ h_CE.to(compute_dtype)
             if dbias_V is not None:
                 dbias_V += dz_CV.sum(0)
         dbias_V = None if dbias_V is None else dbias_V.to(bias_V.dtype)

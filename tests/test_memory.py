@@ -124,7 +124,7 @@ def test_activations_at_cp4_are_under_030_of_cp1_for_the_measured_model():
         ({"num_kv_heads": 5}, "num_kv_heads=5 must divide num_heads=32"),
         ({"hidden_size": 1000}, "Pass num_heads"),
         ({"memory_budget_gb": -1}, "memory_budget_gb must be a positive number of GiB, got -1"),
-        ({"activation_checkpointing": "yes"}, "activation_checkpointing must be a bool, got 'yes'"),
+        ({"activation_checkpointing": "yes"}, "Invalid activation_checkpointing 'yes'. Must be one of: False, True"),
     ],
 )
 def test_invalid_arguments_raise_value_error_naming_value_and_options(kwargs, fragment):
