@@ -97,3 +97,34 @@ def test_model_chunked_loss_equals_full_across_ranks(cp_size, dp_size, chunk_siz
         assert abs(loss - loss_c) <= 1e-12
         for name, g in grads.items():
             torch.testing.assert_close(grads_c[name], g, **TOL, msg=name)
+
+
+def bring_your_own_model_case(position_ids: torch.Tensor, seed: int) -> tuple:
+    """Runs on every rank: causal_lm_loss of the head's logits vs chunked_causal_lm_loss, value and gradients."""
+    from cp_dtensor.integrations import causal_lm_loss, chunked_causal_lm_loss, shard_batch
+
+    group = mp_pool.group(2, dp_size=1)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 13, position_ids.shape, generator=gen)
+    batch = shard_batch(ids, group, position_ids=position_ids)
+    head = torch.nn.Linear(8, 13, dtype=torch.float64)
+    torch.nn.init.normal_(head.weight, generator=gen), torch.nn.init.normal_(head.bias, generator=gen)
+    hidden_global = torch.randn(*ids.shape, 8, dtype=torch.float64, generator=gen)
+    hidden = group.partition_sequence(hidden_global, seq_dim=1).requires_grad_()
+    out = []
+    for loss in (
+        lambda: causal_lm_loss(head(hidden), batch),
+        lambda: chunked_causal_lm_loss(hidden, head, batch, chunk_size=3),
+    ):
+        result = loss()
+        grads = torch.autograd.grad(result.loss, (hidden, head.weight, head.bias))
+        out.append((result.loss.item(), result.num_tokens, grads))
+    return out
+
+
+def test_bring_your_own_model_chunked_loss_equals_causal_lm_loss():
+    position_ids = torch.cat([torch.arange(5), torch.arange(7), torch.arange(4)]).unsqueeze(0).repeat(2, 1)  # 3 docs
+    for (loss, n, grads), (loss_c, n_c, grads_c) in mp_pool.run_on_ranks(2, bring_your_own_model_case, position_ids, 0):
+        assert n == n_c == 2 * (16 - 3) and abs(loss - loss_c) <= 1e-12
+        for got, want in zip(grads_c, grads):
+            torch.testing.assert_close(got, want, **TOL)
