@@ -193,6 +193,32 @@ def test_estimate_is_within_20_percent_of_the_measured_peak():
         assert r["method"] == "torch.profiler allocator events"
 
 
+OPTIONS = {
+    "chunked loss": {"loss_chunk_size": 96},
+    "selective": {"activation_checkpointing": "selective"},
+    "full": {"activation_checkpointing": "full"},
+    "chunked + full": {"loss_chunk_size": 96, "activation_checkpointing": "full"},
+}
+
+
+def measured_options_case(seq_len: int, cp_size: int) -> dict:
+    from bench.memory_measure import measure_case
+
+    torch.set_num_threads(1)
+    model = {**SMALL, "vocab_size": 4096}  # a vocabulary large enough for the loss to matter
+    group = mp_pool.group(cp_size)
+    return {name: measure_case(seq_len, cp_size, model={**model, **extra}, cp_group=group, rss=False)
+            for name, extra in OPTIONS.items()}
+
+
+def test_estimate_follows_each_memory_option_within_10_percent():
+    for rank in mp_pool.run_on_ranks(2, measured_options_case, 1024, 2):
+        for name, r in rank.items():
+            estimate, static = r["estimate"]["total"], sum(r["static"].values())
+            # the per-option contract: 10% of the part above weights, gradients and optimizer state
+            assert estimate - static == pytest.approx(r["activation_peak_bytes"], rel=0.10), name
+
+
 # ---- the command line -------------------------------------------------------------------------
 
 
