@@ -64,6 +64,8 @@ def _one_length(args: argparse.Namespace) -> None:
 
 def _sweep(args: argparse.Namespace) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
     lengths = []
     for seq_len in args.seq_lens:
         part = f"{args.out}.L{seq_len}.json"
@@ -86,10 +88,9 @@ def _sweep(args: argparse.Namespace) -> None:
             lengths.append({**json.load(f), "wall_s": round(time.perf_counter() - start, 1)})
         os.remove(part)
         print(f"L={seq_len} done in {lengths[-1]['wall_s']} s", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {
         "command": " ".join(["python -m bench.memory_options", *sys.argv[1:]]),
-        "commit": commit,
+        "commit": commit + (" (with uncommitted changes)" if dirty.stdout.strip() else ""),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, torch {torch.__version__}",
         "load_average_after": os.getloadavg(),
         "cp_size": args.cp_size,

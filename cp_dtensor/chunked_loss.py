@@ -89,6 +89,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 dweight_VE += dz_CV.t() @ h_CE.to(compute_dtype)
             if dbias_V is not None:
                 dbias_V += dz_CV.sum(0)
+            del dz_CV  # before the next tile's logits exist
         dbias_V = None if dbias_V is None else dbias_V.to(bias_V.dtype)
         return dh_NE, dweight_VE.to(weight_VE.dtype), dbias_V, None, None, None
 

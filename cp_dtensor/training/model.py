@@ -91,7 +91,9 @@ class ModelConfig:
     activation_checkpointing: str = "none"
     """``"none"``, ``"full"`` or ``"selective"`` (Note [Activation checkpointing under CP])."""
     loss_chunk_size: int | None = None
-    """Tokens per tile of the LM head + loss (Note [Chunked LM-head loss]); ``None``: whole logits."""
+    """Tokens per tile of the LM head + loss (Note [Chunked LM-head loss]); ``None``: whole logits.
+
+    Off by default: the tiles' recompute costs one more LM-head matmul per step (docs/memory.md measures it)."""
 
     @property
     def mlp_size(self) -> int:
