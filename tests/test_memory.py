@@ -270,3 +270,12 @@ def test_docs_table_is_the_committed_measurement_against_the_current_estimator(t
         assert len(case["ranks"]) == case["summary"]["cp_size"]
     plot_results(report, tmp_path / "figure.png")
     assert (tmp_path / "figure.png").stat().st_size > 10_000
+
+
+def test_docs_options_tables_are_the_committed_measurement():
+    from bench.memory_options import markdown_tables
+
+    report = json.loads((REPO / "bench" / "results" / "memory_options.json").read_text())
+    assert markdown_tables(report) in (REPO / "docs" / "memory.md").read_text(), (
+        "regenerate it: python -m bench.memory_options --report bench/results/memory_options.json"
+    )
