@@ -128,3 +128,35 @@ def test_bring_your_own_model_chunked_loss_equals_causal_lm_loss():
         assert n == n_c == 2 * (16 - 3) and abs(loss - loss_c) <= 1e-12
         for got, want in zip(grads_c, grads):
             torch.testing.assert_close(got, want, **TOL)
+
+
+def tensor_parallel_case(batch: dict) -> dict:
+    """Runs on every rank of cp 2 x tp 2: whole gradients with and without the chunked loss."""
+    from dataclasses import replace
+
+    from torch.distributed.tensor import DTensor
+
+    from cp_dtensor import apply_ddp, parallelize_for_tp
+
+    group = mp_pool.group(2, dp_size=1, tp_size=2)
+    ids, labels = (group.partition_sequence(batch[k], seq_dim=1) for k in ("input_ids", "labels"))
+    results = {}
+    for name, config in (("full", CONFIG), ("chunked", replace(CONFIG, loss_chunk_size=7))):
+        torch.manual_seed(0)
+        model = parallelize_for_tp(TransformerWithCP(config, cp_group=group).double(), group)
+        loss = apply_ddp(model, group)(ids, labels)
+        loss.backward()
+        whole = {
+            n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in model.named_parameters()
+        }
+        results[name] = (loss.item(), whole)
+    return results
+
+
+def test_chunked_loss_under_tensor_parallelism_equals_full():
+    batch = _packed_batch(seed=7)
+    for rank in mp_pool.run_on_ranks(4, tensor_parallel_case, batch):
+        (loss, grads), (loss_c, grads_c) = rank["full"], rank["chunked"]
+        assert abs(loss - loss_c) <= 1e-12
+        for name, g in grads.items():
+            torch.testing.assert_close(grads_c[name], g, **TOL, msg=name)
