@@ -180,6 +180,8 @@ def estimate_for(
         optimizer="adamw",
         param_sharding=GRAD_SYNCS[grad_sync],
         dp_size=dp_size,
+        activation_checkpointing=getattr(config, "activation_checkpointing", "none"),
+        loss_chunk_size=getattr(config, "loss_chunk_size", None),
     )
     return {"components": est.components, "total": est.total, "peak_phase": est.peak_phase}
 

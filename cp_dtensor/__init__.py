@@ -5,6 +5,7 @@ whole sequence with ring attention (or the other strategies), forward and backwa
 """
 
 from cp_dtensor.allgather import allgather_kv_attention
+from cp_dtensor.chunked_loss import chunked_cross_entropy_across_shards, chunked_linear_cross_entropy
 from cp_dtensor.comm import CommCounter, RingAttentionCommunicator, count_comm
 from cp_dtensor.comm_model import CommVolume, comm_bytes
 from cp_dtensor.group import ContextParallelGroup, init_context_parallel_group
@@ -21,7 +22,7 @@ from cp_dtensor.parallel.tensor_parallel import parallelize_for_tp
 from cp_dtensor.ring import ring_attention
 from cp_dtensor.strategies import STRATEGIES, context_parallel_attention, get_strategy
 from cp_dtensor.training.data import LongSequenceDataset
-from cp_dtensor.training.model import ModelConfig, TransformerWithCP
+from cp_dtensor.training.model import ModelConfig, TransformerWithCP, apply_activation_checkpointing
 from cp_dtensor.ulysses import ulysses_attention
 
 __all__ = [
@@ -39,8 +40,11 @@ __all__ = [
     "ShardedLoss",
     "TransformerWithCP",
     "allgather_kv_attention",
+    "apply_activation_checkpointing",
     "apply_ddp",
     "apply_fsdp",
+    "chunked_cross_entropy_across_shards",
+    "chunked_linear_cross_entropy",
     "comm_bytes",
     "context_parallel_attention",
     "count_comm",

@@ -39,7 +39,10 @@ from torch.distributed.tensor import DTensor
 from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.parallel.grad_sync import replica_group
 
-__all__ = ["IGNORE_INDEX", "ShardedLoss", "shift_labels", "labels_from_local_ids", "cross_entropy_across_shards"]
+__all__ = [
+    "IGNORE_INDEX", "ShardedLoss", "shift_labels", "labels_from_local_ids", "cross_entropy_across_shards",
+    "global_mean_loss",
+]
 
 IGNORE_INDEX = -100
 
@@ -149,7 +152,24 @@ def cross_entropy_across_shards(
     valid_BS = labels != ignore_index
     local_sum = F.cross_entropy(logits_BSV.flatten(0, 1), labels.flatten(), ignore_index=ignore_index, reduction="sum")
     num_correct = ((logits_BSV.detach().argmax(-1) == labels) & valid_BS).sum()
-    stats = torch.stack([local_sum.detach().double(), valid_BS.sum().double(), num_correct.double()])
+    return global_mean_loss(local_sum, valid_BS.sum(), num_correct, cp_group)
+
+
+def global_mean_loss(
+    local_sum: torch.Tensor, num_valid: torch.Tensor, num_correct: torch.Tensor, cp_group: ContextParallelGroup
+) -> ShardedLoss:
+    """The global mean from this rank's partial sums: one all-reduce over dp x cp (Note [Loss across shards]).
+
+    Args:
+        local_sum: Scalar sum of this rank's per-token losses, with its autograd graph.
+        num_valid: Scalar count of this rank's supervised tokens.
+        num_correct: Scalar count of those the model predicts.
+        cp_group: The group; the counts are summed over its whole dp x cp mesh.
+
+    Returns:
+        The :class:`ShardedLoss`; ``loss`` equals the single-device loss on the global batch.
+    """
+    stats = torch.stack([local_sum.detach().double(), num_valid.double(), num_correct.double()])
     dist.all_reduce(stats, group=replica_group(cp_group))  # see Note [Loss across shards]
     global_sum, num_tokens, total_correct = stats.tolist()
     denom = max(num_tokens, 1.0)

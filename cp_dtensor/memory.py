@@ -24,14 +24,19 @@ log-sum-exp). ``n`` is the number of parameters.
 * **Activations saved for backward**, per layer: ``T * saved_per_token + S * 2 D 4`` bytes (the
   second term is the fp32 RoPE cos/sin table, shared by the batch). :func:`saved_per_token` lists
   every saved tensor; with ``attention="flash"`` all of them are linear in ``T``, so activations
-  shrink exactly ``P``-fold. With activation checkpointing a layer keeps only its input ``T E b``,
-  and the layer being recomputed holds its full inventory.
+  shrink exactly ``P``-fold. With activation checkpointing (``"full"``) a layer keeps only its input
+  ``T E b``; with ``"selective"`` it keeps its attention half and the MLP's input ``T E b`` (the MLP
+  is recomputed; Note [Activation checkpointing under CP] in :mod:`cp_dtensor.training.model`); either
+  way the layer being recomputed holds its full inventory.
 * **Transients** at the moments where one rank's memory peaks (the estimate is the largest of them,
-  see :func:`phase_bytes`): the loss (``V``-wide logits and their gradient), the final RMSNorm's fp32
-  backward, the backward of the last layer's MLP, and the ring attention's forward and backward
-  workspace (fp32 accumulators, the K/V block arriving while the current one is used, the fp32
-  ``dK``/``dV`` that travel with it). The estimate assumes the model's defaults: causal attention,
-  the zigzag layout and the CPU or CUDA flash kernels.
+  see :func:`phase_bytes`): the loss (``V``-wide logits and their gradient; with ``loss_chunk_size``
+  ``C`` only one tile's logits and their gradient ``2 C V a``, plus the fp32 weight-gradient
+  accumulator ``V E a`` and the hidden gradient ``T E b``: Note [Chunked LM-head loss] in
+  :mod:`cp_dtensor.chunked_loss`), the final RMSNorm's fp32 backward, the backward of the last
+  layer's MLP, and the ring attention's forward and backward workspace (fp32 accumulators, the K/V
+  block arriving while the current one is used, the fp32 ``dK``/``dV`` that travel with it). The
+  estimate assumes the model's defaults: causal attention, the zigzag layout and the CPU or CUDA
+  flash kernels.
 
 Note [Naive attention and the square root]
 ------------------------------------------
@@ -55,6 +60,7 @@ import math
 from dataclasses import asdict, dataclass
 
 __all__ = [
+    "ACTIVATION_CHECKPOINTING",
     "ATTENTIONS",
     "DTYPE_BYTES",
     "OPTIMIZER_STATES",
@@ -73,6 +79,8 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ATTENTIONS = ("flash", "naive")
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 1, "none": 0}
 PARAM_SHARDINGS = ("replicated", "ddp", "fsdp")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+"""Modes of ``activation_checkpointing`` (``False`` means ``"none"``, ``True`` means ``"full"``)."""
 _ACC = 4  # bytes of the fp32 accumulators (ring output, dQ/dK/dV, log-sum-exp)
 _IDS = 8  # bytes of an int64 token id (the embedding saves the ids)
 
@@ -265,6 +273,17 @@ class _LayerBytes:
     before_attention: float  # alive when the ring forward starts: norm, projections input, q, k, v
     input: float  # the layer input, all that a checkpointed layer keeps
 
+    def kept(self, activation_checkpointing: bool | str) -> float:
+        """What a layer keeps from its forward to its backward under ``activation_checkpointing``."""
+        mode = _ac_mode(activation_checkpointing)
+        return {"none": self.full, "full": self.input, "selective": self.attention_half + self.input}[mode]
+
+
+def _ac_mode(activation_checkpointing: bool | str) -> str:
+    if isinstance(activation_checkpointing, bool):
+        return "full" if activation_checkpointing else "none"
+    return activation_checkpointing
+
 
 def _layer_bytes(dims: ModelDims, seq_len: int, batch_size: int, cp_size: int, b: int, attention: str) -> _LayerBytes:
     s = seq_len // cp_size
@@ -292,7 +311,8 @@ def phase_bytes(
     cp_size: int,
     dtype_bytes: int,
     attention: str = "flash",
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = False,
+    loss_chunk_size: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Bytes other than weights, gradients and optimizer state at each moment where a rank can peak.
 
@@ -303,7 +323,9 @@ def phase_bytes(
     * ``"attention forward"``: ``(N-1) R`` + the layer's tensors up to ``q, k, v`` + the ring forward
       workspace (see :func:`_attention_workspace`).
     * ``"loss"``: ``N R`` + the final norm's saved tensors and the ids ``T ((2E + 1) 4 + E b + 8)`` + the
-      fp32 log-softmax output and, in backward, its two gradients: ``3 T V a``.
+      fp32 log-softmax output and, in backward, its two gradients: ``3 T V a``; chunked (tiles of ``C``
+      tokens): ``2 min(C, T) V a + V E a + T E b`` (one tile's logits and their gradient, the
+      weight-gradient accumulator, the hidden gradient).
     * ``"final norm backward"``: ``N R`` + ``6 T E a``: the final RMSNorm differentiates in fp32; its
       upcast input, the gradient arriving through ``x * rstd`` and the mean-of-squares branch's
       gradient and temporaries are alive together (the peak of bf16 models with small vocabularies).
@@ -320,7 +342,10 @@ def phase_bytes(
         cp_size: ``P``.
         dtype_bytes: ``b``.
         attention: ``"flash"`` or ``"naive"`` (see Note [Naive attention and the square root]).
-        activation_checkpointing: Keep only each layer's input between forward and backward.
+        activation_checkpointing: ``"none"``, ``"full"`` (keep only each layer's input between forward
+            and backward) or ``"selective"`` (keep the attention half and the MLP's input); ``False`` and
+            ``True`` mean ``"none"`` and ``"full"``.
+        loss_chunk_size: Tokens per tile of the chunked LM-head loss; ``None``: whole logits.
 
     Returns:
         ``{phase: {component: bytes}}``, components ``activations``, ``attention_workspace``,
@@ -330,7 +355,11 @@ def phase_bytes(
     s = seq_len // cp_size
     t = batch_size * s
     layer = _layer_bytes(dims, seq_len, batch_size, cp_size, b, attention)
-    kept = layer.input if activation_checkpointing else layer.full
+    kept = layer.kept(activation_checkpointing)
+    if loss_chunk_size is None:
+        logits = 3 * t * v * _ACC
+    else:
+        logits = 2 * min(loss_chunk_size, t) * v * _ACC + v * e * _ACC + t * e * b
     earlier = (dims.num_layers - 1) * kept
     work = _attention_workspace(dims, t, s, cp_size, b, attention, batch_size)
     (fwd_ws, fwd_ring), (bwd_ws, bwd_ring) = work["forward"], work["backward"]
@@ -346,7 +375,7 @@ def phase_bytes(
         "loss": {
             **zero,
             "activations": dims.num_layers * kept + t * ((2 * e + 1) * max(b, _ACC) + e * b + _IDS),
-            "logits": 3 * t * v * _ACC,
+            "logits": logits,
         },
         "final norm backward": {**zero, "activations": dims.num_layers * kept, "norm_workspace": 6 * t * e * _ACC},
         "mlp backward": {**zero, "activations": earlier + layer.full - t * f * b, "mlp_workspace": t * (e + 3 * f) * b},
@@ -382,11 +411,12 @@ def estimate_rank_memory(
     cp_size: int,
     dtype: str = "bf16",
     attention: str = "flash",
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = False,
     include_weights: bool = True,
     optimizer: str = "adamw",
     param_sharding: str = "replicated",
     dp_size: int = 1,
+    loss_chunk_size: int | None = None,
 ) -> RankMemory:
     """One rank's peak memory in one training step (forward and backward) of the decoder ``dims``.
 
@@ -399,12 +429,14 @@ def estimate_rank_memory(
         cp_size: ``P``.
         dtype: Parameter and activation dtype, a key of :data:`DTYPE_BYTES`.
         attention: ``"flash"`` or ``"naive"``.
-        activation_checkpointing: Recompute each layer in backward.
+        activation_checkpointing: A mode of :data:`ACTIVATION_CHECKPOINTING` (or a bool, see
+            :func:`phase_bytes`).
         include_weights: Count weights, gradients and optimizer state.
         optimizer: A key of :data:`OPTIMIZER_STATES`.
         param_sharding: ``"replicated"``, ``"ddp"`` (plus gradient buckets) or ``"fsdp"`` (sharded over
             ``dp_size * cp_size``).
         dp_size: Data-parallel replicas (changes only the static part, under ``"fsdp"``).
+        loss_chunk_size: Tokens per tile of the chunked LM-head loss; ``None``: whole logits.
 
     Returns:
         The :class:`RankMemory` at the largest of the phases of :func:`phase_bytes`.
@@ -418,6 +450,7 @@ def estimate_rank_memory(
         dtype_bytes=b,
         attention=attention,
         activation_checkpointing=activation_checkpointing,
+        loss_chunk_size=loss_chunk_size,
     )
     phase, transient = max(phases.items(), key=lambda item: sum(item[1].values()))
     static = _static_bytes(dims, b, optimizer, param_sharding, dp_size * cp_size)
@@ -495,9 +528,10 @@ def _check_options(
     _check_choice("attention", attention, ATTENTIONS)
     _check_choice("optimizer", optimizer, OPTIMIZER_STATES)
     _check_choice("param_sharding", param_sharding, PARAM_SHARDINGS)
-    for name, value in (("activation_checkpointing", activation_checkpointing), ("include_weights", include_weights)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be a bool, got {value!r}.")
+    if not isinstance(activation_checkpointing, bool):
+        _check_choice("activation_checkpointing", activation_checkpointing, (False, True, *ACTIVATION_CHECKPOINTING))
+    if not isinstance(include_weights, bool):
+        raise ValueError(f"include_weights must be a bool, got {include_weights!r}.")
     if (
         isinstance(memory_budget_gb, bool)
         or not isinstance(memory_budget_gb, (int, float))
@@ -520,13 +554,14 @@ def estimate_context_parallel_memory_savings(
     vocab_size: int | None = None,
     dtype: str = "bf16",
     attention: str = "flash",
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = False,
     include_weights: bool = True,
     optimizer: str = "adamw",
     memory_budget_gb: float = 80.0,
     dp_size: int = 1,
     param_sharding: str = "replicated",
     tie_embeddings: bool = False,
+    loss_chunk_size: int | None = None,
 ) -> dict:
     """Per-rank peak memory of a training step without and with context parallelism, and the longest fit.
 
@@ -561,7 +596,9 @@ def estimate_context_parallel_memory_savings(
             activations (the ring's accumulators and log-sum-exp are fp32 regardless).
         attention: ``"flash"`` (fused kernels per block; what :func:`cp_dtensor.ring_attention` runs) or
             ``"naive"`` (scores materialised and saved by autograd, an ``(L/P) x L`` stripe per layer).
-        activation_checkpointing: Keep only each layer's input; recompute the layer in backward.
+        activation_checkpointing: ``"none"``, ``"full"`` (keep only each layer's input; recompute the
+            layer in backward) or ``"selective"`` (keep the attention half, recompute the MLP);
+            ``False``/``True`` mean ``"none"``/``"full"``.
         include_weights: Count weights, gradients and optimizer state (else activations only).
         optimizer: ``"adamw"`` (2 states), ``"sgd"`` (momentum, 1) or ``"none"``.
         memory_budget_gb: Memory per rank, GiB, for ``max_seq_len_with_cp``.
@@ -570,6 +607,8 @@ def estimate_context_parallel_memory_savings(
             same plus DDP's gradient buckets, as :func:`cp_dtensor.parallel.grad_sync.apply_ddp`) or ``"fsdp"``
             (weights, gradients and optimizer state sharded over ``dp_size * cp_size`` ranks).
         tie_embeddings: The head shares the embedding matrix.
+        loss_chunk_size: Tokens per tile of the chunked LM-head loss
+            (:func:`~cp_dtensor.chunked_cross_entropy_across_shards`); ``None``: whole logits.
 
     Returns:
         A dict: ``without_cp_gb`` and ``with_cp_gb`` (per-rank peak at ``P = 1`` and ``P = cp_size``),
@@ -594,7 +633,10 @@ def estimate_context_parallel_memory_savings(
     _check_options(
         dtype, attention, optimizer, param_sharding, activation_checkpointing, include_weights, memory_budget_gb
     )
+    if loss_chunk_size is not None:
+        _check_positive_int("loss_chunk_size", loss_chunk_size)
     common = dict(
+        loss_chunk_size=loss_chunk_size,
         batch_size=batch_size,
         dtype=dtype,
         attention=attention,

@@ -124,7 +124,7 @@ def test_activations_at_cp4_are_under_030_of_cp1_for_the_measured_model():
         ({"num_kv_heads": 5}, "num_kv_heads=5 must divide num_heads=32"),
         ({"hidden_size": 1000}, "Pass num_heads"),
         ({"memory_budget_gb": -1}, "memory_budget_gb must be a positive number of GiB, got -1"),
-        ({"activation_checkpointing": "yes"}, "activation_checkpointing must be a bool, got 'yes'"),
+        ({"activation_checkpointing": "yes"}, "Invalid activation_checkpointing 'yes'. Must be one of: False, True"),
     ],
 )
 def test_invalid_arguments_raise_value_error_naming_value_and_options(kwargs, fragment):
@@ -193,6 +193,32 @@ def test_estimate_is_within_20_percent_of_the_measured_peak():
         assert r["method"] == "torch.profiler allocator events"
 
 
+OPTIONS = {
+    "chunked loss": {"loss_chunk_size": 96},
+    "selective": {"activation_checkpointing": "selective"},
+    "full": {"activation_checkpointing": "full"},
+    "chunked + full": {"loss_chunk_size": 96, "activation_checkpointing": "full"},
+}
+
+
+def measured_options_case(seq_len: int, cp_size: int) -> dict:
+    from bench.memory_measure import measure_case
+
+    torch.set_num_threads(1)
+    model = {**SMALL, "vocab_size": 4096}  # a vocabulary large enough for the loss to matter
+    group = mp_pool.group(cp_size)
+    return {name: measure_case(seq_len, cp_size, model={**model, **extra}, cp_group=group, rss=False)
+            for name, extra in OPTIONS.items()}
+
+
+def test_estimate_follows_each_memory_option_within_10_percent():
+    for rank in mp_pool.run_on_ranks(2, measured_options_case, 1024, 2):
+        for name, r in rank.items():
+            estimate, static = r["estimate"]["total"], sum(r["static"].values())
+            # the per-option contract: 10% of the part above weights, gradients and optimizer state
+            assert estimate - static == pytest.approx(r["activation_peak_bytes"], rel=0.10), name
+
+
 # ---- the command line -------------------------------------------------------------------------
 
 
@@ -244,3 +270,12 @@ def test_docs_table_is_the_committed_measurement_against_the_current_estimator(t
         assert len(case["ranks"]) == case["summary"]["cp_size"]
     plot_results(report, tmp_path / "figure.png")
     assert (tmp_path / "figure.png").stat().st_size > 10_000
+
+
+def test_docs_options_tables_are_the_committed_measurement():
+    from bench.memory_options import markdown_tables
+
+    report = json.loads((REPO / "bench" / "results" / "memory_options.json").read_text())
+    assert markdown_tables(report) in (REPO / "docs" / "memory.md").read_text(), (
+        "regenerate it: python -m bench.memory_options --report bench/results/memory_options.json"
+    )

@@ -7,7 +7,20 @@
 * :mod:`cp_dtensor.integrations.batch`: the batch cut per rank and the exact global loss, for both.
 """
 
-from cp_dtensor.integrations.batch import ShardedBatch, causal_lm_loss, document_ids_from_position_ids, shard_batch
+from cp_dtensor.integrations.batch import (
+    ShardedBatch,
+    causal_lm_loss,
+    chunked_causal_lm_loss,
+    document_ids_from_position_ids,
+    shard_batch,
+)
 from cp_dtensor.integrations.sdpa import context_parallel_sdpa
 
-__all__ = ["ShardedBatch", "causal_lm_loss", "context_parallel_sdpa", "document_ids_from_position_ids", "shard_batch"]
+__all__ = [
+    "ShardedBatch",
+    "causal_lm_loss",
+    "chunked_causal_lm_loss",
+    "context_parallel_sdpa",
+    "document_ids_from_position_ids",
+    "shard_batch",
+]

@@ -31,9 +31,13 @@ from cp_dtensor import (
     document_ids_from_cu_seqlens,
     shift_labels,
 )
+from cp_dtensor.chunked_loss import DEFAULT_LOSS_CHUNK_SIZE, chunked_cross_entropy_across_shards
 from cp_dtensor.parallel.grad_sync import replica_group
 
-__all__ = ["IGNORE_INDEX", "ShardedBatch", "causal_lm_loss", "document_ids_from_position_ids", "shard_batch"]
+__all__ = [
+    "IGNORE_INDEX", "ShardedBatch", "causal_lm_loss", "chunked_causal_lm_loss", "document_ids_from_position_ids",
+    "shard_batch",
+]
 
 IGNORE_INDEX = -100
 
@@ -213,3 +217,34 @@ def causal_lm_loss(logits: torch.Tensor, batch: ShardedBatch, *, ignore_index: i
         The :class:`~cp_dtensor.ShardedLoss` (``loss``, ``num_tokens``, ``num_correct``).
     """
     return cross_entropy_across_shards(logits, batch.shift_labels, batch.cp_group, ignore_index=ignore_index)
+
+
+def chunked_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head: torch.nn.Linear,
+    batch: ShardedBatch,
+    *,
+    chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE,
+    ignore_index: int = IGNORE_INDEX,
+) -> ShardedLoss:
+    """:func:`causal_lm_loss` from the final hidden states, never holding the ``(B, S, V)`` logits.
+
+    The LM head and the loss run in tiles of ``chunk_size`` tokens, forward and backward (Note
+    [Chunked LM-head loss] in :mod:`cp_dtensor.chunked_loss`); same value and gradients. For a
+    transformers model, the hidden states are the base model's output after its final norm
+    (``model.model(**batch.model_inputs()).last_hidden_state``) and the head ``model.lm_head``.
+
+    Args:
+        hidden_states: This rank's final hidden states ``(B, S, E)``.
+        lm_head: The ``Linear`` from ``E`` to ``V`` (its bias, if any, is used).
+        batch: The :class:`ShardedBatch` the hidden states came from.
+        chunk_size: Tokens per tile.
+        ignore_index: Target value that contributes nothing.
+
+    Returns:
+        The :class:`~cp_dtensor.ShardedLoss` (``loss``, ``num_tokens``, ``num_correct``).
+    """
+    return chunked_cross_entropy_across_shards(
+        hidden_states, lm_head.weight, batch.shift_labels, batch.cp_group, bias=lm_head.bias,
+        chunk_size=chunk_size, ignore_index=ignore_index,
+    )

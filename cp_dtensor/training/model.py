@@ -4,7 +4,38 @@ Embedding, then ``num_layers`` pre-norm blocks (RMSNorm, :class:`~cp_dtensor.Con
 with RoPE on global positions, RMSNorm, SwiGLU MLP), a final RMSNorm and the LM head. Only the
 attention talks to other ranks; everything else is per token, so it runs on the local shard as is.
 
-Legend: ``B`` batch, ``S`` local sequence length, ``E`` hidden size, ``V`` vocab size.
+Memory options (Note [Activation checkpointing under CP]; Note [Chunked LM-head loss] in
+:mod:`cp_dtensor.chunked_loss`): ``ModelConfig.activation_checkpointing`` recomputes each block's
+activations in the backward instead of keeping them, and ``ModelConfig.loss_chunk_size`` computes the
+LM head and loss in token tiles so the ``(B, S, V)`` logits never exist.
+
+Note [Activation checkpointing under CP]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Each decoder block runs under :func:`torch.utils.checkpoint.checkpoint` (non-reentrant), in one of
+three modes:
+
+* ``"none"``: every activation is kept for the backward.
+* ``"full"``: only the block's input is kept; the backward re-runs the whole block first, attention
+  included, so the ring (Ulysses, all-gather) collectives run a second time. That is correct because
+  every rank holds the same graph and the autograd engine walks it in the same order on every rank
+  (blocks last to first, one at a time), so the recomputed collectives pair up exactly as the
+  forward's did; the tp all-reduces inside a block recompute likewise. Cost: one more forward of
+  every block, communication included.
+* ``"selective"``: the attention half is kept as is, so its saved ``out``/``lse`` (and ``q, k, v``)
+  are reused and no attention collective ever re-runs; the MLP half (``mlp_norm`` and SwiGLU, whose
+  three ``(B, S, I)`` intermediates and their product are the largest activations of a block) is
+  checkpointed and recomputed, which costs about ``3 E I`` of the block's ``~4 E^2 + 3 E I`` matmul
+  flops per token and no communication on the cp axis. We wrap the MLP region rather than use a
+  ``create_selective_checkpoint_contexts`` policy that saves the attention op's outputs: such a
+  policy sees aten ops, while our attention is an ``autograd.Function`` whose Python forward issues
+  the collectives, so a recompute would still run them. Once the attention is one registered op the
+  policy form becomes possible and would also skip recomputing the projections.
+
+Under FSDP2, apply checkpointing per block (:func:`apply_activation_checkpointing`) before
+``fully_shard``: the checkpoint lives inside each block's ``forward``, so FSDP's hooks stay outside it.
+Gradients are identical to ``"none"`` (same ops on the same values; the recompute is bitwise equal).
+
+Legend: ``B`` batch, ``S`` local sequence length, ``E`` hidden size, ``V`` vocab size, ``I`` SwiGLU width.
 """
 
 from __future__ import annotations
@@ -16,12 +47,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from cp_dtensor.chunked_loss import chunked_cross_entropy_across_shards
 from cp_dtensor.group import ContextParallelGroup
-from cp_dtensor.loss import cross_entropy_across_shards, labels_from_local_ids
+from cp_dtensor.loss import ShardedLoss, cross_entropy_across_shards, labels_from_local_ids
 from cp_dtensor.module import ContextParallelAttention
 
-__all__ = ["ModelConfig", "TransformerWithCP"]
+__all__ = ["AC_MODES", "ModelConfig", "TransformerWithCP", "apply_activation_checkpointing"]
+
+AC_MODES = ("none", "full", "selective")
+"""Activation checkpointing modes of the decoder blocks (Note [Activation checkpointing under CP])."""
 
 
 @dataclass
@@ -52,6 +88,12 @@ class ModelConfig:
     """Attention strategy over the cp axis, a name in :data:`~cp_dtensor.STRATEGIES`."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of weights."""
+    activation_checkpointing: str = "none"
+    """``"none"``, ``"full"`` or ``"selective"`` (Note [Activation checkpointing under CP])."""
+    loss_chunk_size: int | None = None
+    """Tokens per tile of the LM head + loss (Note [Chunked LM-head loss]); ``None``: whole logits.
+
+    Off by default: the tiles' recompute costs one more LM-head matmul per step (docs/memory.md measures it)."""
 
     @property
     def mlp_size(self) -> int:
@@ -97,11 +139,48 @@ class DecoderBlock(nn.Module):
         )
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.mlp_size)
+        self.checkpointing = "none"
+        """One of :data:`AC_MODES`, set by :func:`apply_activation_checkpointing`."""
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
         """``(B, S, E) -> (B, S, E)`` on the local shard; ``position_ids`` ``(S,)`` are global."""
+        if self.checkpointing == "full" and torch.is_grad_enabled():  # see Note [Activation checkpointing under CP]
+            return checkpoint(self._block, x, position_ids, use_reentrant=False, **attn_kwargs)
+        return self._block(x, position_ids, **attn_kwargs)
+
+    def _block(self, x: torch.Tensor, position_ids: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), position_ids=position_ids, **attn_kwargs)
-        return x + self.mlp(self.mlp_norm(x))
+        if self.checkpointing == "selective" and torch.is_grad_enabled():
+            return x + checkpoint(self._mlp, x, use_reentrant=False)
+        return x + self._mlp(x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.mlp_norm(x))
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
+    """Set the activation checkpointing of every decoder block in ``model`` (in place).
+
+    Call it before ``fully_shard`` (FSDP2) or DDP; it composes with tensor parallelism. See
+    Note [Activation checkpointing under CP] for what each mode keeps and recomputes.
+
+    Args:
+        model: A :class:`TransformerWithCP` (or any module holding its decoder blocks).
+        mode: One of :data:`AC_MODES`.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: ``mode`` is not in :data:`AC_MODES`.
+    """
+    if mode not in AC_MODES:
+        valid = ", ".join(map(repr, AC_MODES))
+        raise ValueError(f"Invalid activation checkpointing mode {mode!r}. Must be one of: {valid}.")
+    for module in model.modules():
+        if isinstance(module, DecoderBlock):
+            module.checkpointing = mode
+    return model
 
 
 class TransformerWithCP(nn.Module):
@@ -132,6 +211,10 @@ class TransformerWithCP(nn.Module):
         self.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        apply_activation_checkpointing(self, config.activation_checkpointing)
+        chunk = config.loss_chunk_size
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"loss_chunk_size must be None or a positive integer, got {config.loss_chunk_size!r}.")
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -151,9 +234,10 @@ class TransformerWithCP(nn.Module):
         labels: torch.Tensor | None = None,
         *,
         return_logits: bool = False,
+        return_sharded_loss: bool = False,
         position_ids: torch.Tensor | None = None,
         **attn_kwargs: Any,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | ShardedLoss:
         """The global-mean loss of this step (or the local logits).
 
         Args:
@@ -164,12 +248,16 @@ class TransformerWithCP(nn.Module):
                 next-token labels of ``input_ids`` (one all-gather of the ids over cp), which never
                 cross a boundary of the ``document_ids`` given in ``attn_kwargs``.
             return_logits: Return the local logits instead of the loss.
+            return_sharded_loss: Return the whole :class:`~cp_dtensor.ShardedLoss` (with the token
+                and correct counts) instead of its ``loss``.
             position_ids: Global positions ``(S,)`` of the local tokens; default from ``cp_group``.
             **attn_kwargs: Passed to every attention call.
 
         Returns:
             The scalar loss, averaged over every supervised token of the global batch (all cp and dp
             ranks; see Note [Loss across shards]); or logits ``(B, S, V)`` with ``return_logits``.
+            With ``config.loss_chunk_size`` the logits are made tile by tile for the loss
+            (Note [Chunked LM-head loss]); the value and gradients are the same.
         """
         s = input_ids.shape[1]
         if position_ids is None:
@@ -177,9 +265,16 @@ class TransformerWithCP(nn.Module):
         h_BSE = self.embed(input_ids)
         for layer in self.layers:
             h_BSE = layer(h_BSE, position_ids, **attn_kwargs)
-        logits_BSV = self.lm_head(self.norm(h_BSE))
+        h_BSE = self.norm(h_BSE)
         if return_logits:
-            return logits_BSV
+            return self.lm_head(h_BSE)
         if labels is None:
             labels = labels_from_local_ids(input_ids, self.cp_group, document_ids=attn_kwargs.get("document_ids"))
-        return cross_entropy_across_shards(logits_BSV, labels, self.cp_group).loss
+        if self.config.loss_chunk_size is None:
+            out = cross_entropy_across_shards(self.lm_head(h_BSE), labels, self.cp_group)
+        else:
+            out = chunked_cross_entropy_across_shards(
+                h_BSE, self.lm_head.weight, labels, self.cp_group, bias=self.lm_head.bias,
+                chunk_size=self.config.loss_chunk_size,
+            )
+        return out if return_sharded_loss else out.loss

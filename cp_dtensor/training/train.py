@@ -65,13 +65,13 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from cp_dtensor.group import ContextParallelGroup, init_context_parallel_group
-from cp_dtensor.loss import IGNORE_INDEX, cross_entropy_across_shards
+from cp_dtensor.loss import IGNORE_INDEX
 from cp_dtensor.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cp_dtensor.parallel.fsdp import apply_fsdp
 from cp_dtensor.parallel.grad_sync import apply_ddp, replica_group
 from cp_dtensor.parallel.tensor_parallel import parallelize_for_tp
 from cp_dtensor.training.data import LongSequenceDataset
-from cp_dtensor.training.model import ModelConfig, TransformerWithCP
+from cp_dtensor.training.model import AC_MODES, ModelConfig, TransformerWithCP
 
 __all__ = ["TrainConfig", "parse_args", "train", "main"]
 
@@ -103,6 +103,10 @@ class TrainConfig:
     num_kv_heads: int | None = _opt("K/V heads (GQA); default num_heads", default=None)
     intermediate_size: int | None = _opt("SwiGLU width; default 8/3 hidden_size rounded up to 32", default=None)
     rope_base: float = _opt("RoPE base (theta)", default=ModelConfig.rope_base)
+    ac: str = _opt("activation checkpointing of the decoder blocks: none, full (recompute each block, ring "
+                   "included) or selective (recompute the MLPs, keep attention)", default="none")
+    loss_chunk_size: int = _opt("tokens per tile of the LM head + loss, which then never holds all logits "
+                                "(0: whole logits)", default=0)
     steps: int = _opt("optimizer steps", default=600)
     lr: float = _opt("peak learning rate (AdamW)", default=3e-3)
     warmup: int = _opt("linear warm-up steps, then cosine decay to lr/10", default=20)
@@ -256,6 +260,10 @@ def _setup(cfg: TrainConfig) -> tuple[ContextParallelGroup, torch.device]:
         raise ValueError(f"--packed {cfg.packed} must be >= 0 (documents per sequence; 0: no packing).")
     if cfg.no_document_mask and not cfg.packed:
         raise ValueError("--no-document-mask needs --packed N (there is no document mask to drop).")
+    if cfg.ac not in AC_MODES:
+        raise ValueError(f"Invalid --ac {cfg.ac!r}. Must be one of: {', '.join(map(repr, AC_MODES))}.")
+    if cfg.loss_chunk_size < 0:
+        raise ValueError(f"--loss-chunk-size {cfg.loss_chunk_size} must be >= 0 (tokens per tile; 0: whole logits).")
     if cfg.window is not None and cfg.window < 1:
         raise ValueError(f"--window {cfg.window} must be >= 1 (tokens each token attends to, itself included).")
     if not dist.is_initialized() and "WORLD_SIZE" in os.environ:
@@ -325,7 +333,8 @@ def _build(cfg: TrainConfig, cp_group: ContextParallelGroup, device: torch.devic
     model_cfg = ModelConfig(
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
-        rope_base=cfg.rope_base, strategy=cfg.strategy,
+        rope_base=cfg.rope_base, strategy=cfg.strategy, activation_checkpointing=cfg.ac,
+        loss_chunk_size=cfg.loss_chunk_size or None,
     )
     model = TransformerWithCP(model_cfg, cp_group=cp_group).to(device)
     if cfg.dtype == "float64":
@@ -358,8 +367,7 @@ def _step(cfg: TrainConfig, step: int, ddp, model, optimizer, batch, cp_group, a
     """One optimizer step on this rank's share of the global batch; returns its :class:`ShardedLoss`."""
     ids, labels, attn_kwargs = batch
     with autocast():
-        logits = ddp(ids, return_logits=True, **attn_kwargs)
-    out = cross_entropy_across_shards(logits, labels, cp_group)
+        out = ddp(ids, labels, return_sharded_loss=True, **attn_kwargs)  # Note [Loss across shards]
     out.loss.backward()  # the wrapper sums the gradients over dp x cp
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
