@@ -16,10 +16,11 @@ SEQ_LEN, GLOBAL_BATCH, LR = 16, 4, 1e-2
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-def config(num_kv_heads: int) -> ModelConfig:
+def config(num_kv_heads: int, ac: str = "none") -> ModelConfig:
     # 4 query heads: tp=2 splits them; 2 K/V heads are split too, 1 (MQA) is replicated over tp.
     return ModelConfig(
-        vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=num_kv_heads, intermediate_size=48
+        vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=num_kv_heads, intermediate_size=48,
+        activation_checkpointing=ac,
     )
 
 
@@ -42,6 +43,7 @@ def step_case(
     divide_factor: float | None = 1.0,
     num_kv_heads: int = 2,
     bf16_compute: bool = False,
+    ac: str = "none",
 ) -> dict:
     """On every rank: one forward, backward and AdamW step on this rank's share of the batch.
 
@@ -53,7 +55,8 @@ def step_case(
     extra = {"tp_size": tp_size} if tp_size > 1 else {}
     group = mp_pool.group(cp_size, dp_size=dp_size, **extra)
     torch.manual_seed(1)  # the same initial weights in every process
-    model = TransformerWithCP(config(num_kv_heads), cp_group=group).to(DTYPES[dtype])
+    # ac: activation checkpointing of each block, applied (by the model) before fully_shard wraps it.
+    model = TransformerWithCP(config(num_kv_heads, ac), cp_group=group).to(DTYPES[dtype])
     if dp_size * cp_size * tp_size > 1:
         mp_policy = None
         if bf16_compute:  # bf16 weights in forward and backward, fp32 gradient reduction and master weights
@@ -134,6 +137,15 @@ def test_fsdp_step_equals_one_process_step(sizes, num_kv_heads):
         assert placements["layers.0.attn.k_proj.weight"] == kv
         assert placements["layers.0.attn.o_proj.weight"] == "(Shard(dim=0), Shard(dim=1))"
         assert placements["layers.0.attn_norm.weight"] == "(Shard(dim=0), Replicate())"
+
+
+@pytest.mark.parametrize("ac", ["full", "selective"])
+def test_fsdp_with_activation_checkpointing_equals_one_process_step(ac):
+    """Checkpointed blocks inside FSDP units (the ring re-run in the recompute under full): still exact."""
+    batch = make_batch(seed=9)
+    ranks = mp_pool.run_on_ranks(4, step_case, (2, 2, 1), "float64", batch, ac=ac)
+    (single,) = mp_pool.run_on_ranks(1, step_case, (1, 1, 1), "float64", batch)
+    _check(ranks, single, atol=1e-10)
 
 
 def test_fsdp_default_divide_factor_is_caught():
