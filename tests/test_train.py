@@ -127,6 +127,8 @@ def test_packed_and_window_flags_become_attention_masks():
     (["--packed", "-1"], "--packed -1 must be >= 0"),
     (["--window", "0"], "--window 0 must be >= 1"),
     (["--no-document-mask"], "--no-document-mask needs --packed N"),
+    (["--compile", "--grad-sync", "fsdp"], "--compile with --grad-sync fsdp is not supported yet"),
+    (["--compile", "--loss-chunk-size", "64"], "--compile with --loss-chunk-size 64 is not supported yet"),
 ])
 def test_bad_packing_flags_fail_loudly(flags, message):
     from cp_dtensor.training.train import _setup  # the job's first step: checks the flags before any process group

@@ -65,7 +65,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from cp_dtensor.group import ContextParallelGroup, init_context_parallel_group
-from cp_dtensor.loss import IGNORE_INDEX
+from cp_dtensor.loss import IGNORE_INDEX, cross_entropy_across_shards
 from cp_dtensor.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cp_dtensor.parallel.fsdp import apply_fsdp
 from cp_dtensor.parallel.grad_sync import apply_ddp, replica_group
@@ -256,6 +256,11 @@ def _setup(cfg: TrainConfig) -> tuple[ContextParallelGroup, torch.device]:
         raise ValueError(f"Invalid grad_sync {cfg.grad_sync!r}. Must be one of: {', '.join(map(repr, GRAD_SYNCS))}.")
     if cfg.compile and cfg.grad_sync == "fsdp":
         raise ValueError("--compile with --grad-sync fsdp is not supported yet: use --grad-sync ddp to compile.")
+    if cfg.compile and cfg.loss_chunk_size:
+        raise ValueError(
+            f"--compile with --loss-chunk-size {cfg.loss_chunk_size} is not supported yet (the compiled graph "
+            "ends at the logits): use --loss-chunk-size 0 to compile."
+        )
     if cfg.packed < 0:
         raise ValueError(f"--packed {cfg.packed} must be >= 0 (documents per sequence; 0: no packing).")
     if cfg.no_document_mask and not cfg.packed:
@@ -366,8 +371,13 @@ def _resume(cfg: TrainConfig, ddp: torch.nn.Module, optimizer: torch.optim.Optim
 def _step(cfg: TrainConfig, step: int, ddp, model, optimizer, batch, cp_group, autocast):
     """One optimizer step on this rank's share of the global batch; returns its :class:`ShardedLoss`."""
     ids, labels, attn_kwargs = batch
-    with autocast():
-        out = ddp(ids, labels, return_sharded_loss=True, **attn_kwargs)  # Note [Loss across shards]
+    if cfg.compile:  # the compiled graph ends at the logits: the loss's all-reduce reads counts on the host
+        with autocast():
+            logits = ddp(ids, return_logits=True, **attn_kwargs)
+        out = cross_entropy_across_shards(logits, labels, cp_group)
+    else:
+        with autocast():
+            out = ddp(ids, labels, return_sharded_loss=True, **attn_kwargs)  # Note [Loss across shards]
     out.loss.backward()  # the wrapper sums the gradients over dp x cp
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
