@@ -102,8 +102,10 @@ def main(argv=None) -> None:
         layouts = {"zigzag": "zigzag", "contiguous": "contiguous", "documents": DocumentZigzag.from_document_ids(ids_L)}
         groups = {n: base.with_layout(lay) for n, lay in layouts.items()}
         ids_1L = ids_L[None]
-        log(f"{name}: L={seq_len} ({seq_len - sum(lengths)} padding), {len(lengths)} documents, "
-            f"longest {max(lengths)}, P={size}")
+        log(
+            f"{name}: L={seq_len} ({seq_len - sum(lengths)} padding), {len(lengths)} documents, "
+            f"longest {max(lengths)}, P={size}"
+        )
         shape = (1, args.heads, seq_len, args.head_dim)
         local = {n: make_inputs(shape, g.runs(seq_len), seed=0, dtype=torch.float32) for n, g in groups.items()}
 
@@ -115,8 +117,12 @@ def main(argv=None) -> None:
                 timing, _ = time_call(document_call(g, ids_1L), (), local[n], backward=True)
                 kernel[n].append([t["kernel_fwd"] + t["kernel_bwd"] for t in gather_objects(timing)])
             log(f"  repeat {rep}: " + ", ".join(f"{n} max {max(kernel[n][-1]):.2f} s" for n in groups))
-        entry = {"seq_len": seq_len, "padding_tokens": seq_len - sum(lengths), "document_lengths": lengths,
-                 "layouts": {}}
+        entry = {
+            "seq_len": seq_len,
+            "padding_tokens": seq_len - sum(lengths),
+            "document_lengths": lengths,
+            "layouts": {},
+        }
         for n, lay in layouts.items():
             pairs = [visible_pairs(ids_L, shard_positions(seq_len, size, r, lay)) for r in range(size)]
             entry["layouts"][n] = {
@@ -128,13 +134,24 @@ def main(argv=None) -> None:
                 ),
                 "kernel_seconds_per_rank": kernel[n],
             }
-            log(f"  {n}: pairs max/mean {entry['layouts'][n]['visible_pairs_max_over_mean']:.3f}, kernel max/mean "
+            log(
+                f"  {n}: pairs max/mean {entry['layouts'][n]['visible_pairs_max_over_mean']:.3f}, kernel max/mean "
                 f"{entry['layouts'][n]['kernel_max_over_mean']['median']:.3f}, slowest rank vs zigzag "
-                f"{entry['layouts'][n]['kernel_max_over_zigzag_max']['median']:.3f}")
+                f"{entry['layouts'][n]['kernel_max_over_zigzag_max']['median']:.3f}"
+            )
         experiments[name] = entry
     if rank() == 0:
-        write_result(args.out, {"benchmark": "document_balance", "world_size": size, "heads": args.heads,
-                                "head_dim": args.head_dim, "experiments": experiments}, started)
+        write_result(
+            args.out,
+            {
+                "benchmark": "document_balance",
+                "world_size": size,
+                "heads": args.heads,
+                "head_dim": args.head_dim,
+                "experiments": experiments,
+            },
+            started,
+        )
 
 
 if __name__ == "__main__":

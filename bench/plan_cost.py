@@ -45,8 +45,9 @@ def plan_seconds(seq_len: int, size: int, spec: MaskSpec, pair_by_pair: bool) ->
         MaskSpec.row_intervals = lambda self, q_pos: None
     try:
         start = time.process_time()
-        plan = RingPlan(group=None, rank=0, size=size, q_runs=runs[0], kv_runs=runs.__getitem__, causal=True,
-                        scale=1.0, mask=spec)
+        plan = RingPlan(
+            group=None, rank=0, size=size, q_runs=runs[0], kv_runs=runs.__getitem__, causal=True, scale=1.0, mask=spec
+        )
         planner = TilePlanner(spec)  # a new planner: the plans are made, not found in the cache
         calls = sum(len(planner.calls(runs[0], runs[-step % size], True)) for step in range(plan.num_steps))
         return time.process_time() - start, calls
@@ -74,19 +75,42 @@ def main(argv=None) -> None:
         assert len(counts) == 1, f"the two paths planned different numbers of calls: {counts}"
         stats = {w: {"min": min(t), "median": statistics.median(t), "max": max(t)} for w, t in times.items()}
         ratio = [a / b for a, b in zip(times["pair_by_pair"], times["intervals"])]
-        rows.append({"case": name, "seq_len": seq_len, "P": size, "kernel_calls": calls, "cpu_s": stats,
-                     "speedup": {"min": min(ratio), "median": statistics.median(ratio), "max": max(ratio)}})
-        print(f"{name:36s} intervals {stats['intervals']['median'] * 1e3:7.1f} ms, pair by pair "
-              f"{stats['pair_by_pair']['median'] * 1e3:7.1f} ms (x{statistics.median(ratio):.0f}), {calls} calls",
-              flush=True)
+        rows.append(
+            {
+                "case": name,
+                "seq_len": seq_len,
+                "P": size,
+                "kernel_calls": calls,
+                "cpu_s": stats,
+                "speedup": {"min": min(ratio), "median": statistics.median(ratio), "max": max(ratio)},
+            }
+        )
+        print(
+            f"{name:36s} intervals {stats['intervals']['median'] * 1e3:7.1f} ms, pair by pair "
+            f"{stats['pair_by_pair']['median'] * 1e3:7.1f} ms (x{statistics.median(ratio):.0f}), {calls} calls",
+            flush=True,
+        )
     if args.out:
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-        Path(args.out).write_text(json.dumps({
-            "benchmark": "plan_cost", "command": "OMP_NUM_THREADS=1 python -m bench.plan_cost --out " + args.out,
-            "machine": {"cpu_model": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                        "loadavg_1m": os.getloadavg()[0]},
-            "torch": torch.__version__, "repeats": args.repeats, "rows": rows,
-        }, indent=1) + "\n")
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "benchmark": "plan_cost",
+                    "command": "OMP_NUM_THREADS=1 python -m bench.plan_cost --out " + args.out,
+                    "machine": {
+                        "cpu_model": cpu,
+                        "cpu_count": os.cpu_count(),
+                        "platform": platform.platform(),
+                        "loadavg_1m": os.getloadavg()[0],
+                    },
+                    "torch": torch.__version__,
+                    "repeats": args.repeats,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -122,8 +122,17 @@ def allgather_backward(
         dk_full = torch.zeros(k_full.shape, dtype=acc, device=k.device)  # (B, g, L, D)
         dv_full = torch.zeros(v_full.shape, dtype=acc, device=v.device)
         with record_function("cp_dtensor.allgather.attend_backward"):
-            backward_blocks(dout[:, q_heads], q[:, q_heads], k_full, v_full, out[:, q_heads], lse[:, q_heads],
-                            calls, plan.scale, (dq[:, q_heads], dk_full, dv_full))
+            backward_blocks(
+                dout[:, q_heads],
+                q[:, q_heads],
+                k_full,
+                v_full,
+                out[:, q_heads],
+                lse[:, q_heads],
+                calls,
+                plan.scale,
+                (dq[:, q_heads], dk_full, dv_full),
+            )
         # (2, B, g, P * S, D) -> (P, 2, B, g, S, D): entry r is rank r's shard of the gradient
         dkv_N = torch.stack([dk_full, dv_full]).unflatten(3, (num_ranks, -1)).permute(3, 0, 1, 2, 4, 5)
         with record_function("cp_dtensor.allgather.reduce_scatter"):
@@ -189,9 +198,22 @@ def allgather_kv_attention(
         ValueError: ``kv_heads_per_gather`` is not a positive int, or as
             :func:`cp_dtensor.ring_attention`.
     """
-    return run_strategy("allgather_kv_attention", _attend, q, k, v, cp_group, causal=causal, scale=scale,
-                        kv_heads_per_gather=kv_heads_per_gather, document_ids=document_ids, window=window,
-                        seq_len=seq_len, validate=validate, debug_check=debug_check)
+    return run_strategy(
+        "allgather_kv_attention",
+        _attend,
+        q,
+        k,
+        v,
+        cp_group,
+        causal=causal,
+        scale=scale,
+        kv_heads_per_gather=kv_heads_per_gather,
+        document_ids=document_ids,
+        window=window,
+        seq_len=seq_len,
+        validate=validate,
+        debug_check=debug_check,
+    )
 
 
 def _attend(call: AttentionCall, kv_heads_per_gather: int | None) -> torch.Tensor:

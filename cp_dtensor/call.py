@@ -136,8 +136,21 @@ def run_strategy(
     (:func:`cp_dtensor.ops.attention`); DTensor inputs are then a ``ValueError``.
     """
     if torch.compiler.is_compiling():  # one opaque node per call: see Note [Attention as a custom op]
-        return ops.attention(name, q, k, v, cp_group, causal=causal, scale=scale, document_ids=document_ids,
-                             window=window, seq_len=seq_len, validate=validate, debug_check=debug_check, **options)
+        return ops.attention(
+            name,
+            q,
+            k,
+            v,
+            cp_group,
+            causal=causal,
+            scale=scale,
+            document_ids=document_ids,
+            window=window,
+            seq_len=seq_len,
+            validate=validate,
+            debug_check=debug_check,
+            **options,
+        )
     mask_args = {"document_ids": document_ids, "window": window, "seq_len": seq_len}
     check_call(
         name,

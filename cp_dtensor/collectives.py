@@ -189,7 +189,13 @@ class _Relayout(torch.autograd.Function):
 
 
 def relayout(
-    x: torch.Tensor, group: dist.ProcessGroup | None, *, seq_dim: int, seq_len: int, src: Layout, dst: Layout,
+    x: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    *,
+    seq_dim: int,
+    seq_len: int,
+    src: Layout,
+    dst: Layout,
     op_name: str = "relayout",
 ) -> torch.Tensor:
     """Move this rank's shard of a sequence from layout ``src`` to layout ``dst``: one uneven all-to-all.

@@ -149,6 +149,7 @@ def comm_bytes(
     """
     if strategy not in MODELS:
         raise ValueError(f"Invalid strategy {strategy!r}. Must be one of: {', '.join(map(repr, MODELS))}.")
-    shape = _Shape(batch, seq_len, heads, kv_heads, head_dim, world_size,
-                   elem=dtype.itemsize, acc=accum_dtype(dtype).itemsize)
+    shape = _Shape(
+        batch, seq_len, heads, kv_heads, head_dim, world_size, elem=dtype.itemsize, acc=accum_dtype(dtype).itemsize
+    )
     return MODELS[strategy](shape, ulysses_size)

@@ -72,8 +72,13 @@ def _describe(value: object, content: bool = False) -> str:
 def _is_global_ids(ids: object, q: object, size: int) -> bool:
     """True for a ``(B, L)`` global ``document_ids``, which must be identical on every rank."""
     return (
-        size > 1 and isinstance(ids, torch.Tensor) and not isinstance(ids, DTensor) and ids.dim() == 2
-        and isinstance(q, torch.Tensor) and q.dim() == 4 and ids.shape[1] == q.shape[2] * size
+        size > 1
+        and isinstance(ids, torch.Tensor)
+        and not isinstance(ids, DTensor)
+        and ids.dim() == 2
+        and isinstance(q, torch.Tensor)
+        and q.dim() == 4
+        and ids.shape[1] == q.shape[2] * size
     )
 
 

@@ -75,9 +75,21 @@ def hybrid_attention(
         ValueError: ``cp_group`` has no Ulysses axis, ``u`` does not divide ``H``, or as
             :func:`cp_dtensor.ring_attention`.
     """
-    return run_strategy("hybrid_attention", _attend, q, k, v, cp_group, causal=causal, scale=scale,
-                        document_ids=document_ids, window=window, seq_len=seq_len, validate=validate,
-                        debug_check=debug_check)
+    return run_strategy(
+        "hybrid_attention",
+        _attend,
+        q,
+        k,
+        v,
+        cp_group,
+        causal=causal,
+        scale=scale,
+        document_ids=document_ids,
+        window=window,
+        seq_len=seq_len,
+        validate=validate,
+        debug_check=debug_check,
+    )
 
 
 def _attend(call: AttentionCall) -> torch.Tensor:

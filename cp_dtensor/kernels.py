@@ -205,15 +205,18 @@ def block_backward(
     if causal and sq != sk:  # see Note [Non-square causal calls]
         kw = dict(scale=scale)
         if sq < sk:
-            dq, dk, dv = block_backward(dout, q, k[:, :, :sq], v[:, :, :sq], out, lse, causal=True,
-                                        mask=_cols(mask, 0, sq), **kw)
+            dq, dk, dv = block_backward(
+                dout, q, k[:, :, :sq], v[:, :, :sq], out, lse, causal=True, mask=_cols(mask, 0, sq), **kw
+            )
             pad = (0, 0, 0, sk - sq)  # the hidden keys get gradient 0
             return dq, torch.nn.functional.pad(dk, pad), torch.nn.functional.pad(dv, pad)
         a, b = slice(0, sk), slice(sk, sq)
-        dq_a, dk_a, dv_a = block_backward(dout[:, :, a], q[:, :, a], k, v, out[:, :, a], lse[:, :, a], causal=True,
-                                          mask=_rows(mask, 0, sk), **kw)
-        dq_b, dk_b, dv_b = block_backward(dout[:, :, b], q[:, :, b], k, v, out[:, :, b], lse[:, :, b], causal=False,
-                                          mask=_rows(mask, sk, sq), **kw)
+        dq_a, dk_a, dv_a = block_backward(
+            dout[:, :, a], q[:, :, a], k, v, out[:, :, a], lse[:, :, a], causal=True, mask=_rows(mask, 0, sk), **kw
+        )
+        dq_b, dk_b, dv_b = block_backward(
+            dout[:, :, b], q[:, :, b], k, v, out[:, :, b], lse[:, :, b], causal=False, mask=_rows(mask, sk, sq), **kw
+        )
         return torch.cat([dq_a, dq_b], dim=2), dk_a + dk_b, dv_a + dv_b
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     k_exp, v_exp = _expand_kv(k, num_heads), _expand_kv(v, num_heads)

@@ -75,8 +75,11 @@ class DocumentZigzag:
         lengths = self.lengths
         if isinstance(lengths, torch.Tensor):
             lengths = lengths.tolist()
-        if not isinstance(lengths, Sequence) or isinstance(lengths, str) or len(lengths) == 0 or any(
-            isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in lengths
+        if (
+            not isinstance(lengths, Sequence)
+            or isinstance(lengths, str)
+            or len(lengths) == 0
+            or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in lengths)
         ):
             raise ValueError(f"DocumentZigzag lengths must be a non-empty sequence of positive ints, got {lengths!r}.")
         object.__setattr__(self, "lengths", tuple(lengths))

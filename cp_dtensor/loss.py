@@ -40,7 +40,11 @@ from cp_dtensor.group import ContextParallelGroup
 from cp_dtensor.parallel.grad_sync import replica_group
 
 __all__ = [
-    "IGNORE_INDEX", "ShardedLoss", "shift_labels", "labels_from_local_ids", "cross_entropy_across_shards",
+    "IGNORE_INDEX",
+    "ShardedLoss",
+    "shift_labels",
+    "labels_from_local_ids",
+    "cross_entropy_across_shards",
     "global_mean_loss",
 ]
 
@@ -79,8 +83,10 @@ def shift_labels(
     if loss_mask is not None:
         labels_BL[:, :-1].masked_fill_(~loss_mask[:, 1:].bool(), ignore_index)
     if document_ids is not None:
-        if not isinstance(document_ids, torch.Tensor) or document_ids.is_floating_point() or (
-            document_ids.shape != input_ids.shape
+        if (
+            not isinstance(document_ids, torch.Tensor)
+            or document_ids.is_floating_point()
+            or (document_ids.shape != input_ids.shape)
         ):
             raise ValueError(
                 f"document_ids must be an integer tensor of input_ids's shape {tuple(input_ids.shape)}, got "

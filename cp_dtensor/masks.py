@@ -42,8 +42,10 @@ def check_window(window) -> tuple[int | None, int | None] | None:
     """
     if window is None:
         return None
-    ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(
-        w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0) for w in window
+    ok = (
+        isinstance(window, (tuple, list))
+        and len(window) == 2
+        and all(w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0) for w in window)
     )
     if not ok:
         raise ValueError(

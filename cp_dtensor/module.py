@@ -90,9 +90,7 @@ class ContextParallelAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
 
-    def forward(
-        self, x: torch.Tensor, *, position_ids: torch.Tensor | None = None, **attn_kwargs: Any
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor | None = None, **attn_kwargs: Any) -> torch.Tensor:
         """Attend this rank's tokens to the whole sequence.
 
         Args:

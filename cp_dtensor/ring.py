@@ -94,8 +94,9 @@ class RingPlan:
         cls, q_runs: list[Run], kv_runs: list[Run], *, causal: bool, scale: float, mask: MaskSpec | None = None
     ) -> RingPlan:
         """A ring of one rank: local queries at ``q_runs`` against one K/V block at ``kv_runs``, no sends."""
-        return cls(group=None, rank=0, size=1, q_runs=q_runs, kv_runs=lambda _: kv_runs, causal=causal,
-                   scale=scale, mask=mask)
+        return cls(
+            group=None, rank=0, size=1, q_runs=q_runs, kv_runs=lambda _: kv_runs, causal=causal, scale=scale, mask=mask
+        )
 
     def blocks(self, step: int) -> list[Block]:
         """The causal plan of ``step``: local queries against the block of rank ``rank - step``."""
@@ -309,9 +310,21 @@ def ring_attention(
             layout (zigzag needs an even local length), DTensors not sharded on the sequence dim, or a
             malformed mask argument; with ``validate``, ranks that disagree (the same error on every rank).
     """
-    return run_strategy("ring_attention", _attend, q, k, v, cp_group, causal=causal, scale=scale,
-                        document_ids=document_ids, window=window, seq_len=seq_len, validate=validate,
-                        debug_check=debug_check)
+    return run_strategy(
+        "ring_attention",
+        _attend,
+        q,
+        k,
+        v,
+        cp_group,
+        causal=causal,
+        scale=scale,
+        document_ids=document_ids,
+        window=window,
+        seq_len=seq_len,
+        validate=validate,
+        debug_check=debug_check,
+    )
 
 
 def _attend(call: AttentionCall) -> torch.Tensor:

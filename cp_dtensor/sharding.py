@@ -109,8 +109,14 @@ def to_local_checked(tensors: Sequence[torch.Tensor], cp_group, seq_dim: int):
     check_seq_len(lengths[0], cp_group.size, cp_group.layout)
     like = SequenceDTensor(cp_group, dims[0], lengths[0])
     locals_ = [
-        relayout(t.to_local(), cp_group.process_group, seq_dim=like.seq_dim, seq_len=like.seq_len, src="contiguous",
-                 dst=cp_group.layout)
+        relayout(
+            t.to_local(),
+            cp_group.process_group,
+            seq_dim=like.seq_dim,
+            seq_len=like.seq_len,
+            src="contiguous",
+            dst=cp_group.layout,
+        )
         for t in tensors
     ]
     return locals_, like
@@ -125,8 +131,9 @@ def from_local_like(out: torch.Tensor, like: SequenceDTensor | None) -> torch.Te
     if like is None:
         return out
     group = like.cp_group
-    out = relayout(out, group.process_group, seq_dim=like.seq_dim, seq_len=like.seq_len, src=group.layout,
-                   dst="contiguous")
+    out = relayout(
+        out, group.process_group, seq_dim=like.seq_dim, seq_len=like.seq_len, src=group.layout, dst="contiguous"
+    )
     return DTensor.from_local(out, group.cp_mesh, [Shard(like.seq_dim)], run_check=False)
 
 
@@ -151,4 +158,3 @@ def global_document_ids(document_ids, cp_group):
         local = document_ids.to_local()
         record_comm("mask_gather", local.numel() * local.element_size() * (cp_group.size - 1))
     return document_ids.full_tensor()
-

@@ -285,9 +285,21 @@ def ulysses_attention(
     Raises:
         ValueError: ``P`` does not divide ``H`` (use ring); or as :func:`cp_dtensor.ring_attention`.
     """
-    return run_strategy("ulysses_attention", _attend, q, k, v, cp_group, causal=causal, scale=scale,
-                        document_ids=document_ids, window=window, seq_len=seq_len, validate=validate,
-                        debug_check=debug_check)
+    return run_strategy(
+        "ulysses_attention",
+        _attend,
+        q,
+        k,
+        v,
+        cp_group,
+        causal=causal,
+        scale=scale,
+        document_ids=document_ids,
+        window=window,
+        seq_len=seq_len,
+        validate=validate,
+        debug_check=debug_check,
+    )
 
 
 def _attend(call: AttentionCall) -> torch.Tensor:

@@ -44,9 +44,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if min(b, h, s, d, hk) == 0:
         raise ValueError(f"Empty attention input: q {tuple(q.shape)}, k/v {tuple(k.shape)}.")
     if h % hk:
-        raise ValueError(
-            f"The number of K/V heads ({hk}) must divide the number of query heads ({h}) (GQA/MQA)."
-        )
+        raise ValueError(f"The number of K/V heads ({hk}) must divide the number of query heads ({h}) (GQA/MQA).")
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:

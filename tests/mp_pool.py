@@ -65,8 +65,13 @@ def serve_store() -> dist.TCPStore:
 
 def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1", TORCHELASTIC_USE_AGENT_STORE="True",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+        TORCHELASTIC_USE_AGENT_STORE="True",
     )
     torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
@@ -86,8 +91,12 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
             answer = (rank, False, traceback.format_exc())
         leaked = _changed_settings(before)
         if leaked and answer[1]:
-            answer = (rank, False, f"{name} changed global state and did not restore it: {leaked}. "
-                                   "Change it inside a context manager (see tests/helpers.py).")
+            answer = (
+                rank,
+                False,
+                f"{name} changed global state and did not restore it: {leaked}. "
+                "Change it inside a context manager (see tests/helpers.py).",
+            )
         results.put(answer)
     dist.destroy_process_group()
 
@@ -126,8 +135,9 @@ class RankPool:
         self._results = ctx.Queue()
         self._store = serve_store()  # held for the pool's life: the ranks' rendezvous
         self._procs = [
-            ctx.Process(target=_worker, args=(r, world_size, self._store.port, self._tasks[r], self._results),
-                        daemon=True)
+            ctx.Process(
+                target=_worker, args=(r, world_size, self._store.port, self._tasks[r], self._results), daemon=True
+            )
             for r in range(world_size)
         ]
         for p in self._procs:
@@ -166,8 +176,10 @@ class RankPool:
                 parts.append(f"(no answer from ranks {missing}: probably waiting on rank {first_rank})")
             raise RuntimeError("\n".join(parts))
         if missing:
-            raise TimeoutError(f"{fn.__qualname__} did not finish on ranks {missing} within {timeout} s "
-                               f"(ranks {sorted(answers)} finished)")
+            raise TimeoutError(
+                f"{fn.__qualname__} did not finish on ranks {missing} within {timeout} s "
+                f"(ranks {sorted(answers)} finished)"
+            )
         return [_loads(answers[r][1]) for r in range(self.world_size)]
 
     def close(self) -> None:

@@ -33,7 +33,9 @@ RUNS = {  # name: (ranks, module, args)
     "cost": (2, "bench.cost", ["--seq", "256", "--repeats", "1", *TINY]),
     "balance": (2, "bench.balance", ["--seq", "256", "--repeats", "1", *TINY]),
     "document_balance": (
-        2, "bench.document_balance", ["--seq", "512", "--short", "32", "--mean", "64", "--repeats", "1", *TINY]
+        2,
+        "bench.document_balance",
+        ["--seq", "512", "--short", "32", "--mean", "64", "--repeats", "1", *TINY],
     ),
     "peers_torch": (2, "bench.peers", ["--suite", "torch", "--seq", "256", "--repeats", "1", *TINY]),
     "peers_memory": (2, "bench.peers", ["--suite", "memory", "--seq", "512", "--repeats", "1", *TINY]),
@@ -213,8 +215,18 @@ def test_gpu_check_runs_on_cpu():
 
     Its own comparisons are the test: it exits 1 if any case misses its tolerance.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-           "-m", "bench.gpu_check", "--cpu", "--seq", "128"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=1",
+        "-m",
+        "bench.gpu_check",
+        "--cpu",
+        "--seq",
+        "128",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

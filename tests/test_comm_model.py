@@ -70,8 +70,15 @@ shapes = st.fixed_dictionaries(
 
 def _args(raw):
     heads, kv_heads = raw["heads_kv"]
-    return dict(batch=raw["batch"], seq_len=raw["tokens_per_rank"] * raw["world_size"], heads=heads,
-                kv_heads=kv_heads, head_dim=raw["head_dim"], world_size=raw["world_size"], dtype=raw["dtype"])
+    return dict(
+        batch=raw["batch"],
+        seq_len=raw["tokens_per_rank"] * raw["world_size"],
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=raw["head_dim"],
+        world_size=raw["world_size"],
+        dtype=raw["dtype"],
+    )
 
 
 @given(raw=shapes)

@@ -264,7 +264,8 @@ def test_api_page_renders_examples_and_returns(built_site: Path) -> None:
     assert all('class="gp">&gt;&gt;&gt;' in block for block in examples), "an example is not a doctest block"
     # griffe reads "Example:" as an admonition, whose doctest lines run together as prose
     assert not re.search(r'class="admonition example"|<details class="example"|<p>Examples?::?\s', html), (
-        "a docstring says 'Example:' or 'Example::' (Google style wants 'Examples:')")
+        "a docstring says 'Example:' or 'Example::' (Google style wants 'Examples:')"
+    )
     tables = re.findall(r'doc-section-title">Returns:</span></p>\s*<table>(.*?)</table>', html, re.S)
     assert len(tables) == html.count('doc-section-title">Returns:') >= 30
     split = [t for t in tables if t.count('class="doc-section-item"') != 1]
@@ -296,8 +297,13 @@ def test_the_build_fails_on_a_broken_link_and_on_a_docstring_warning(tmp_path: P
     procs = {}
     for name, root in (("link", link), ("doc", doc)):
         procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(root / "site")], cwd=root,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+            [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(root / "site")],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        )
     for name, expected in (("link", "no-such-page.md"), ("doc", "no_such_argument")):
         out, _ = procs[name].communicate(timeout=300)
         proc = subprocess.CompletedProcess([], procs[name].returncode, out, "")

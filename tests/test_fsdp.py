@@ -19,7 +19,12 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 def config(num_kv_heads: int, ac: str = "none") -> ModelConfig:
     # 4 query heads: tp=2 splits them; 2 K/V heads are split too, 1 (MQA) is replicated over tp.
     return ModelConfig(
-        vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=num_kv_heads, intermediate_size=48,
+        vocab_size=32,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=48,
         activation_checkpointing=ac,
     )
 

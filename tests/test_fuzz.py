@@ -104,8 +104,11 @@ def test_init_context_parallel_group_rejects_invalid_arguments(data):
 # ---- sequences ---------------------------------------------------------------------------------
 
 
-@given(x=st.one_of(tensors(), WRONG_TYPES), seq_dim=st.one_of(st.integers(-6, 6), WRONG_TYPES),
-       pad=st.one_of(st.booleans(), WRONG_TYPES))
+@given(
+    x=st.one_of(tensors(), WRONG_TYPES),
+    seq_dim=st.one_of(st.integers(-6, 6), WRONG_TYPES),
+    pad=st.one_of(st.booleans(), WRONG_TYPES),
+)
 def test_partition_and_distribute_sequence(x, seq_dim, pad):
     invalid = not _is_seq_dim_of(x, seq_dim) or not isinstance(pad, bool)
     check_outcome("partition_sequence", (x,), {"seq_dim": seq_dim, "pad": pad}, invalid=invalid)
@@ -127,8 +130,10 @@ def test_gather_sequence(x, seq_dim):
     check_outcome("gather_sequence", (x,), {"seq_dim": seq_dim}, invalid=not _is_seq_dim_of(x, seq_dim))
 
 
-@given(seq_len=st.one_of(st.integers(-4, 20), BAD_SIZES, WRONG_TYPES),
-       rank=st.one_of(st.none(), st.integers(-2, 3), WRONG_TYPES))
+@given(
+    seq_len=st.one_of(st.integers(-4, 20), BAD_SIZES, WRONG_TYPES),
+    rank=st.one_of(st.none(), st.integers(-2, 3), WRONG_TYPES),
+)
 def test_position_ids_and_runs(seq_len, rank):
     bad_len = not _is_int(seq_len, 1, 2**62)
     check_outcome("position_ids", (seq_len,), invalid=bad_len)
@@ -189,11 +194,20 @@ INVALID_ATTENTION_KWARGS = {
 def invalid_document_ids(draw, q: torch.Tensor) -> object:
     """Ids of the wrong batch, length, dtype or rank, or not a tensor."""
     b, s = q.shape[0], q.shape[2]
-    return draw(st.sampled_from([
-        torch.zeros(b + 1, s, dtype=torch.long), torch.zeros(b, s + 1, dtype=torch.long),
-        torch.zeros(b, s), torch.zeros(s, dtype=torch.long), torch.zeros(b, s, 1, dtype=torch.long),
-        [[0] * s] * b, "docs", 3,
-    ]))
+    return draw(
+        st.sampled_from(
+            [
+                torch.zeros(b + 1, s, dtype=torch.long),
+                torch.zeros(b, s + 1, dtype=torch.long),
+                torch.zeros(b, s),
+                torch.zeros(s, dtype=torch.long),
+                torch.zeros(b, s, 1, dtype=torch.long),
+                [[0] * s] * b,
+                "docs",
+                3,
+            ]
+        )
+    )
 
 
 @given(data=st.data())

@@ -38,8 +38,10 @@ def test_whole_row_layouts_place_tokens_as_the_reference_defines_them(layout, wo
     for rank, want in enumerate(reference_shard_indices(L, world_size, layout)):
         assert shard_positions(L, world_size, rank, layout).tolist() == want.tolist(), (rank, layout)
     if layout == "zigzag":
-        work = [causal_document_work(torch.zeros(L, dtype=torch.long), shard_positions(L, world_size, r, layout))
-                for r in range(world_size)]
+        work = [
+            causal_document_work(torch.zeros(L, dtype=torch.long), shard_positions(L, world_size, r, layout))
+            for r in range(world_size)
+        ]
         assert len(set(work)) == 1, work
 
 
@@ -123,8 +125,13 @@ def with_layout_case(world_size: int) -> dict:
         raised = False
     except ValueError:
         raised = True
-    return {"same_mesh": moved.cp_mesh is mesh and moved.mesh is group.mesh, "layout": moved.layout,
-            "original": group.layout, "raised": raised, "runs": moved.runs(layout.seq_len)}
+    return {
+        "same_mesh": moved.cp_mesh is mesh and moved.mesh is group.mesh,
+        "layout": moved.layout,
+        "original": group.layout,
+        "raised": raised,
+        "runs": moved.runs(layout.seq_len),
+    }
 
 
 def test_with_layout_keeps_the_meshes_and_changes_only_the_layout():

@@ -66,8 +66,15 @@ def _masked_ring_case(world_size: int, cfg: dict, inputs: dict) -> dict:
     docs = None if cfg["docs"] is None else group.partition_sequence(cfg["docs"], seq_dim=1)
     with count_comm() as comm:
         out = context_parallel_attention(
-            q, k, v, group, strategy=cfg.get("strategy", "ring"), causal=cfg["causal"], document_ids=docs,
-            window=cfg["window"], seq_len=cfg["seq_len_real"],
+            q,
+            k,
+            v,
+            group,
+            strategy=cfg.get("strategy", "ring"),
+            causal=cfg["causal"],
+            document_ids=docs,
+            window=cfg["window"],
+            seq_len=cfg["seq_len_real"],
         )
         out.backward(group.partition_sequence(inputs["dout"], seq_dim=2).to(dtype))
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "calls": dict(comm.calls)}
@@ -77,8 +84,9 @@ def _masked_ring_case(world_size: int, cfg: dict, inputs: dict) -> dict:
 def masked_configs(draw, world_size: int, strategy: str = "ring", ulysses_size: int | None = None):
     layout = draw(st.sampled_from(["zigzag", "contiguous", "documents"]))
     if layout == "documents":  # per-document zigzag over segments of random multiples of 2P tokens
-        layout = DocumentZigzag(tuple(2 * world_size * m for m in draw(st.lists(st.integers(1, 3), min_size=1,
-                                                                                 max_size=4))))
+        layout = DocumentZigzag(
+            tuple(2 * world_size * m for m in draw(st.lists(st.integers(1, 3), min_size=1, max_size=4)))
+        )
         seq_len = layout.seq_len
     else:
         seq_len = draw(st.integers(1, 6)) * num_chunks(world_size, layout)
@@ -101,35 +109,60 @@ def masked_configs(draw, world_size: int, strategy: str = "ring", ulysses_size: 
             rows.append(document_ids_from_cu_seqlens(cu))
         docs = torch.stack(rows)
         if draw(st.booleans()):  # some padding tokens (id -1) inside the packed row
-            docs[:, -draw(st.integers(1, max(1, seq_len // 3))):] = -1
+            docs[:, -draw(st.integers(1, max(1, seq_len // 3))) :] = -1
         if draw(st.booleans()):  # ids that recur after other ids: non-contiguous "documents" (pair-by-pair path)
             docs = torch.where(docs >= 0, docs % 2, docs)
-    window = draw(st.one_of(st.none(), st.tuples(st.one_of(st.none(), st.integers(0, seq_len)),
-                                                 st.one_of(st.none(), st.integers(0, seq_len)))))
+    window = draw(
+        st.one_of(
+            st.none(),
+            st.tuples(st.one_of(st.none(), st.integers(0, seq_len)), st.one_of(st.none(), st.integers(0, seq_len))),
+        )
+    )
     padded = draw(st.one_of(st.none(), st.integers(1, seq_len)))
     head_choices = [(2, 1), (2, 2), (4, 2)] if strategy in ("ring", "allgather") else [(4, 1), (4, 2), (4, 4)]
     heads, kv_heads = draw(st.sampled_from(head_choices))
     return {
-        "strategy": strategy, "ulysses_size": ulysses_size,
-        "layout": layout, "seq_len": seq_len, "batch": batch, "heads": heads, "kv_heads": kv_heads,
-        "head_dim": draw(st.sampled_from([8, 16])), "causal": draw(st.booleans()), "docs": docs,
-        "window": window, "seq_len_real": padded, "dtype": draw(st.sampled_from(list(DTYPES))),
-        "tile": draw(st.sampled_from([1, 2, 3, 256])), "scale": None, "seed": draw(st.integers(0, 2**31 - 1)),
+        "strategy": strategy,
+        "ulysses_size": ulysses_size,
+        "layout": layout,
+        "seq_len": seq_len,
+        "batch": batch,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": draw(st.sampled_from([8, 16])),
+        "causal": draw(st.booleans()),
+        "docs": docs,
+        "window": window,
+        "seq_len_real": padded,
+        "dtype": draw(st.sampled_from(list(DTYPES))),
+        "tile": draw(st.sampled_from([1, 2, 3, 256])),
+        "scale": None,
+        "seed": draw(st.integers(0, 2**31 - 1)),
     }
 
 
 STRATEGY_CASES = [  # (strategy, world size, ulysses size)
-    ("ring", 1, None), ("ring", 2, None), ("ring", 3, None), ("ring", 4, None),
-    ("ulysses", 2, None), ("ulysses", 4, None),
-    ("allgather", 2, None), ("allgather", 3, None), ("allgather", 4, None),
+    ("ring", 1, None),
+    ("ring", 2, None),
+    ("ring", 3, None),
+    ("ring", 4, None),
+    ("ulysses", 2, None),
+    ("ulysses", 4, None),
+    ("allgather", 2, None),
+    ("allgather", 3, None),
+    ("allgather", 4, None),
     ("hybrid", 4, 2),
 ]
 MASK_KINDS = ["none", "documents", "documents_padded", "recurring_ids", "window_left", "window_both", "padding"]
 COVERING_HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 COVERING = covering_cases(
     {"mask": MASK_KINDS, "causal": [True, False], "layout": ["zigzag", "contiguous", "documents"]},
-    {"case": [f"{s}-P{p}" + (f"-u{u}" if u else "") for s, p, u in STRATEGY_CASES], "dtype": list(DTYPES),
-     "heads": list(COVERING_HEADS), "tile": [1, 2, 3, 256]},
+    {
+        "case": [f"{s}-P{p}" + (f"-u{u}" if u else "") for s, p, u in STRATEGY_CASES],
+        "dtype": list(DTYPES),
+        "heads": list(COVERING_HEADS),
+        "tile": [1, 2, 3, 256],
+    },
 )
 
 
@@ -152,7 +185,7 @@ def covering_config(row: dict) -> dict:
             cuts = [[0, 2, seq_len // 2 + 3, seq_len], [0, seq_len - 3, seq_len]]
             docs = torch.stack([document_ids_from_cu_seqlens(torch.tensor(c)) for c in cuts])
             if kind == "documents_padded":
-                docs[:, -max(1, seq_len // 4):] = -1
+                docs[:, -max(1, seq_len // 4) :] = -1
         if kind == "recurring_ids":  # ids that come back after others: not contiguous (pair-by-pair path)
             docs = torch.where(docs >= 0, docs % 2, docs)
     elif kind == "window_left":
@@ -162,10 +195,25 @@ def covering_config(row: dict) -> dict:
     elif kind == "padding":
         padded = seq_len - max(1, seq_len // 4) + 1
     heads, kv_heads = COVERING_HEADS[row["heads"]]
-    return {"strategy": strategy, "ulysses_size": ulysses_size, "layout": layout, "seq_len": seq_len, "batch": batch,
-            "heads": heads, "kv_heads": kv_heads, "head_dim": 8, "causal": row["causal"], "docs": docs,
-            "window": window, "seq_len_real": padded, "dtype": row["dtype"], "tile": row["tile"], "scale": None,
-            "seed": len(case_id(row)), "world_size": world_size}
+    return {
+        "strategy": strategy,
+        "ulysses_size": ulysses_size,
+        "layout": layout,
+        "seq_len": seq_len,
+        "batch": batch,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": 8,
+        "causal": row["causal"],
+        "docs": docs,
+        "window": window,
+        "seq_len_real": padded,
+        "dtype": row["dtype"],
+        "tile": row["tile"],
+        "scale": None,
+        "seed": len(case_id(row)),
+        "world_size": world_size,
+    }
 
 
 COVERING_CASES = [f"{s}-P{p}" + (f"-u{u}" if u else "") for s, p, u in STRATEGY_CASES]
@@ -193,10 +241,24 @@ def test_document_zigzag_in_every_strategy(strategy, world_size, ulysses_size):
     unit = 2 * world_size
     lengths, real = (6 * unit, unit, 2 * unit), (6 * unit, unit - 1, 2 * unit - 3)
     ids = torch.tensor(sum(([i] * n + [-1] * (length - n) for i, (n, length) in enumerate(zip(real, lengths))), []))
-    cfg = {"strategy": strategy, "ulysses_size": ulysses_size, "layout": DocumentZigzag(lengths),
-           "seq_len": sum(lengths), "batch": 2, "heads": 4, "kv_heads": 2, "head_dim": 8, "causal": True,
-           "docs": ids[None].repeat(2, 1), "window": None, "seq_len_real": None, "dtype": "float64", "tile": 3,
-           "scale": None, "seed": world_size}
+    cfg = {
+        "strategy": strategy,
+        "ulysses_size": ulysses_size,
+        "layout": DocumentZigzag(lengths),
+        "seq_len": sum(lengths),
+        "batch": 2,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 8,
+        "causal": True,
+        "docs": ids[None].repeat(2, 1),
+        "window": None,
+        "seq_len_real": None,
+        "dtype": "float64",
+        "tile": 3,
+        "scale": None,
+        "seed": world_size,
+    }
     assert DocumentZigzag.from_document_ids(cfg["docs"]) == cfg["layout"]
     check_against_dense_mask(cfg, world_size)
 
@@ -206,8 +268,13 @@ def mask_kinds(cfg: dict) -> str:
     kinds = []
     docs = cfg["docs"]
     if docs is not None:
-        kinds.append("recurring_ids" if not documents_are_contiguous(docs) else
-                     "documents_padded" if bool((docs < 0).any()) else "documents")
+        kinds.append(
+            "recurring_ids"
+            if not documents_are_contiguous(docs)
+            else "documents_padded"
+            if bool((docs < 0).any())
+            else "documents"
+        )
     if cfg["window"] is not None:
         kinds.append("window_left" if cfg["window"][1] is None or cfg["window"][1] == 0 else "window_both")
     if cfg["seq_len_real"] is not None:
@@ -231,9 +298,21 @@ def check_against_dense_mask(cfg: dict, world_size: int) -> None:
 
 def test_rows_without_visible_keys_get_zero_output_and_gradient():
     """Padding rows (id -1) see nothing: output 0 and all gradients flowing through them 0, not NaN."""
-    cfg = {"layout": "zigzag", "seq_len": 16, "batch": 1, "heads": 2, "kv_heads": 2, "head_dim": 8,
-           "causal": True, "docs": torch.tensor([[0] * 6 + [1] * 6 + [-1] * 4]), "window": None,
-           "seq_len_real": None, "dtype": "float32", "tile": 2, "scale": None}
+    cfg = {
+        "layout": "zigzag",
+        "seq_len": 16,
+        "batch": 1,
+        "heads": 2,
+        "kv_heads": 2,
+        "head_dim": 8,
+        "causal": True,
+        "docs": torch.tensor([[0] * 6 + [1] * 6 + [-1] * 4]),
+        "window": None,
+        "seq_len_real": None,
+        "dtype": "float32",
+        "tile": 2,
+        "scale": None,
+    }
     inputs = make_inputs(cfg, 3)
     results = mp_pool.run_on_ranks(2, masked_ring_case, 2, cfg, inputs)
     out = unshard([r["out"] for r in results], 2, "zigzag")
@@ -245,9 +324,21 @@ def test_rows_without_visible_keys_get_zero_output_and_gradient():
 
 def test_window_stops_the_ring_early():
     """A window shorter than a shard with the contiguous layout needs only the previous rank's block."""
-    cfg = {"layout": "contiguous", "seq_len": 64, "batch": 1, "heads": 2, "kv_heads": 1, "head_dim": 8,
-           "causal": True, "docs": None, "window": (8, 0), "seq_len_real": None, "dtype": "float64",
-           "tile": 256, "scale": None}
+    cfg = {
+        "layout": "contiguous",
+        "seq_len": 64,
+        "batch": 1,
+        "heads": 2,
+        "kv_heads": 1,
+        "head_dim": 8,
+        "causal": True,
+        "docs": None,
+        "window": (8, 0),
+        "seq_len_real": None,
+        "dtype": "float64",
+        "tile": 256,
+        "scale": None,
+    }
     inputs = make_inputs(cfg, 5)
     results = mp_pool.run_on_ranks(4, masked_ring_case, 4, cfg, inputs)
     for r in results:
@@ -262,8 +353,10 @@ def test_window_hides_block_interval_arithmetic_matches_dense():
         L = 24
         q0, q1, k0, k1 = (int(x) for x in torch.randint(0, L - 4, (4,), generator=gen))
         qn, kn = (int(x) for x in torch.randint(1, 5, (2,), generator=gen))
-        left, right = (None if torch.rand(1, generator=gen) < 0.3 else int(torch.randint(0, 10, (1,), generator=gen))
-                       for _ in range(2))
+        left, right = (
+            None if torch.rand(1, generator=gen) < 0.3 else int(torch.randint(0, 10, (1,), generator=gen))
+            for _ in range(2)
+        )
         causal = bool(torch.rand(1, generator=gen) < 0.5)
         real = None if torch.rand(1, generator=gen) < 0.5 else int(torch.randint(1, L, (1,), generator=gen))
         spec = MaskSpec(causal=causal, window=(left, right), seq_len=real)
@@ -285,8 +378,9 @@ def test_tile_plan_from_row_intervals_equals_pair_by_pair(data):
     world_size = data.draw(st.sampled_from([1, 2, 4]))
     cfg = data.draw(masked_configs(world_size))
     docs = cfg["docs"]
-    spec = MaskSpec(causal=cfg["causal"], window=cfg["window"], document_ids=docs, seq_len=cfg["seq_len_real"],
-                    tile=cfg["tile"])
+    spec = MaskSpec(
+        causal=cfg["causal"], window=cfg["window"], document_ids=docs, seq_len=cfg["seq_len_real"], tile=cfg["tile"]
+    )
     runs = [shard_runs(cfg["seq_len"], world_size, r, cfg["layout"]) for r in range(world_size)]
     rank = data.draw(st.integers(0, world_size - 1))
     for source in range(world_size):
@@ -324,8 +418,9 @@ def _masked_call_error(group, ids: torch.Tensor, gen: torch.Generator) -> float:
     """Max error of one causal document-masked call (fresh q, k, v) against the dense oracle of ``ids`` now."""
     B, L = ids.shape
     q, k, v = (torch.randn(B, 2, L, 8, generator=gen, dtype=torch.float64) for _ in range(3))
-    out = context_parallel_attention(*(group.partition_sequence(x, seq_dim=2) for x in (q, k, v)), group,
-                                     causal=True, document_ids=ids)
+    out = context_parallel_attention(
+        *(group.partition_sequence(x, seq_dim=2) for x in (q, k, v)), group, causal=True, document_ids=ids
+    )
     dense = (ids[:, :, None] == ids[:, None, :]) & torch.ones(L, L, dtype=torch.bool).tril()
     want = full_attention(q, k, v, mask=dense[:, None])
     return (group.gather_sequence(out, seq_dim=2) - want).abs().max().item()
@@ -364,13 +459,20 @@ def reuse_case(world_size: int) -> dict:
         b = planner(shard)
     # The cache must not keep a group (and so gloo's threads) alive: a group dropped by its owner is freed.
     throwaway = dataclasses.replace(group)
-    context_parallel_attention(*(torch.zeros(2, 2, 32 // world_size, 8) for _ in range(3)), throwaway,
-                               causal=True, document_ids=ids)
+    context_parallel_attention(
+        *(torch.zeros(2, 2, 32 // world_size, 8) for _ in range(3)), throwaway, causal=True, document_ids=ids
+    )
     throwaway_ref = weakref.ref(throwaway)
     del throwaway
     gc.collect()
-    return {"errors": errors, "reused": reused, "seen": seen, "group_released": throwaway_ref() is None,
-            "shard_reused": a is b, "shard_gathers": comm.calls.get("mask_gather", 0)}
+    return {
+        "errors": errors,
+        "reused": reused,
+        "seen": seen,
+        "group_released": throwaway_ref() is None,
+        "shard_reused": a is b,
+        "shard_gathers": comm.calls.get("mask_gather", 0),
+    }
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -207,8 +207,10 @@ def measured_options_case(seq_len: int, cp_size: int) -> dict:
     torch.set_num_threads(1)
     model = {**SMALL, "vocab_size": 4096}  # a vocabulary large enough for the loss to matter
     group = mp_pool.group(cp_size)
-    return {name: measure_case(seq_len, cp_size, model={**model, **extra}, cp_group=group, rss=False)
-            for name, extra in OPTIONS.items()}
+    return {
+        name: measure_case(seq_len, cp_size, model={**model, **extra}, cp_group=group, rss=False)
+        for name, extra in OPTIONS.items()
+    }
 
 
 def test_estimate_follows_each_memory_option_within_10_percent():

@@ -47,8 +47,11 @@ def grads_case(cp_size: int, dp_size: int, layout: str, batch: dict) -> dict:
     loss = model(mine["input_ids"], mine["labels"])
     loss.backward()
     default_loss = model(mine["input_ids"])  # labels made from the shards (all-gather + global shift)
-    return {"loss": loss.item(), "default_loss": default_loss.item(),
-            "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+    return {
+        "loss": loss.item(),
+        "default_loss": default_loss.item(),
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+    }
 
 
 def step_case(cp_size: int, dp_size: int, batch: dict) -> dict:
@@ -66,12 +69,17 @@ def step_case(cp_size: int, dp_size: int, batch: dict) -> dict:
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     optimizer.step()
-    return {"loss": loss.item(), "initial": initial, "grads": grads,
-            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    return {
+        "loss": loss.item(),
+        "initial": initial,
+        "grads": grads,
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+    }
 
 
-@pytest.mark.parametrize("cp_size,layout", [(2, "zigzag"), (4, "contiguous"), (4, "zigzag"),
-                                            (2, DocumentZigzag((12, 4)))])  # segments of 3 and 1 tokens a piece
+@pytest.mark.parametrize(
+    "cp_size,layout", [(2, "zigzag"), (4, "contiguous"), (4, "zigzag"), (2, DocumentZigzag((12, 4)))]
+)  # segments of 3 and 1 tokens a piece
 def test_loss_and_grads_match_one_process(cp_size, layout):
     batch = make_batch(seed=cp_size)
     sharded = mp_pool.run_on_ranks(cp_size, grads_case, cp_size, 1, layout, batch)
@@ -244,8 +252,9 @@ def document_labels_case(cp_size: int, layout, ids: torch.Tensor, docs: torch.Te
         "from_shard": labels_from_local_ids(ids_local, group, document_ids=docs_local),
         "from_global": labels_from_local_ids(ids_local, group, document_ids=docs),
         "default_loss": model(ids_local, document_ids=docs).item(),
-        "explicit_loss": model(ids_local, group.partition_sequence(shift_labels(ids, document_ids=docs), seq_dim=1),
-                               document_ids=docs).item(),
+        "explicit_loss": model(
+            ids_local, group.partition_sequence(shift_labels(ids, document_ids=docs), seq_dim=1), document_ids=docs
+        ).item(),
     }
 
 

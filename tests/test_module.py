@@ -17,9 +17,12 @@ HIDDEN, HEADS, KV_HEADS = 32, 4, 2  # GQA: two query heads per K/V head; head di
 def make_inputs(batch: int, seq_len: int, seed: int) -> dict:
     """Weights of one layer, a full input and an output gradient, fp64, identical for every rank."""
     torch.manual_seed(seed)
-    layer = torch.nn.ModuleDict({n: torch.nn.Linear(HIDDEN, d, bias=True) for n, d in
-                                 (("q_proj", HIDDEN), ("k_proj", HIDDEN // 2), ("v_proj", HIDDEN // 2),
-                                  ("o_proj", HIDDEN))}).double()
+    layer = torch.nn.ModuleDict(
+        {
+            n: torch.nn.Linear(HIDDEN, d, bias=True)
+            for n, d in (("q_proj", HIDDEN), ("k_proj", HIDDEN // 2), ("v_proj", HIDDEN // 2), ("o_proj", HIDDEN))
+        }
+    ).double()
     gen = torch.Generator().manual_seed(seed)
     return {
         "state_dict": {f"{k}": v for k, v in layer.state_dict().items()},
@@ -46,8 +49,7 @@ def module_case(cp_size: int, layout: str, as_dtensor: bool, causal: bool, input
     if as_dtensor:
         assert tuple(out.placements) == (Shard(1),) and out.device_mesh == group.cp_mesh
         out_local, dx = (group.partition_sequence(t.full_tensor(), seq_dim=1) for t in (out_local, dx))
-    return {"out": out_local, "dx": dx,
-            "grads": {n: p.grad for n, p in layer.named_parameters()}}
+    return {"out": out_local, "dx": dx, "grads": {n: p.grad for n, p in layer.named_parameters()}}
 
 
 def unshard(shards: list[torch.Tensor], layout: str) -> torch.Tensor:

@@ -299,8 +299,16 @@ def production_plan(case: MaskCase, rank: int, tile: int):
         causal=case.causal, window=case.window, document_ids=case.document_ids, seq_len=case.real_len, tile=tile
     )
     runs = lambda src: shard_runs(case.seq_len, case.world_size, src, case.layout)  # noqa: E731
-    return RingPlan(group=None, rank=rank, size=case.world_size, q_runs=runs(rank), kv_runs=runs,
-                    causal=case.causal, scale=1.0, mask=spec)
+    return RingPlan(
+        group=None,
+        rank=rank,
+        size=case.world_size,
+        q_runs=runs(rank),
+        kv_runs=runs,
+        causal=case.causal,
+        scale=1.0,
+        mask=spec,
+    )
 
 
 def planned_pairs(plan, step: int, batch: int, per_row: bool) -> int:

@@ -97,8 +97,13 @@ def test_ring_matches_full_attention_fp32(case):
     # The project's rule (helpers.tolerance): twice one process's fp32 error plus the fp32 floor.
     names = ("out", "dq", "dk", "dv")
     q, k, v, dout = make_inputs(case, torch.float32)
-    one = attention_and_grads(dict(zip(("q", "k", "v", "dout"), (q, k, v, dout))), torch.float32,
-                              causal=case.causal, scale=case.scale, mask=ALL_VISIBLE)
+    one = attention_and_grads(
+        dict(zip(("q", "k", "v", "dout"), (q, k, v, dout))),
+        torch.float32,
+        causal=case.causal,
+        scale=case.scale,
+        mask=ALL_VISIBLE,
+    )
     assert_close_to_oracle(dict(zip(names, ring)), dict(zip(names, oracle)), torch.float32, one, what="simulated ring")
 
 
@@ -109,8 +114,13 @@ def test_ring_matches_full_attention_bf16(case):
     assert all(got.dtype == torch.bfloat16 for got in ring)
     names = ("out", "dq", "dk", "dv")
     q, k, v, dout = make_inputs(case, torch.bfloat16)
-    one = attention_and_grads(dict(zip(("q", "k", "v", "dout"), (q, k, v, dout))), torch.bfloat16,
-                              causal=case.causal, scale=case.scale, mask=ALL_VISIBLE)
+    one = attention_and_grads(
+        dict(zip(("q", "k", "v", "dout"), (q, k, v, dout))),
+        torch.bfloat16,
+        causal=case.causal,
+        scale=case.scale,
+        mask=ALL_VISIBLE,
+    )
     assert_close_to_oracle(dict(zip(names, ring)), dict(zip(names, oracle)), torch.bfloat16, one, what="simulated ring")
 
 

@@ -37,9 +37,14 @@ def ring_case(world_size: int, cfg: dict, inputs: dict) -> dict:
     with count_comm() as bwd:
         out.backward(group.partition_sequence(inputs["dout"], seq_dim=2).to(dtype))
     return {
-        "out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
-        "fwd_calls": dict(fwd.calls), "fwd_bytes": dict(fwd.bytes),
-        "bwd_calls": dict(bwd.calls), "bwd_bytes": dict(bwd.bytes),
+        "out": out.detach(),
+        "dq": q.grad,
+        "dk": k.grad,
+        "dv": v.grad,
+        "fwd_calls": dict(fwd.calls),
+        "fwd_bytes": dict(fwd.bytes),
+        "bwd_calls": dict(bwd.calls),
+        "bwd_bytes": dict(bwd.bytes),
     }
 
 
@@ -75,8 +80,17 @@ COVERING = covering_cases(
 @pytest.mark.parametrize("case", COVERING, ids=case_id)
 def test_ring_matches_full_attention_covering(case):
     """Every layout x causal x dtype, and every pair of those with P, MHA/GQA/MQA and the scale, as fixed cases."""
-    raw = {"batch": 2, "heads_kv": HEADS_KV[case["heads"]], "head_dim": 16, "chunk": 3, "causal": case["causal"],
-           "scale": case["scale"], "dtype": case["dtype"], "layout": case["layout"], "seed": len(case_id(case))}
+    raw = {
+        "batch": 2,
+        "heads_kv": HEADS_KV[case["heads"]],
+        "head_dim": 16,
+        "chunk": 3,
+        "causal": case["causal"],
+        "scale": case["scale"],
+        "dtype": case["dtype"],
+        "layout": case["layout"],
+        "seed": len(case_id(case)),
+    }
     check_ring(case["world_size"], raw)
 
 
@@ -108,8 +122,9 @@ def check_ring(world_size: int, raw: dict) -> None:
     dtype = DTYPES[cfg["dtype"]]
     # Against the fp64 oracle, within the tolerance rule of helpers.tolerance (one process in the same
     # dtype is the baseline below fp64); against the simulation in fp64 (the same algorithm).
-    one_process = None if dtype == torch.float64 else attention_and_grads(
-        inputs, dtype, causal=cfg["causal"], scale=cfg["scale"])
+    one_process = (
+        None if dtype == torch.float64 else attention_and_grads(inputs, dtype, causal=cfg["causal"], scale=cfg["scale"])
+    )
     assert_close_to_oracle(got, expected, dtype, one_process, what="ring")
     if dtype == torch.float64:
         assert_close_to_oracle(got, simulated, dtype, what="ring vs simulation")
@@ -119,8 +134,17 @@ def check_ring(world_size: int, raw: dict) -> None:
 @pytest.mark.parametrize("causal", [False, True])
 def test_ring_p4_meets_issue_bar_fp32(layout, causal):
     """The issue's acceptance bar: fp32 output <= 2e-5 and grads <= 2e-4 abs, unit-normal inputs, P=4."""
-    cfg = {"batch": 2, "heads": 4, "kv_heads": 2, "head_dim": 32, "seq_len": 256, "causal": causal,
-           "scale": None, "dtype": "float32", "layout": layout}
+    cfg = {
+        "batch": 2,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 32,
+        "seq_len": 256,
+        "causal": causal,
+        "scale": None,
+        "dtype": "float32",
+        "layout": layout,
+    }
     inputs = make_inputs(cfg, 1234)
     results = mp_pool.run_on_ranks(4, ring_case, 4, cfg, inputs)
     expected = oracle(cfg, inputs)
@@ -133,8 +157,17 @@ def test_ring_p4_meets_issue_bar_fp32(layout, causal):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_ring_sends_exactly_the_expected_blocks(world_size, dtype):
     """Forward: P-1 K/V rotations. Backward: P-1 K/V rotations plus P hops of the fp32 dK/dV."""
-    cfg = {"batch": 1, "heads": 4, "kv_heads": 2, "head_dim": 8, "seq_len": 8 * world_size, "causal": True,
-           "scale": None, "dtype": dtype, "layout": "zigzag"}
+    cfg = {
+        "batch": 1,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 8,
+        "seq_len": 8 * world_size,
+        "causal": True,
+        "scale": None,
+        "dtype": dtype,
+        "layout": "zigzag",
+    }
     inputs = make_inputs(cfg, 7)
     results = mp_pool.run_on_ranks(world_size, ring_case, world_size, cfg, inputs)
     kv_block_bytes = 2 * cfg["batch"] * cfg["kv_heads"] * 8 * cfg["head_dim"] * DTYPES[dtype].itemsize

@@ -42,8 +42,9 @@ def attention_case(strategy: str, world_size: int, cfg: dict, inputs: dict) -> d
     dtype = DTYPES[cfg["dtype"]]
     pad = cfg.get("seq_len_real") is not None
     q, k, v = (group.partition_sequence(inputs[n], seq_dim=2, pad=pad).to(dtype).requires_grad_() for n in "qkv")
-    out = context_parallel_attention(q, k, v, group, strategy=strategy, causal=cfg["causal"], scale=cfg.get("scale"),
-                                     seq_len=cfg.get("seq_len_real"))
+    out = context_parallel_attention(
+        q, k, v, group, strategy=strategy, causal=cfg["causal"], scale=cfg.get("scale"), seq_len=cfg.get("seq_len_real")
+    )
     out.backward(group.partition_sequence(inputs["dout"], seq_dim=2).to(dtype))
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
@@ -84,8 +85,17 @@ def rounded_inputs(cfg: dict, seed: int, dtype: torch.dtype) -> dict:
 def test_padded_sequence_matches_unpadded_attention(world_size, layout, causal, seq_len_real):
     """pad=True + seq_len: the real tokens get full attention on the unpadded sequence; padding gets 0."""
     padded = padded_length(seq_len_real, world_size, layout)
-    cfg = {"batch": 2, "heads": 4, "kv_heads": 2, "head_dim": 8, "seq_len": padded, "causal": causal,
-           "layout": layout, "dtype": "float64", "seq_len_real": seq_len_real}
+    cfg = {
+        "batch": 2,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 8,
+        "seq_len": padded,
+        "causal": causal,
+        "layout": layout,
+        "dtype": "float64",
+        "seq_len_real": seq_len_real,
+    }
     full = make_inputs(cfg, 11)
     inputs = {n: full[n][:, :, :seq_len_real] for n in "qkv"} | {"dout": full["dout"]}  # dout covers the padding
     results = mp_pool.run_on_ranks(world_size, attention_case, "ring", world_size, cfg, inputs)
@@ -102,8 +112,17 @@ def test_padded_sequence_matches_unpadded_attention(world_size, layout, causal, 
 def test_padded_sequence_every_strategy(strategy):
     """Every strategy masks padding: P = 4, zigzag, causal, with two ranks holding only padding."""
     seq_len_real, world_size = 3, 4
-    cfg = {"batch": 1, "heads": 4, "kv_heads": 2, "head_dim": 8, "seq_len": 8, "causal": True,
-           "layout": "zigzag", "dtype": "float64", "seq_len_real": seq_len_real}
+    cfg = {
+        "batch": 1,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 8,
+        "seq_len": 8,
+        "causal": True,
+        "layout": "zigzag",
+        "dtype": "float64",
+        "seq_len_real": seq_len_real,
+    }
     full = make_inputs(cfg, 12)
     inputs = {n: full[n][:, :, :seq_len_real] for n in "qkv"} | {"dout": full["dout"]}
     got = gathered(mp_pool.run_on_ranks(world_size, attention_case, strategy, world_size, cfg, inputs), 4, "zigzag")
@@ -191,8 +210,16 @@ def test_validate_env_var_and_agreeing_ranks():
     results = mp_pool.run_on_ranks(2, mismatch_case, "ring", "causal", True, timeout=60)
     assert [r["raised"] for r in results] == ["ValueError", "ValueError"], results
     assert results[0]["message"] == results[1]["message"] and "causal:" in results[0]["message"]
-    cfg = {"batch": 1, "heads": 2, "kv_heads": 1, "head_dim": 8, "seq_len": 8, "layout": "zigzag", "dtype": "float32",
-           "causal": True}
+    cfg = {
+        "batch": 1,
+        "heads": 2,
+        "kv_heads": 1,
+        "head_dim": 8,
+        "seq_len": 8,
+        "layout": "zigzag",
+        "dtype": "float32",
+        "causal": True,
+    }
     inputs = make_inputs(cfg, 1)
     plain = mp_pool.run_on_ranks(2, attention_case, "ring", 2, cfg, inputs)
     validated = mp_pool.run_on_ranks(2, validated_case, 2, cfg, inputs)
@@ -233,8 +260,9 @@ def debug_case(strategy: str, corrupt_rank: int | None, via_env: bool, inputs: d
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = context_parallel_attention(q, k, v, group, strategy=strategy, causal=True,
-                                             **({} if via_env else {"debug_check": True}))
+            out = context_parallel_attention(
+                q, k, v, group, strategy=strategy, causal=True, **({} if via_env else {"debug_check": True})
+            )
     finally:
         cp_dtensor.block_loop.block_forward = original
         os.environ.pop("CP_DTENSOR_DEBUG_CHECK", None)
@@ -280,8 +308,17 @@ def _ulp(dtype: torch.dtype) -> float:
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_extreme_logits_stay_finite(strategy, dtype, how):
     """Logits of magnitude ~1e4: scale=1e4, or q and k scaled by 100 (default scale)."""
-    cfg = {"batch": 1, "heads": 4, "kv_heads": 2, "head_dim": 16, "seq_len": 64, "causal": True,
-           "layout": "zigzag", "dtype": dtype, "scale": 1e4 if how == "scale" else None}
+    cfg = {
+        "batch": 1,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 16,
+        "seq_len": 64,
+        "causal": True,
+        "layout": "zigzag",
+        "dtype": dtype,
+        "scale": 1e4 if how == "scale" else None,
+    }
     inputs = rounded_inputs(cfg, 4, DTYPES[dtype])
     if how == "inputs":
         inputs["q"], inputs["k"] = inputs["q"] * 100, inputs["k"] * 100  # powers of ten are exact enough
@@ -304,8 +341,16 @@ def test_extreme_logits_stay_finite(strategy, dtype, how):
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_low_precision_inputs_accumulate_in_fp32(strategy, dtype):
     """bf16/fp16 in, fp32 accumulation: the error stays at one process's fused SDPA in that dtype."""
-    cfg = {"batch": 1, "heads": 4, "kv_heads": 2, "head_dim": 32, "seq_len": 256, "causal": True,
-           "layout": "zigzag", "dtype": dtype}
+    cfg = {
+        "batch": 1,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 32,
+        "seq_len": 256,
+        "causal": True,
+        "layout": "zigzag",
+        "dtype": dtype,
+    }
     inputs = rounded_inputs(cfg, 5, DTYPES[dtype])
     got = gathered(mp_pool.run_on_ranks(4, attention_case, strategy, 4, cfg, inputs), 4, "zigzag")
     expected = fp64_oracle(inputs, True)
@@ -325,8 +370,16 @@ def test_low_precision_inputs_accumulate_in_fp32(strategy, dtype):
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_two_runs_are_bitwise_identical(strategy, world_size):
-    cfg = {"batch": 2, "heads": 4, "kv_heads": 2, "head_dim": 16, "seq_len": 16 * world_size, "causal": True,
-           "layout": "zigzag", "dtype": "float32"}
+    cfg = {
+        "batch": 2,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 16,
+        "seq_len": 16 * world_size,
+        "causal": True,
+        "layout": "zigzag",
+        "dtype": "float32",
+    }
     inputs = make_inputs(cfg, 6)
     first = mp_pool.run_on_ranks(world_size, attention_case, strategy, world_size, cfg, inputs)
     second = mp_pool.run_on_ranks(world_size, attention_case, strategy, world_size, cfg, inputs)
@@ -360,14 +413,26 @@ def test_a_failed_rank_makes_the_others_fail_loudly(tmp_path):
     for name, (world_size, args) in FAILURES.items():
         stores.append(mp_pool.serve_store())  # one rendezvous per world, held here as torchrun's agent does
         for rank in range(world_size):
-            env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(stores[-1].port),
-                                "TORCHELASTIC_USE_AGENT_STORE": "True", "RANK": str(rank), "LOCAL_RANK": str(rank),
-                                "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"}
+            env = os.environ | {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(stores[-1].port),
+                "TORCHELASTIC_USE_AGENT_STORE": "True",
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "OMP_NUM_THREADS": "1",
+            }
             log = tmp_path / f"{name.replace(' ', '_')}.{rank}.log"
-            procs[name, rank] = (subprocess.Popen(
-                [sys.executable, str(REPO / "tests" / "failing_rank.py"), *args, "--timeout", "5"],
-                env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
-            ), log)
+            procs[name, rank] = (
+                subprocess.Popen(
+                    [sys.executable, str(REPO / "tests" / "failing_rank.py"), *args, "--timeout", "5"],
+                    env=env,
+                    cwd=REPO,
+                    stdout=log.open("w"),
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
     must_exit = [key for key in procs if key[1] != 1]  # every rank but the failing one ends by itself
     while time.monotonic() < deadline and any(procs[key][0].poll() is None for key in must_exit):

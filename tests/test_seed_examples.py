@@ -38,8 +38,18 @@ def run(argv: list[str]) -> str:
 
 def torchrun(example: str, *args: str) -> str:
     """``torchrun --standalone --nproc-per-node 4 docs/examples/<example> args``: the docstrings' command."""
-    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-                str(EXAMPLES / example), *args])
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "4",
+            str(EXAMPLES / example),
+            *args,
+        ]
+    )
 
 
 # ---- Basic Setup: the example's layer, full size --------------------------------------------------

@@ -36,20 +36,36 @@ REPO = Path(__file__).resolve().parents[1]
 # (strategy, P, ulysses_size): Ulysses and all-gather at P = 2 and 4; hybrid 2 x 2 and its edge cases
 # (u = 1 is a ring of P ranks, u = P is Ulysses over P ranks).
 CASES = [
-    ("ulysses", 2, None), ("ulysses", 4, None), ("allgather", 2, None), ("allgather", 4, None),
-    ("hybrid", 4, 2), ("hybrid", 2, 1), ("hybrid", 2, 2), ("hybrid", 4, 1), ("hybrid", 4, 4),
+    ("ulysses", 2, None),
+    ("ulysses", 4, None),
+    ("allgather", 2, None),
+    ("allgather", 4, None),
+    ("hybrid", 4, 2),
+    ("hybrid", 2, 1),
+    ("hybrid", 2, 2),
+    ("hybrid", 4, 1),
+    ("hybrid", 4, 4),
 ]
 HEADS_KV = [(1, 1), (2, 1), (2, 2), (3, 3), (4, 1), (4, 2), (4, 4), (6, 2), (8, 2), (12, 3)]
 
 
 def _group(world_size: int, layout: str, ulysses_size: int | None, dp_size: int | None = None):
     extra = {} if ulysses_size is None else {"ulysses_size": ulysses_size}
-    return mp_pool.group(world_size if dp_size is None else world_size // dp_size, layout=layout,
-                         dp_size=dp_size, **extra)
+    return mp_pool.group(
+        world_size if dp_size is None else world_size // dp_size, layout=layout, dp_size=dp_size, **extra
+    )
 
 
-def strategy_case(world_size: int, strategy: str, ulysses_size: int | None, cfg: dict, inputs: dict,
-                  dtensor: bool = False, dp_size: int | None = None, **kwargs) -> dict:
+def strategy_case(
+    world_size: int,
+    strategy: str,
+    ulysses_size: int | None,
+    cfg: dict,
+    inputs: dict,
+    dtensor: bool = False,
+    dp_size: int | None = None,
+    **kwargs,
+) -> dict:
     """Runs on every rank: shard, attention forward and backward, count the bytes sent."""
     group = _group(world_size, cfg["layout"], ulysses_size, dp_size)
     dtype = DTYPES[cfg["dtype"]]
@@ -61,8 +77,9 @@ def strategy_case(world_size: int, strategy: str, ulysses_size: int | None, cfg:
         args = [distribute_tensor(inputs[n].to(dtype), group.cp_mesh, [Shard(2)]).requires_grad_() for n in "qkv"]
         dout = distribute_tensor(inputs["dout"].to(dtype), group.cp_mesh, [Shard(2)])
     with count_comm() as fwd:
-        out = context_parallel_attention(*args, group, strategy=strategy, causal=cfg["causal"], scale=cfg["scale"],
-                                         **kwargs)
+        out = context_parallel_attention(
+            *args, group, strategy=strategy, causal=cfg["causal"], scale=cfg["scale"], **kwargs
+        )
     with count_comm() as bwd:
         out.backward(dout)
     grads = [a.grad for a in args]
@@ -73,21 +90,27 @@ def strategy_case(world_size: int, strategy: str, ulysses_size: int | None, cfg:
         for counter in (fwd, bwd):
             counter.bytes.pop("relayout", None), counter.calls.pop("relayout", None)
     return {
-        "out": out.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2],
-        "fwd_calls": dict(fwd.calls), "fwd_bytes": dict(fwd.bytes),
-        "bwd_calls": dict(bwd.calls), "bwd_bytes": dict(bwd.bytes),
+        "out": out.detach(),
+        "dq": grads[0],
+        "dk": grads[1],
+        "dv": grads[2],
+        "fwd_calls": dict(fwd.calls),
+        "fwd_bytes": dict(fwd.bytes),
+        "bwd_calls": dict(bwd.calls),
+        "bwd_bytes": dict(bwd.bytes),
     }
 
 
 def run_case(strategy: str, world_size: int, ulysses_size: int | None, cfg: dict, **kwargs) -> tuple[dict, list]:
     inputs = make_inputs(cfg, cfg.get("seed", 0))
-    results = mp_pool.run_on_ranks(world_size, strategy_case, world_size, strategy, ulysses_size, cfg, inputs,
-                                   **kwargs)
+    results = mp_pool.run_on_ranks(world_size, strategy_case, world_size, strategy, ulysses_size, cfg, inputs, **kwargs)
     cp_size = world_size // (kwargs.get("dp_size") or 1)
     got = {}
     for name in ("out", "dq", "dk", "dv"):  # one sequence per dp replica: ranks [d * cp, (d + 1) * cp)
-        replicas = [unshard([r[name] for r in results[d: d + cp_size]], cp_size, cfg["layout"]).double()
-                    for d in range(0, world_size, cp_size)]
+        replicas = [
+            unshard([r[name] for r in results[d : d + cp_size]], cp_size, cfg["layout"]).double()
+            for d in range(0, world_size, cp_size)
+        ]
         for replica in replicas[1:]:
             torch.testing.assert_close(replica, replicas[0], rtol=0, atol=0, msg=f"{name}: dp replicas differ")
         got[name] = replicas[0]
@@ -95,9 +118,17 @@ def run_case(strategy: str, world_size: int, ulysses_size: int | None, cfg: dict
 
 
 def assert_bytes_match_model(strategy, cp_size, ulysses_size, cfg, results):
-    model = comm_bytes(strategy, batch=cfg["batch"], seq_len=cfg["seq_len"], heads=cfg["heads"],
-                       kv_heads=cfg["kv_heads"], head_dim=cfg["head_dim"], world_size=cp_size,
-                       dtype=DTYPES[cfg["dtype"]], ulysses_size=ulysses_size)
+    model = comm_bytes(
+        strategy,
+        batch=cfg["batch"],
+        seq_len=cfg["seq_len"],
+        heads=cfg["heads"],
+        kv_heads=cfg["kv_heads"],
+        head_dim=cfg["head_dim"],
+        world_size=cp_size,
+        dtype=DTYPES[cfg["dtype"]],
+        ulysses_size=ulysses_size,
+    )
     for rank, r in enumerate(results):
         assert r["fwd_bytes"] == model.forward, f"rank {rank} forward: sent {r['fwd_bytes']}, model {model.forward}"
         assert r["bwd_bytes"] == model.backward, f"rank {rank} backward: sent {r['bwd_bytes']}, model {model.backward}"
@@ -106,8 +137,9 @@ def assert_bytes_match_model(strategy, cp_size, ulysses_size, cfg, results):
 def assert_matches_oracle(cfg, inputs, got):
     """Within helpers.tolerance of the fp64 oracle (below fp64: of one process's SDPA in the same dtype)."""
     dtype = DTYPES[cfg["dtype"]]
-    one_process = None if dtype == torch.float64 else attention_and_grads(
-        inputs, dtype, causal=cfg["causal"], scale=cfg["scale"])
+    one_process = (
+        None if dtype == torch.float64 else attention_and_grads(inputs, dtype, causal=cfg["causal"], scale=cfg["scale"])
+    )
     assert_close_to_oracle(got, oracle(cfg, inputs), dtype, one_process, what=cfg.get("strategy", "sharded"))
 
 
@@ -156,8 +188,17 @@ def test_strategy_covering_cases(row):
     """Every layout x causal x dtype, and every pair of those with each (strategy, P, u), MHA/GQA/MQA and the
     scale, as fixed cases; hypothesis draws more below."""
     strategy, world_size, ulysses_size = next(c for c in CASES if _case_name(c) == row["case"])
-    raw = {"batch": 2, "heads_kv": COVERING_HEADS[row["heads"]], "head_dim": 8, "chunk": 2, "causal": row["causal"],
-           "scale": row["scale"], "dtype": row["dtype"], "layout": row["layout"], "seed": len(case_id(row))}
+    raw = {
+        "batch": 2,
+        "heads_kv": COVERING_HEADS[row["heads"]],
+        "head_dim": 8,
+        "chunk": 2,
+        "causal": row["causal"],
+        "scale": row["scale"],
+        "dtype": row["dtype"],
+        "layout": row["layout"],
+        "seed": len(case_id(row)),
+    }
     check_strategy(strategy, world_size, ulysses_size, raw)
 
 
@@ -165,8 +206,12 @@ def test_strategy_covering_cases(row):
 @random_draws(ci_examples=3)
 @given(data=st.data())
 def test_strategy_matches_full_attention_and_sends_the_model_bytes(strategy, world_size, ulysses_size, data):
-    check_strategy(strategy, world_size, ulysses_size,
-                   data.draw(configs(_exchange_size(strategy, world_size, ulysses_size)), label="cfg"))
+    check_strategy(
+        strategy,
+        world_size,
+        ulysses_size,
+        data.draw(configs(_exchange_size(strategy, world_size, ulysses_size)), label="cfg"),
+    )
 
 
 def check_strategy(strategy: str, world_size: int, ulysses_size: int | None, raw: dict) -> None:
@@ -182,20 +227,39 @@ BYTE_CASES = [("ring", 4, None), *CASES]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize(("strategy", "world_size", "ulysses_size"), BYTE_CASES,
-                         ids=[_case_name(c) for c in BYTE_CASES])
+@pytest.mark.parametrize(
+    ("strategy", "world_size", "ulysses_size"), BYTE_CASES, ids=[_case_name(c) for c in BYTE_CASES]
+)
 def test_bytes_sent_equal_the_model(strategy, world_size, ulysses_size, dtype):
     """GQA with K/V heads that P does not divide (so Ulysses replicates them), both dtypes, the ring too."""
-    cfg = {"batch": 2, "heads": 4, "kv_heads": 1, "head_dim": 8, "seq_len": 4 * world_size, "causal": True,
-           "scale": None, "dtype": dtype, "layout": "zigzag"}
+    cfg = {
+        "batch": 2,
+        "heads": 4,
+        "kv_heads": 1,
+        "head_dim": 8,
+        "seq_len": 4 * world_size,
+        "causal": True,
+        "scale": None,
+        "dtype": dtype,
+        "layout": "zigzag",
+    }
     _, results = run_case(strategy, world_size, ulysses_size, cfg)
     assert_bytes_match_model(strategy, world_size, ulysses_size, cfg, results)
 
 
 def test_collective_calls_per_strategy():
     """One all-to-all per direction for q/k/v (packed) and one for out; one gather per K/V head group."""
-    cfg = {"batch": 1, "heads": 4, "kv_heads": 2, "head_dim": 8, "seq_len": 16, "causal": False,
-           "scale": None, "dtype": "float32", "layout": "zigzag"}
+    cfg = {
+        "batch": 1,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 8,
+        "seq_len": 16,
+        "causal": False,
+        "scale": None,
+        "dtype": "float32",
+        "layout": "zigzag",
+    }
     _, ulysses = run_case("ulysses", 4, None, cfg)
     assert all(r["fwd_calls"] == {"all_to_all": 2} and r["bwd_calls"] == {"all_to_all": 2} for r in ulysses)
     _, hybrid = run_case("hybrid", 4, 2, cfg)
@@ -204,8 +268,18 @@ def test_collective_calls_per_strategy():
 
 
 def test_allgather_in_head_groups_moves_the_same_bytes_in_more_calls():
-    cfg = {"batch": 1, "heads": 6, "kv_heads": 3, "head_dim": 8, "seq_len": 32, "causal": True,
-           "scale": None, "dtype": "float64", "layout": "zigzag", "seed": 3}
+    cfg = {
+        "batch": 1,
+        "heads": 6,
+        "kv_heads": 3,
+        "head_dim": 8,
+        "seq_len": 32,
+        "causal": True,
+        "scale": None,
+        "dtype": "float64",
+        "layout": "zigzag",
+        "seed": 3,
+    }
     whole, whole_res = run_case("allgather", 4, None, cfg)
     split, split_res = run_case("allgather", 4, None, cfg, kv_heads_per_gather=2)  # groups of 2 + 1 heads
     assert_matches_oracle(cfg, make_inputs(cfg, 3), split)
@@ -219,8 +293,18 @@ def test_allgather_in_head_groups_moves_the_same_bytes_in_more_calls():
 @pytest.mark.parametrize("strategy", ["ring", "ulysses", "allgather", "hybrid"])
 def test_dtensor_inputs_on_a_hybrid_group(strategy):
     """DTensor in, DTensor out; every strategy runs on the group that hybrid needs (flattened cp mesh)."""
-    cfg = {"batch": 1, "heads": 4, "kv_heads": 2, "head_dim": 8, "seq_len": 24, "causal": True,
-           "scale": None, "dtype": "float64", "layout": "zigzag", "seed": 11}
+    cfg = {
+        "batch": 1,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 8,
+        "seq_len": 24,
+        "causal": True,
+        "scale": None,
+        "dtype": "float64",
+        "layout": "zigzag",
+        "seed": 11,
+    }
     got, results = run_case(strategy, 4, 2, cfg, dtensor=True)
     assert_matches_oracle(cfg, make_inputs(cfg, 11), got)
     assert_bytes_match_model(strategy, 4, 2, cfg, results)
@@ -229,8 +313,18 @@ def test_dtensor_inputs_on_a_hybrid_group(strategy):
 @pytest.mark.parametrize("strategy", ["ulysses", "allgather", "hybrid"])
 def test_with_a_dp_axis(strategy):
     """dp=2 x cp=2 (hybrid: u=2) on 4 ranks: each replica computes its own sequence."""
-    cfg = {"batch": 1, "heads": 2, "kv_heads": 1, "head_dim": 8, "seq_len": 16, "causal": True,
-           "scale": None, "dtype": "float64", "layout": "contiguous", "seed": 5}
+    cfg = {
+        "batch": 1,
+        "heads": 2,
+        "kv_heads": 1,
+        "head_dim": 8,
+        "seq_len": 16,
+        "causal": True,
+        "scale": None,
+        "dtype": "float64",
+        "layout": "contiguous",
+        "seed": 5,
+    }
     got, results = run_case(strategy, 4, 2 if strategy == "hybrid" else None, cfg, dp_size=2)
     assert_matches_oracle(cfg, make_inputs(cfg, 5), got)
     assert_bytes_match_model(strategy, 2, 2, cfg, results)
@@ -239,8 +333,9 @@ def test_with_a_dp_axis(strategy):
 # ---- user errors ---------------------------------------------------------------------------------
 
 
-def error_case(world_size: int, strategy: str, ulysses_size: int | None, heads: int, kv_heads: int,
-               seq_local: int, **kwargs) -> str:
+def error_case(
+    world_size: int, strategy: str, ulysses_size: int | None, heads: int, kv_heads: int, seq_local: int, **kwargs
+) -> str:
     """Runs on every rank: call the strategy with bad input and return the ValueError's message."""
     group = _group(world_size, "zigzag", ulysses_size)
     q = torch.zeros(1, heads, seq_local, 8)
@@ -289,9 +384,16 @@ def mesh_case() -> dict:
         plain_error = f"no error, got {plain.ulysses_mesh}"
     except ValueError as e:
         plain_error = str(e)
-    return {"cp": group.rank, "size": group.size, "ring": group.ring_mesh.get_local_rank(),
-            "ulysses": group.ulysses_mesh.get_local_rank(), "u": group.ulysses_size, "plain_u": plain.ulysses_size,
-            "plain_error": plain_error, "dims": group.mesh.mesh_dim_names}
+    return {
+        "cp": group.rank,
+        "size": group.size,
+        "ring": group.ring_mesh.get_local_rank(),
+        "ulysses": group.ulysses_mesh.get_local_rank(),
+        "u": group.ulysses_size,
+        "plain_u": plain.ulysses_size,
+        "plain_error": plain_error,
+        "dims": group.mesh.mesh_dim_names,
+    }
 
 
 def test_hybrid_mesh_puts_ulysses_groups_on_consecutive_cp_ranks():
@@ -320,8 +422,14 @@ def test_docs_example_prints_what_the_page_shows():
     """docs/examples/strategies.py on 4 ranks (it asserts correctness and model bytes itself); its
     bytes table must be the one docs/strategies.md shows under "It prints"."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-           "docs/examples/strategies.py"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=4",
+        "docs/examples/strategies.py",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     printed = _table(proc.stdout)

@@ -20,8 +20,9 @@ SEQ_LEN, GLOBAL_BATCH, LR = 16, 4, 1e-2
 
 def config(num_kv_heads: int) -> ModelConfig:
     # 4 query heads: tp=2 splits them; num_kv_heads=2 splits K/V too, num_kv_heads=1 (MQA) replicates it.
-    return ModelConfig(vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=num_kv_heads,
-                       intermediate_size=48)
+    return ModelConfig(
+        vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=num_kv_heads, intermediate_size=48
+    )
 
 
 def make_batch(seed: int) -> dict[str, torch.Tensor]:
@@ -58,9 +59,14 @@ def step_case(cp_size: int, dp_size: int, tp_size: int, num_kv_heads: int, batch
     grads = {n: _whole(p.grad) for n, p in model.named_parameters()}
     grad_norm = _whole(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9))  # no clipping
     optimizer.step()
-    return {"loss": loss.item(), "logits": logits.detach(), "grads": grads, "grad_norm": grad_norm.item(),
-            "params": {n: _whole(p.detach()) for n, p in model.named_parameters()},
-            "placements": {n: str(getattr(p, "placements", "plain")) for n, p in model.named_parameters()}}
+    return {
+        "loss": loss.item(),
+        "logits": logits.detach(),
+        "grads": grads,
+        "grad_norm": grad_norm.item(),
+        "params": {n: _whole(p.detach()) for n, p in model.named_parameters()},
+        "placements": {n: str(getattr(p, "placements", "plain")) for n, p in model.named_parameters()},
+    }
 
 
 def _check_against_one_process(ranks: list[dict], single: dict, dp_size: int) -> None:
@@ -69,7 +75,7 @@ def _check_against_one_process(ranks: list[dict], single: dict, dp_size: int) ->
         dp_rank = rank // (len(ranks) // dp_size)
         # fp64; tp splits each matmul into partial sums (all-reduced) and cp splits attention and the
         # loss into blocks: only the order of additions differs, ~1e-16 relative per sum.
-        expected = single["logits"][dp_rank * rows_per_dp:(dp_rank + 1) * rows_per_dp]
+        expected = single["logits"][dp_rank * rows_per_dp : (dp_rank + 1) * rows_per_dp]
         torch.testing.assert_close(r["logits"], expected, rtol=0, atol=1e-12)
         assert r["loss"] == pytest.approx(single["loss"], rel=1e-12, abs=0)
         # clip_grad_norm_ over DTensors: shards' squares summed over tp, replicated weights counted once.
@@ -136,9 +142,11 @@ def comm_case(num_kv_heads: int, batch: dict) -> dict:
         loss = model(ids, labels)
     with CommDebugMode() as backward:
         loss.backward()
-    return {"forward": {str(k): v for k, v in forward.get_comm_counts().items()},
-            "backward": {str(k): v for k, v in backward.get_comm_counts().items()},
-            "ring_bytes": ring.bytes["ring_send"]}
+    return {
+        "forward": {str(k): v for k, v in forward.get_comm_counts().items()},
+        "backward": {str(k): v for k, v in backward.get_comm_counts().items()},
+        "ring_bytes": ring.bytes["ring_send"],
+    }
 
 
 @pytest.mark.parametrize("num_kv_heads", [2, 1], ids=["kv-sharded", "kv-replicated"])
@@ -148,8 +156,11 @@ def test_tp_collectives_and_ring_bytes_per_step(num_kv_heads):
     for r in ranks:
         # Forward: the vocab-parallel embedding's all-reduce, then o_proj's and w2's per layer; the LM
         # head all-gathers the logits; the loss sums its counts over dp x cp (plain c10d).
-        assert r["forward"] == {"c10d_functional.all_reduce": 1 + 2 * layers,
-                                "c10d_functional.all_gather_into_tensor": 1, "c10d.allreduce_": 1}
+        assert r["forward"] == {
+            "c10d_functional.all_reduce": 1 + 2 * layers,
+            "c10d_functional.all_gather_into_tensor": 1,
+            "c10d.allreduce_": 1,
+        }
         # Backward: the input gradients of q, k, v and of the MLP per layer, and of the LM head; with
         # replicated K/V heads also the k and v weight gradients (partial over tp).
         extra = 0 if num_kv_heads % tp == 0 else 2 * layers
@@ -234,12 +245,20 @@ def mesh_case() -> dict:
         except ValueError as e:
             errors.append(str(e))
     return {
-        "dims": three_d.mesh.mesh_dim_names, "grid": three_d.mesh.mesh.tolist(),
-        "dp": three_d.dp_mesh.get_local_rank(), "cp": three_d.rank,
-        "tp": three_d.tp_mesh.get_local_rank(), "tp_ranks": dist.get_process_group_ranks(three_d.tp_mesh.get_group()),
+        "dims": three_d.mesh.mesh_dim_names,
+        "grid": three_d.mesh.mesh.tolist(),
+        "dp": three_d.dp_mesh.get_local_rank(),
+        "cp": three_d.rank,
+        "tp": three_d.tp_mesh.get_local_rank(),
+        "tp_ranks": dist.get_process_group_ranks(three_d.tp_mesh.get_group()),
         "dp_cp_ranks": dist.get_process_group_ranks(three_d.flat_dp_cp_mesh.get_group()),
-        "hybrid_dims": hybrid.mesh.mesh_dim_names, "hybrid": (hybrid.rank, hybrid.ring_mesh.get_local_rank(),
-                                                              hybrid.ulysses_mesh.get_local_rank(), hybrid.tp_size),
+        "hybrid_dims": hybrid.mesh.mesh_dim_names,
+        "hybrid": (
+            hybrid.rank,
+            hybrid.ring_mesh.get_local_rank(),
+            hybrid.ulysses_mesh.get_local_rank(),
+            hybrid.tp_size,
+        ),
         "errors": errors,
     }
 
@@ -258,8 +277,10 @@ def test_tp_axis_is_innermost_so_tp_groups_are_consecutive_ranks():
         assert r["dp_cp_ranks"] == [rank % 2 + 2 * i for i in range(4)]  # gradients are summed here
         assert r["hybrid_dims"] == ("dp", "ring", "ulysses", "tp")
         assert r["hybrid"] == (rank // 2, rank // 4, rank // 2 % 2, 2)
-        assert r["errors"] == ["cp_size * tp_size = 3 * 2 does not divide the world size 8.",
-                               "dp_size * cp_size * tp_size = 3 * 2 * 2 = 12 must equal the world size 8."]
+        assert r["errors"] == [
+            "cp_size * tp_size = 3 * 2 does not divide the world size 8.",
+            "dp_size * cp_size * tp_size = 3 * 2 * 2 = 12 must equal the world size 8.",
+        ]
 
 
 def no_tp_case() -> dict:
@@ -269,8 +290,12 @@ def no_tp_case() -> dict:
         error = f"no error, got {group.tp_mesh}"
     except ValueError as e:
         error = str(e)
-    return {"tp_size": group.tp_size, "error": error, "unchanged": parallelize_for_tp(model, group) is model,
-            "plain": not any(isinstance(p, DTensor) for p in model.parameters())}
+    return {
+        "tp_size": group.tp_size,
+        "error": error,
+        "unchanged": parallelize_for_tp(model, group) is model,
+        "plain": not any(isinstance(p, DTensor) for p in model.parameters()),
+    }
 
 
 def test_group_without_tp_axis():
@@ -282,9 +307,36 @@ def test_group_without_tp_axis():
 # ---- the training job -----------------------------------------------------------------------------
 
 # Tiny sizes: 32-token sequences (16 per cp rank), 4 query and 2 K/V heads over tp 2, fp64.
-TINY = ["--seq-len", "32", "--batch-size", "4", "--hidden-size", "32", "--num-heads", "4", "--num-kv-heads", "2",
-        "--num-layers", "1", "--num-pairs", "4", "--num-keys", "4", "--num-values", "4", "--warmup", "1",
-        "--eval-samples", "4", "--log-every", "3", "--dtype", "float64", "--steps", "3"]
+TINY = [
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--hidden-size",
+    "32",
+    "--num-heads",
+    "4",
+    "--num-kv-heads",
+    "2",
+    "--num-layers",
+    "1",
+    "--num-pairs",
+    "4",
+    "--num-keys",
+    "4",
+    "--num-values",
+    "4",
+    "--warmup",
+    "1",
+    "--eval-samples",
+    "4",
+    "--log-every",
+    "3",
+    "--dtype",
+    "float64",
+    "--steps",
+    "3",
+]
 
 
 def train_case(argv: list[str]) -> dict:
@@ -292,8 +344,10 @@ def train_case(argv: list[str]) -> dict:
     from cp_dtensor.training.train import parse_args, train
 
     summary = train(parse_args(argv))
-    return {"losses": [c["loss"] for c in summary["curve"]],
-            "mesh": (summary["dp"], summary["cp"], summary["tp"], summary["world_size"])}
+    return {
+        "losses": [c["loss"] for c in summary["curve"]],
+        "mesh": (summary["dp"], summary["cp"], summary["tp"], summary["world_size"]),
+    }
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,9 @@ def test_dataset_is_deterministic_and_every_label_is_the_queried_pairs_value():
     ds = LongSequenceDataset(seq_len=256, num_pairs=6, num_keys=8, num_values=10, seed=3)
     item = ds[5]
     assert all(torch.equal(item[k], ds[5][k]) for k in item)  # a pure function of (seed, index)
-    assert not torch.equal(item["input_ids"], LongSequenceDataset(256, num_pairs=6, num_keys=8, num_values=10,
-                                                                  seed=4)[5]["input_ids"])
+    assert not torch.equal(
+        item["input_ids"], LongSequenceDataset(256, num_pairs=6, num_keys=8, num_values=10, seed=4)[5]["input_ids"]
+    )
     ids, labels = item["input_ids"], item["labels"]
     assert (labels != IGNORE_INDEX).sum() == ds.num_queries
     for q, src in zip(item["query_positions"].tolist(), item["source_positions"].tolist()):
@@ -91,8 +92,9 @@ def test_shift_labels_uses_the_next_token_of_the_full_sequence():
     assert shift_labels(ids, mask).tolist() == [[IGNORE_INDEX, 7, 8, IGNORE_INDEX]]
     # Packed documents [0, 0, 1, 1] then padding: no label crosses into the next document or comes from padding.
     ids, docs = torch.tensor([[5, 6, 7, 8, 9, 9]]), torch.tensor([[0, 0, 1, 1, -1, -1]])
-    assert shift_labels(ids, document_ids=docs).tolist() == [[6, IGNORE_INDEX, 8, IGNORE_INDEX, IGNORE_INDEX,
-                                                               IGNORE_INDEX]]
+    assert shift_labels(ids, document_ids=docs).tolist() == [
+        [6, IGNORE_INDEX, 8, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    ]
 
 
 def test_packed_dataset_labels_stay_inside_their_document():
@@ -123,13 +125,16 @@ def test_packed_and_window_flags_become_attention_masks():
     assert attention_kwargs(TrainConfig(packed=3, no_document_mask=True), docs) == {}
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--packed", "-1"], "--packed -1 must be >= 0"),
-    (["--window", "0"], "--window 0 must be >= 1"),
-    (["--no-document-mask"], "--no-document-mask needs --packed N"),
-    (["--compile", "--grad-sync", "fsdp"], "--compile with --grad-sync fsdp is not supported yet"),
-    (["--compile", "--loss-chunk-size", "64"], "--compile with --loss-chunk-size 64 is not supported yet"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--packed", "-1"], "--packed -1 must be >= 0"),
+        (["--window", "0"], "--window 0 must be >= 1"),
+        (["--no-document-mask"], "--no-document-mask needs --packed N"),
+        (["--compile", "--grad-sync", "fsdp"], "--compile with --grad-sync fsdp is not supported yet"),
+        (["--compile", "--loss-chunk-size", "64"], "--compile with --loss-chunk-size 64 is not supported yet"),
+    ],
+)
 def test_bad_packing_flags_fail_loudly(flags, message):
     from cp_dtensor.training.train import _setup  # the job's first step: checks the flags before any process group
 
@@ -153,9 +158,36 @@ def test_lr_warms_up_then_decays_to_a_tenth():
 
 # ---- the job, end to end (torchrun subprocesses) ---------------------------------------------------
 
-TINY = ["--seq-len", "32", "--batch-size", "4", "--hidden-size", "16", "--num-heads", "2", "--num-layers", "1",
-        "--num-pairs", "4", "--num-keys", "4", "--num-values", "4", "--steps", "6", "--warmup", "2",
-        "--eval-samples", "8", "--log-every", "1", "--dtype", "float64", "--seed", "5"]
+TINY = [
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--hidden-size",
+    "16",
+    "--num-heads",
+    "2",
+    "--num-layers",
+    "1",
+    "--num-pairs",
+    "4",
+    "--num-keys",
+    "4",
+    "--num-values",
+    "4",
+    "--steps",
+    "6",
+    "--warmup",
+    "2",
+    "--eval-samples",
+    "8",
+    "--log-every",
+    "1",
+    "--dtype",
+    "float64",
+    "--seed",
+    "5",
+]
 
 
 def run_job(tmp: Path, name: str, *flags: str, nproc: int = 4) -> tuple[subprocess.CompletedProcess, dict | None]:
@@ -185,8 +217,9 @@ def uninterrupted(tmp_path_factory) -> dict:
 def test_kill_mid_save_then_resume_reproduces_the_losses(uninterrupted, tmp_path):
     ckpt = tmp_path / "ckpt"
     # Killed (os._exit on every rank) inside step 4's save, after the data is written, before it is published.
-    proc, _ = run_job(tmp_path, "b", "--ckpt-dir", str(ckpt), "--save-every", "2", "--crash-at-step", "4",
-                      "--crash-in-save")
+    proc, _ = run_job(
+        tmp_path, "b", "--ckpt-dir", str(ckpt), "--save-every", "2", "--crash-at-step", "4", "--crash-in-save"
+    )
     assert proc.returncode != 0
     assert sorted(p.name for p in ckpt.iterdir()) == [".tmp_step_00000004", "step_00000002"]
     proc, resumed = run_job(tmp_path, "c", "--ckpt-dir", str(ckpt), "--save-every", "2", "--resume")
@@ -236,8 +269,10 @@ def test_packed_windowed_job_on_four_ranks_matches_one_process(tmp_path):
     for step, loss in losses(single).items():
         assert loss == pytest.approx(losses(four)[step], rel=1e-10, abs=0), step
     # The masks reach the attention: dropping either changes the losses (beyond rounding).
-    for name, changed in (("nomask", ("--packed", "2", "--window", "6", "--no-document-mask")),
-                          ("nowindow", ("--packed", "2"))):
+    for name, changed in (
+        ("nomask", ("--packed", "2", "--window", "6", "--no-document-mask")),
+        ("nowindow", ("--packed", "2")),
+    ):
         proc, other = run_job(tmp_path, name, *changed, nproc=1)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert abs(losses(other)[6] - losses(single)[6]) > 1e-6, name

@@ -35,7 +35,11 @@ from cp_dtensor.chunked_loss import DEFAULT_LOSS_CHUNK_SIZE, chunked_cross_entro
 from cp_dtensor.parallel.grad_sync import replica_group
 
 __all__ = [
-    "IGNORE_INDEX", "ShardedBatch", "causal_lm_loss", "chunked_causal_lm_loss", "document_ids_from_position_ids",
+    "IGNORE_INDEX",
+    "ShardedBatch",
+    "causal_lm_loss",
+    "chunked_causal_lm_loss",
+    "document_ids_from_position_ids",
     "shard_batch",
 ]
 
@@ -245,6 +249,11 @@ def chunked_causal_lm_loss(
         The :class:`~cp_dtensor.ShardedLoss` (``loss``, ``num_tokens``, ``num_correct``).
     """
     return chunked_cross_entropy_across_shards(
-        hidden_states, lm_head.weight, batch.shift_labels, batch.cp_group, bias=lm_head.bias,
-        chunk_size=chunk_size, ignore_index=ignore_index,
+        hidden_states,
+        lm_head.weight,
+        batch.shift_labels,
+        batch.cp_group,
+        bias=lm_head.bias,
+        chunk_size=chunk_size,
+        ignore_index=ignore_index,
     )

@@ -149,16 +149,25 @@ def _attention_plan(attn: ContextParallelAttention, tp_size: int, prefix: str = 
         k_style, v_style = ColwiseParallel(), ColwiseParallel()
     else:
         k_style, v_style = (ReplicatedKVParallel(attn.num_kv_heads, attn.head_dim) for _ in range(2))
-    return {f"{prefix}q_proj": ColwiseParallel(), f"{prefix}k_proj": k_style, f"{prefix}v_proj": v_style,
-            f"{prefix}o_proj": RowwiseParallel()}
+    return {
+        f"{prefix}q_proj": ColwiseParallel(),
+        f"{prefix}k_proj": k_style,
+        f"{prefix}v_proj": v_style,
+        f"{prefix}o_proj": RowwiseParallel(),
+    }
 
 
 def _mlp_plan(name: str) -> dict[str, ParallelStyle]:
     # One Replicate DTensor feeds w1 and w3, so their input gradients meet before one all-reduce.
-    to_dtensor = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),),
-                                    use_local_output=False)
-    return {name: to_dtensor, f"{name}.w1": ColwiseParallel(), f"{name}.w3": ColwiseParallel(),
-            f"{name}.w2": RowwiseParallel()}
+    to_dtensor = PrepareModuleInput(
+        input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=False
+    )
+    return {
+        name: to_dtensor,
+        f"{name}.w1": ColwiseParallel(),
+        f"{name}.w3": ColwiseParallel(),
+        f"{name}.w2": RowwiseParallel(),
+    }
 
 
 def tp_plan(module: nn.Module, tp_size: int) -> dict[str, ParallelStyle]:

@@ -90,8 +90,16 @@ class LongSequenceDataset(Dataset):
         self.num_pairs, self.num_queries = num_pairs, num_queries
         self.num_keys, self.num_values, self.num_filler = num_keys, num_values, num_filler
         self.num_documents = num_documents
-        names = ("seq_len", "num_samples", "num_pairs", "num_queries", "num_keys", "num_values", "num_filler",
-                 "num_documents")
+        names = (
+            "seq_len",
+            "num_samples",
+            "num_pairs",
+            "num_queries",
+            "num_keys",
+            "num_values",
+            "num_filler",
+            "num_documents",
+        )
         for name in names:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -134,8 +134,13 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.attn = ContextParallelAttention(
-            config.hidden_size, config.num_heads, cp_group, causal=config.causal,
-            num_kv_heads=config.num_kv_heads, strategy=config.strategy, rope_base=config.rope_base,
+            config.hidden_size,
+            config.num_heads,
+            cp_group,
+            causal=config.causal,
+            num_kv_heads=config.num_kv_heads,
+            strategy=config.strategy,
+            rope_base=config.rope_base,
         )
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.mlp_size)
@@ -274,7 +279,11 @@ class TransformerWithCP(nn.Module):
             out = cross_entropy_across_shards(self.lm_head(h_BSE), labels, self.cp_group)
         else:
             out = chunked_cross_entropy_across_shards(
-                h_BSE, self.lm_head.weight, labels, self.cp_group, bias=self.lm_head.bias,
+                h_BSE,
+                self.lm_head.weight,
+                labels,
+                self.cp_group,
+                bias=self.lm_head.bias,
                 chunk_size=self.config.loss_chunk_size,
             )
         return out if return_sharded_loss else out.loss

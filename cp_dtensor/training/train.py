@@ -95,18 +95,25 @@ class TrainConfig:
     layout: str = _opt("sequence layout: zigzag or contiguous", default="zigzag")
     strategy: str = _opt("attention strategy over cp, a name in cp_dtensor.STRATEGIES", default="ring")
     ulysses_size: int | None = _opt("Ulysses ranks inside cp, for --strategy hybrid (a divisor of cp)", default=None)
-    grad_sync: str = _opt("ddp: every dp x cp rank holds the whole model, gradients all-reduced; fsdp: parameters, "
-                          "gradients and optimizer states sharded over the dp x cp ranks (FSDP2)", default="ddp")
+    grad_sync: str = _opt(
+        "ddp: every dp x cp rank holds the whole model, gradients all-reduced; fsdp: parameters, "
+        "gradients and optimizer states sharded over the dp x cp ranks (FSDP2)",
+        default="ddp",
+    )
     hidden_size: int = _opt("model width", default=128)
     num_layers: int = _opt("decoder blocks", default=2)
     num_heads: int = _opt("attention heads", default=8)
     num_kv_heads: int | None = _opt("K/V heads (GQA); default num_heads", default=None)
     intermediate_size: int | None = _opt("SwiGLU width; default 8/3 hidden_size rounded up to 32", default=None)
     rope_base: float = _opt("RoPE base (theta)", default=ModelConfig.rope_base)
-    ac: str = _opt("activation checkpointing of the decoder blocks: none, full (recompute each block, ring "
-                   "included) or selective (recompute the MLPs, keep attention)", default="none")
-    loss_chunk_size: int = _opt("tokens per tile of the LM head + loss, which then never holds all logits "
-                                "(0: whole logits)", default=0)
+    ac: str = _opt(
+        "activation checkpointing of the decoder blocks: none, full (recompute each block, ring "
+        "included) or selective (recompute the MLPs, keep attention)",
+        default="none",
+    )
+    loss_chunk_size: int = _opt(
+        "tokens per tile of the LM head + loss, which then never holds all logits (0: whole logits)", default=0
+    )
     steps: int = _opt("optimizer steps", default=600)
     lr: float = _opt("peak learning rate (AdamW)", default=3e-3)
     warmup: int = _opt("linear warm-up steps, then cosine decay to lr/10", default=20)
@@ -118,20 +125,32 @@ class TrainConfig:
     num_keys: int = _opt("key vocabulary", default=8)
     num_values: int = _opt("value vocabulary", default=8)
     num_filler: int = _opt("filler token ids", default=1)
-    packed: int = _opt("pack this many recall documents of random lengths into each sequence; attention stays "
-                       "inside each document (document_ids mask); 0: one document per sequence, no mask", default=0)
-    no_document_mask: bool = _opt("with --packed: drop the document mask and attend causally across the packed "
-                                  "documents, to measure what a CP path that ignores the mask costs", default=False)
-    window: int | None = _opt("sliding window: each token attends to itself and the window - 1 tokens before "
-                              "it (exact; blocks outside every window are skipped); default: full causal",
-                              default=None)
-    compile: bool = _opt("torch.compile the model (fullgraph; each attention call is one custom operator, see "
-                         "docs/performance.md); the first step compiles", default=False)
+    packed: int = _opt(
+        "pack this many recall documents of random lengths into each sequence; attention stays "
+        "inside each document (document_ids mask); 0: one document per sequence, no mask",
+        default=0,
+    )
+    no_document_mask: bool = _opt(
+        "with --packed: drop the document mask and attend causally across the packed "
+        "documents, to measure what a CP path that ignores the mask costs",
+        default=False,
+    )
+    window: int | None = _opt(
+        "sliding window: each token attends to itself and the window - 1 tokens before "
+        "it (exact; blocks outside every window are skipped); default: full causal",
+        default=None,
+    )
+    compile: bool = _opt(
+        "torch.compile the model (fullgraph; each attention call is one custom operator, see "
+        "docs/performance.md); the first step compiles",
+        default=False,
+    )
     eval_samples: int = _opt("held-out sequences scored at the end", default=64)
     log_every: int = _opt("steps between progress lines", default=10)
     ckpt_dir: str | None = _opt("directory for checkpoints (torch.distributed.checkpoint)", default=None)
-    save_every: int = _opt("save a checkpoint every N steps (0: never; the last step is always saved "
-                           "when --ckpt-dir is set)", default=0)
+    save_every: int = _opt(
+        "save a checkpoint every N steps (0: never; the last step is always saved when --ckpt-dir is set)", default=0
+    )
     resume: bool = _opt("resume from the newest complete checkpoint in --ckpt-dir", default=False)
     profile: str | None = _opt("write a torch.profiler trace of steps 3-5 per rank to this directory", default=None)
     out: str | None = _opt("write the summary and the curve as JSON to this file", default=None)
@@ -144,7 +163,8 @@ class TrainConfig:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Build a :class:`TrainConfig` from command-line flags (one ``--flag`` per field)."""
     parser = argparse.ArgumentParser(
-        prog="python -m cp_dtensor.training", description=__doc__.split("\n\n")[0],
+        prog="python -m cp_dtensor.training",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in fields(TrainConfig):
@@ -199,11 +219,14 @@ def local_batch(
         ``(input_ids, labels, attn_kwargs)``: the ids and labels ``(b, S)`` of this rank, and the
         masks of :func:`attention_kwargs`.
     """
-    ids_BL, labels_BL, docs_BL = (torch.stack([it[key] for it in items])
-                                  for key in ("input_ids", "labels", "document_ids"))
-    return (cp_group.partition_sequence(ids_BL, seq_dim=1).to(device),
-            cp_group.partition_sequence(labels_BL, seq_dim=1).to(device),
-            attention_kwargs(cfg, docs_BL))
+    ids_BL, labels_BL, docs_BL = (
+        torch.stack([it[key] for it in items]) for key in ("input_ids", "labels", "document_ids")
+    )
+    return (
+        cp_group.partition_sequence(ids_BL, seq_dim=1).to(device),
+        cp_group.partition_sequence(labels_BL, seq_dim=1).to(device),
+        attention_kwargs(cfg, docs_BL),
+    )
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -288,19 +311,34 @@ def _setup(cfg: TrainConfig) -> tuple[ContextParallelGroup, torch.device]:
 
 
 def _datasets(cfg: TrainConfig) -> tuple[LongSequenceDataset, LongSequenceDataset]:
-    kwargs = dict(num_pairs=cfg.num_pairs, num_keys=cfg.num_keys, num_values=cfg.num_values, num_filler=cfg.num_filler,
-                  num_documents=max(cfg.packed, 1))
+    kwargs = dict(
+        num_pairs=cfg.num_pairs,
+        num_keys=cfg.num_keys,
+        num_values=cfg.num_values,
+        num_filler=cfg.num_filler,
+        num_documents=max(cfg.packed, 1),
+    )
     try:
-        return (LongSequenceDataset(cfg.seq_len, seed=cfg.seed, **kwargs),
-                LongSequenceDataset(cfg.seq_len, seed=cfg.seed + 1, **kwargs))  # held out: other sequences
+        return (
+            LongSequenceDataset(cfg.seq_len, seed=cfg.seed, **kwargs),
+            LongSequenceDataset(cfg.seq_len, seed=cfg.seed + 1, **kwargs),
+        )  # held out: other sequences
     except ValueError as e:  # the dataset names its parameters; name the flags that set them
-        raise ValueError(f"the recall task's flags do not fit together (--seq-len {cfg.seq_len}, --packed "
-                         f"{cfg.packed}, --num-pairs {cfg.num_pairs}, --num-keys {cfg.num_keys}, --num-values "
-                         f"{cfg.num_values}): {e}") from e
+        raise ValueError(
+            f"the recall task's flags do not fit together (--seq-len {cfg.seq_len}, --packed "
+            f"{cfg.packed}, --num-pairs {cfg.num_pairs}, --num-keys {cfg.num_keys}, --num-values "
+            f"{cfg.num_values}): {e}"
+        ) from e
 
 
-def evaluate(model: TransformerWithCP, dataset: LongSequenceDataset, cfg: TrainConfig,
-             cp_group: ContextParallelGroup, device: torch.device, autocast) -> dict[str, float]:
+def evaluate(
+    model: TransformerWithCP,
+    dataset: LongSequenceDataset,
+    cfg: TrainConfig,
+    cp_group: ContextParallelGroup,
+    device: torch.device,
+    autocast,
+) -> dict[str, float]:
     """Recall accuracy on the first ``cfg.eval_samples`` sequences of ``dataset`` (collective).
 
     Returns:
@@ -315,30 +353,40 @@ def evaluate(model: TransformerWithCP, dataset: LongSequenceDataset, cfg: TrainC
         for first in range(dp_rank * per_dp, cfg.eval_samples - cfg.eval_samples % cfg.batch_size, cfg.batch_size):
             items = [dataset[first + i] for i in range(per_dp)]
             ids, labels, attn_kwargs = local_batch(items, cp_group, device, cfg)
-            remote = cp_group.partition_sequence(torch.stack([
-                dataset.remote_answers(it, cp_group.size, cp_group.layout) for it in items
-            ]), seq_dim=1).to(device)
+            remote = cp_group.partition_sequence(
+                torch.stack([dataset.remote_answers(it, cp_group.size, cp_group.layout) for it in items]), seq_dim=1
+            ).to(device)
             with autocast():
                 logits = model(ids, return_logits=True, **attn_kwargs)
             asked = labels != IGNORE_INDEX
             correct = (logits.argmax(-1) == labels) & asked
-            counts += torch.stack([(correct & remote).sum(), (asked & remote).sum(),
-                                   (correct & ~remote).sum(), (asked & ~remote).sum()]).double()
+            counts += torch.stack(
+                [(correct & remote).sum(), (asked & remote).sum(), (correct & ~remote).sum(), (asked & ~remote).sum()]
+            ).double()
     dist.all_reduce(counts, group=replica_group(cp_group))
     c_remote, n_remote, c_local, n_local = counts.tolist()
     ratio = lambda c, n: c / n if n else float("nan")  # noqa: E731
-    return {"eval_accuracy": ratio(c_remote + c_local, n_remote + n_local),
-            "eval_accuracy_remote": ratio(c_remote, n_remote), "eval_accuracy_local": ratio(c_local, n_local),
-            "eval_answers": int(n_remote + n_local)}
+    return {
+        "eval_accuracy": ratio(c_remote + c_local, n_remote + n_local),
+        "eval_accuracy_remote": ratio(c_remote, n_remote),
+        "eval_accuracy_local": ratio(c_local, n_local),
+        "eval_answers": int(n_remote + n_local),
+    }
 
 
 def _build(cfg: TrainConfig, cp_group: ContextParallelGroup, device: torch.device, vocab_size: int):
     """The model (same initial weights on every rank), its gradient-syncing wrapper and the optimizer."""
     torch.manual_seed(cfg.seed)
     model_cfg = ModelConfig(
-        vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
-        rope_base=cfg.rope_base, strategy=cfg.strategy, activation_checkpointing=cfg.ac,
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.intermediate_size,
+        rope_base=cfg.rope_base,
+        strategy=cfg.strategy,
+        activation_checkpointing=cfg.ac,
         loss_chunk_size=cfg.loss_chunk_size or None,
     )
     model = TransformerWithCP(model_cfg, cp_group=cp_group).to(device)
@@ -400,20 +448,30 @@ def _throughput(curve: list[dict[str, float]], tokens_per_step: int) -> float:
     return tokens_per_step * len(curve) / seconds if seconds else float("nan")
 
 
-def _banner(cfg: TrainConfig, cp_group: ContextParallelGroup, dataset: LongSequenceDataset, device: torch.device,
-            num_params: int, start_step: int) -> None:
-    print(f"cp_dtensor.training: world {dist.get_world_size()} = dp {cp_group.dp_mesh.size()} x cp {cp_group.size} "
-          f"x tp {cp_group.tp_size} ({cp_group.layout}, {cfg.strategy}, {cfg.grad_sync}), "
-          f"{device.type}/{dist.get_backend()}, "
-          f"{num_params:,} parameters, {cfg.dtype}")
+def _banner(
+    cfg: TrainConfig,
+    cp_group: ContextParallelGroup,
+    dataset: LongSequenceDataset,
+    device: torch.device,
+    num_params: int,
+    start_step: int,
+) -> None:
+    print(
+        f"cp_dtensor.training: world {dist.get_world_size()} = dp {cp_group.dp_mesh.size()} x cp {cp_group.size} "
+        f"x tp {cp_group.tp_size} ({cp_group.layout}, {cfg.strategy}, {cfg.grad_sync}), "
+        f"{device.type}/{dist.get_backend()}, "
+        f"{num_params:,} parameters, {cfg.dtype}"
+    )
     mask = "NO document mask" if cfg.no_document_mask else "document mask"
     packing = f"{cfg.packed} packed documents ({mask}) of " if cfg.packed else ""
     window = f", sliding window {cfg.window}" if cfg.window is not None else ""
-    print(f"task: {cfg.seq_len} tokens/sequence ({cfg.seq_len // cp_group.size} per cp rank{window}), {packing}"
-          f"{cfg.num_pairs} key-value pairs, {cfg.batch_size} sequences/step; answers on another cp "
-          f"rank's shard: {dataset.remote_fraction(cp_group.size, cp_group.layout):.0%}; chance accuracy "
-          f"{dataset.chance_accuracy:.1%}" + (f"; resuming after step {start_step}" if start_step else ""),
-          flush=True)
+    print(
+        f"task: {cfg.seq_len} tokens/sequence ({cfg.seq_len // cp_group.size} per cp rank{window}), {packing}"
+        f"{cfg.num_pairs} key-value pairs, {cfg.batch_size} sequences/step; answers on another cp "
+        f"rank's shard: {dataset.remote_fraction(cp_group.size, cp_group.layout):.0%}; chance accuracy "
+        f"{dataset.chance_accuracy:.1%}" + (f"; resuming after step {start_step}" if start_step else ""),
+        flush=True,
+    )
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -433,8 +491,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     dp, dp_rank = cp_group.dp_mesh.size(), cp_group.dp_mesh.get_local_rank()
     per_dp = cfg.batch_size // dp
     model, ddp, optimizer = _build(cfg, cp_group, device, dataset.vocab_size)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.dtype == "bfloat16" \
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if cfg.dtype == "bfloat16"
         else contextlib.nullcontext
+    )
     start_step = _resume(cfg, ddp, optimizer)
     num_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
@@ -445,26 +506,42 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tokens_per_step = cfg.batch_size * cfg.seq_len
     mem_per_rank: list[float] = []
     wall_start = time.perf_counter()
-    with (_profiler(cfg, rank, device) if cfg.profile else contextlib.nullcontext()) as prof:
+    with _profiler(cfg, rank, device) if cfg.profile else contextlib.nullcontext() as prof:
         for step in range(start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             first = (step - 1) * cfg.batch_size + dp_rank * per_dp  # the data position is a function of step
             batch = local_batch([dataset[first + i] for i in range(per_dp)], cp_group, device, cfg)
             out = _step(cfg, step, ddp, model, optimizer, batch, cp_group, autocast)
-            curve.append({"step": step, "loss": out.loss.item(), "accuracy": out.accuracy, "lr": lr_at(step, cfg),
-                          "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
-                          "time_s": time.perf_counter() - wall_start})
+            curve.append(
+                {
+                    "step": step,
+                    "loss": out.loss.item(),
+                    "accuracy": out.accuracy,
+                    "lr": lr_at(step, cfg),
+                    "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
+                    "time_s": time.perf_counter() - wall_start,
+                }
+            )
             if step % cfg.log_every == 0 or step == cfg.steps:
                 mem_per_rank = gather_floats(peak_memory_mb(device), device)
-                recent = curve[-cfg.log_every:]
-                progress.update(step, f"loss {curve[-1]['loss']:.3f} acc {_mean(recent, 'accuracy'):.2f} "
-                                      f"{_throughput(recent, tokens_per_step) / 1e3:.1f}k tok/s "
-                                      f"mem/rank {'/'.join(f'{m:.0f}' for m in mem_per_rank)} MB", start_step)
+                recent = curve[-cfg.log_every :]
+                progress.update(
+                    step,
+                    f"loss {curve[-1]['loss']:.3f} acc {_mean(recent, 'accuracy'):.2f} "
+                    f"{_throughput(recent, tokens_per_step) / 1e3:.1f}k tok/s "
+                    f"mem/rank {'/'.join(f'{m:.0f}' for m in mem_per_rank)} MB",
+                    start_step,
+                )
             if cfg.ckpt_dir and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
                 crash = cfg.crash_in_save and step == cfg.crash_at_step
-                save_checkpoint(cfg.ckpt_dir, step, ddp, optimizer,
-                                {"step": step, "next_sample": step * cfg.batch_size},
-                                before_rename=(lambda: os._exit(17)) if crash else None)
+                save_checkpoint(
+                    cfg.ckpt_dir,
+                    step,
+                    ddp,
+                    optimizer,
+                    {"step": step, "next_sample": step * cfg.batch_size},
+                    before_rename=(lambda: os._exit(17)) if crash else None,
+                )
             if step == cfg.crash_at_step:
                 os._exit(17)  # testing: a hard kill, no cleanup (see tests/test_train.py)
             if prof is not None:
@@ -474,17 +551,31 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     evaluation = evaluate(model, eval_set, cfg, cp_group, device, autocast)
     if cfg.profile and rank == 0:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-    tail = curve[-max(len(curve) // 10, 1):]
+    tail = curve[-max(len(curve) // 10, 1) :]
     return {
-        "command": _command(world), "machine": _machine(), "config": asdict(cfg), "world_size": world,
-        "dp": dp, "cp": cp_group.size, "tp": cp_group.tp_size, "device": device.type,
-        "backend": dist.get_backend(), "torch": torch.__version__, "num_params": num_params,
-        "tokens_per_cp_rank": cfg.seq_len // cp_group.size, "steps_run": len(curve), "first_step": start_step + 1,
-        "wall_s": wall, "tokens_per_s": _throughput(curve[1:], tokens_per_step),  # the first step warms up
-        "final_loss": _mean(tail, "loss"), "final_train_accuracy": _mean(tail, "accuracy"),
-        **evaluation, "chance_accuracy": dataset.chance_accuracy,
+        "command": _command(world),
+        "machine": _machine(),
+        "config": asdict(cfg),
+        "world_size": world,
+        "dp": dp,
+        "cp": cp_group.size,
+        "tp": cp_group.tp_size,
+        "device": device.type,
+        "backend": dist.get_backend(),
+        "torch": torch.__version__,
+        "num_params": num_params,
+        "tokens_per_cp_rank": cfg.seq_len // cp_group.size,
+        "steps_run": len(curve),
+        "first_step": start_step + 1,
+        "wall_s": wall,
+        "tokens_per_s": _throughput(curve[1:], tokens_per_step),  # the first step warms up
+        "final_loss": _mean(tail, "loss"),
+        "final_train_accuracy": _mean(tail, "accuracy"),
+        **evaluation,
+        "chance_accuracy": dataset.chance_accuracy,
         "remote_answer_fraction": dataset.remote_fraction(cp_group.size, cp_group.layout),
-        "peak_memory_mb_per_rank": mem_per_rank, "curve": curve,
+        "peak_memory_mb_per_rank": mem_per_rank,
+        "curve": curve,
     }
 
 
@@ -494,7 +585,8 @@ def _profiler(cfg: TrainConfig, rank: int, device: torch.device):
     Path(cfg.profile).mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     return profile(
-        activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+        activities=activities,
+        schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
         on_trace_ready=lambda p: p.export_chrome_trace(str(Path(cfg.profile) / f"rank{rank}.json")),
     )
 
@@ -509,8 +601,13 @@ def _machine() -> dict[str, Any]:
     with contextlib.suppress(OSError):
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu,
-            "loadavg_1m": os.getloadavg()[0]}
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu,
+        "loadavg_1m": os.getloadavg()[0],
+    }
 
 
 def _command(world: int) -> str:
@@ -521,23 +618,37 @@ def _command(world: int) -> str:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     rows = [
-        ("ranks", f"{summary['world_size']} = dp {summary['dp']} x cp {summary['cp']} x tp {summary['tp']} "
-                  f"({summary['device']}, "
-                  f"{summary['backend']})"),
-        ("steps", f"{summary['first_step']}..{summary['first_step'] + summary['steps_run'] - 1} "
-                  f"in {summary['wall_s']:.1f} s"),
+        (
+            "ranks",
+            f"{summary['world_size']} = dp {summary['dp']} x cp {summary['cp']} x tp {summary['tp']} "
+            f"({summary['device']}, "
+            f"{summary['backend']})",
+        ),
+        (
+            "steps",
+            f"{summary['first_step']}..{summary['first_step'] + summary['steps_run'] - 1} in {summary['wall_s']:.1f} s",
+        ),
         ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s"),
         ("final loss", f"{summary['final_loss']:.4f} (mean of the last 10% of steps)"),
-        ("recall accuracy", f"train {_pct(summary['final_train_accuracy'])} (last 10% of steps); held-out "
-                            f"{_pct(summary['eval_accuracy'])} of {summary['eval_answers']} answers; chance "
-                            f"{_pct(summary['chance_accuracy'])}"),
-        ("  by location", f"answer on another cp rank's shard {_pct(summary['eval_accuracy_remote'])}, on the "
-                          f"query's own shard {_pct(summary['eval_accuracy_local'])}"),
+        (
+            "recall accuracy",
+            f"train {_pct(summary['final_train_accuracy'])} (last 10% of steps); held-out "
+            f"{_pct(summary['eval_accuracy'])} of {summary['eval_answers']} answers; chance "
+            f"{_pct(summary['chance_accuracy'])}",
+        ),
+        (
+            "  by location",
+            f"answer on another cp rank's shard {_pct(summary['eval_accuracy_remote'])}, on the "
+            f"query's own shard {_pct(summary['eval_accuracy_local'])}",
+        ),
         ("answers remote", f"{summary['remote_answer_fraction']:.0%} on another cp rank's shard"),
         ("peak memory", " / ".join(f"{m:.0f}" for m in summary["peak_memory_mb_per_rank"]) + " MB per rank"),
-        ("machine", f"{summary['machine']['cpu_count']} x {summary['machine']['cpu']}"
-                    + (f", {summary['machine']['gpu']}" if summary["machine"]["gpu"] else "")
-                    + f", load average {summary['machine']['loadavg_1m']:.1f} at the end"),
+        (
+            "machine",
+            f"{summary['machine']['cpu_count']} x {summary['machine']['cpu']}"
+            + (f", {summary['machine']['gpu']}" if summary["machine"]["gpu"] else "")
+            + f", load average {summary['machine']['loadavg_1m']:.1f} at the end",
+        ),
     ]
     print("summary:")
     for name, value in rows:

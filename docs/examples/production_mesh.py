@@ -26,8 +26,11 @@ def main() -> None:
     if rank == 0:
         print(f"{mesh}\n  rank grid (rows: dp, columns: cp) = {mesh.mesh.tolist()}", flush=True)
     dist.barrier()
-    print(f"rank {rank}: coordinate (dp, cp) = {tuple(mesh.get_coordinate())}, my cp ring = ranks "
-          f"{cp_group.cp_mesh.mesh.tolist()}, my dp group = ranks {cp_group.dp_mesh.mesh.tolist()}", flush=True)
+    print(
+        f"rank {rank}: coordinate (dp, cp) = {tuple(mesh.get_coordinate())}, my cp ring = ranks "
+        f"{cp_group.cp_mesh.mesh.tolist()}, my dp group = ranks {cp_group.dp_mesh.mesh.tolist()}",
+        flush=True,
+    )
     dist.barrier()
 
     # Each dp replica has its own sequence; the cp ranks of a replica share it.
@@ -48,8 +51,10 @@ def main() -> None:
     in_order = cp_group.gather_sequence(x_local, seq_dim=1)  # natural order again (collective too)
     assert torch.equal(in_order, x)
     if rank == 0:
-        print(f"placements {x_dt.placements} on the cp mesh; local {tuple(x_dt.to_local().shape)}, "
-              f"global {tuple(x_dt.shape)}")
+        print(
+            f"placements {x_dt.placements} on the cp mesh; local {tuple(x_dt.to_local().shape)}, "
+            f"global {tuple(x_dt.shape)}"
+        )
         print("x                      :", x.flatten().int().tolist())
         print("x_dt.full_tensor()     :", logical.flatten().int().tolist())
         print("x_dt.to_local()        :", x_dt.to_local().flatten().int().tolist())

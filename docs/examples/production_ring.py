@@ -27,8 +27,11 @@ def main() -> None:
 
     # This rank's shard: L / P = 64 tokens, two runs of 32 under zigzag.
     q_l, k_l, v_l = (cp_group.partition_sequence(x, seq_dim=2).to(device).requires_grad_() for x in (q, k, v))
-    print(f"rank {dist.get_rank()}: cp rank {cp_group.rank} of {cp_group.size}, holds positions "
-          f"{cp_group.runs(L)} (start, length) -> q_local {tuple(q_l.shape)}", flush=True)
+    print(
+        f"rank {dist.get_rank()}: cp rank {cp_group.rank} of {cp_group.size}, holds positions "
+        f"{cp_group.runs(L)} (start, length) -> q_local {tuple(q_l.shape)}",
+        flush=True,
+    )
 
     with count_comm() as comm:
         out_l = ring_attention(q_l, k_l, v_l, cp_group, causal=True)
@@ -44,8 +47,7 @@ def main() -> None:
             err = (a - b.detach()).abs().max().item()
             print(f"{name}: max |ring - full attention| = {err:.1e}")
             assert err < 1e-10, name  # fp64: only the order of the additions differs
-        print(f"rank 0 sent {comm.total_bytes:,} bytes in {sum(comm.calls.values())} transfers "
-              f"({dict(comm.calls)})")
+        print(f"rank 0 sent {comm.total_bytes:,} bytes in {sum(comm.calls.values())} transfers ({dict(comm.calls)})")
     dist.barrier()  # every rank done sending before gloo tears down (it can abort at exit otherwise)
     dist.destroy_process_group()
 

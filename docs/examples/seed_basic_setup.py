@@ -35,7 +35,7 @@ def main() -> None:
         hidden_size=4096,
         num_heads=32,
         cp_group=cp_group,
-        causal=True  # For autoregressive models
+        causal=True,  # For autoregressive models
     )
 
     # Input: local sequence shard (batch, seq_len_local, hidden_size)

@@ -29,8 +29,10 @@ def main() -> None:
 
     # Check Sequence Partitioning: verify each rank has the correct shard
     local_seq = cp_group.partition_sequence(full_seq, seq_dim=1)
-    print(f"rank {cp_group.rank}: seq shape {local_seq.shape}, positions {cp_group.runs(SEQ_LEN)} (start, length)",
-          flush=True)
+    print(
+        f"rank {cp_group.rank}: seq shape {local_seq.shape}, positions {cp_group.runs(SEQ_LEN)} (start, length)",
+        flush=True,
+    )
     assert local_seq.shape == (BATCH, SEQ_LEN // cp_group.size, HIDDEN)  # should be (batch, seq_len/cp_size, hidden)
     assert torch.equal(cp_group.gather_sequence(local_seq, seq_dim=1), full_seq)  # and they fit back together
 
@@ -39,8 +41,11 @@ def main() -> None:
 
     def watched(self, tensors, offset=1):
         if dist.get_rank() == 0:
-            print(f"  ring_forward on rank 0: send {[tuple(t.shape) for t in tensors]} to rank "
-                  f"{self._peer(offset)}, receive from rank {self._peer(-offset)}", flush=True)
+            print(
+                f"  ring_forward on rank 0: send {[tuple(t.shape) for t in tensors]} to rank "
+                f"{self._peer(offset)}, receive from rank {self._peer(-offset)}",
+                flush=True,
+            )
         return original(self, tensors, offset)
 
     attention = ContextParallelAttention(hidden_size=HIDDEN, num_heads=4, cp_group=cp_group, causal=True)

@@ -10,11 +10,7 @@ Page 8 (Memory) explains what the numbers count and compares the estimator with 
 from cp_dtensor import estimate_context_parallel_memory_savings
 
 savings = estimate_context_parallel_memory_savings(
-    seq_len=1_000_000,
-    hidden_size=4096,
-    num_layers=32,
-    batch_size=1,
-    cp_size=8
+    seq_len=1_000_000, hidden_size=4096, num_layers=32, batch_size=1, cp_size=8
 )
 
 print(f"Without CP: {savings['without_cp_gb']:.1f} GB")

@@ -57,8 +57,8 @@ def main() -> None:
     losses = []
     for step, batch in enumerate(dataloader):
         # Partition sequences across CP group: each rank gets seq_len / cp_size tokens
-        local_seq = cp_group.partition_sequence(batch['input_ids'], seq_dim=1)
-        local_labels = cp_group.partition_sequence(batch['labels'], seq_dim=1)  # shifted on the full sequence
+        local_seq = cp_group.partition_sequence(batch["input_ids"], seq_dim=1)
+        local_labels = cp_group.partition_sequence(batch["labels"], seq_dim=1)  # shifted on the full sequence
 
         # Forward: ring attention computes full attention; the loss is the global-batch mean
         loss = model(local_seq, local_labels)
@@ -70,8 +70,11 @@ def main() -> None:
 
         losses.append(loss.item())
         if dist.get_rank() == 0:
-            print(f"step {step + 1}: loss {loss.item():.6f} (local_seq {tuple(local_seq.shape)} on each of "
-                  f"{dist.get_world_size()} ranks = dp {dp_mesh.size()} x cp {cp_group.size})", flush=True)
+            print(
+                f"step {step + 1}: loss {loss.item():.6f} (local_seq {tuple(local_seq.shape)} on each of "
+                f"{dist.get_world_size()} ranks = dp {dp_mesh.size()} x cp {cp_group.size})",
+                flush=True,
+            )
         if step + 1 == args.steps:
             break
 

@@ -42,15 +42,26 @@ def main() -> None:
         error = max((a - b).abs().max().item() for a, b in zip(got, [full_attention(q, k, v, causal=True), *expected]))
         assert error < 1e-10, f"{strategy}: error {error}"
 
-        model = comm_bytes(strategy, batch=B, seq_len=L, heads=H, kv_heads=H_KV, head_dim=D,
-                           world_size=cp_group.size, dtype=q.dtype, ulysses_size=cp_group.ulysses_size)
+        model = comm_bytes(
+            strategy,
+            batch=B,
+            seq_len=L,
+            heads=H,
+            kv_heads=H_KV,
+            head_dim=D,
+            world_size=cp_group.size,
+            dtype=q.dtype,
+            ulysses_size=cp_group.ulysses_size,
+        )
         matches = dict(fwd.bytes) == model.forward and dict(bwd.bytes) == model.backward
         assert matches, f"{strategy}: sent {dict(fwd.bytes)} / {dict(bwd.bytes)}, model {model}"
         rows.append((strategy, error, fwd.total_bytes, bwd.total_bytes, matches))
 
     if cp_group.rank == 0:
-        print(f"P={cp_group.size} (hybrid: {cp_group.size // cp_group.ulysses_size} x {cp_group.ulysses_size}), "
-              f"B={B} H={H} H_kv={H_KV} L={L} D={D}, fp64, causal, bytes sent per rank")
+        print(
+            f"P={cp_group.size} (hybrid: {cp_group.size // cp_group.ulysses_size} x {cp_group.ulysses_size}), "
+            f"B={B} H={H} H_kv={H_KV} L={L} D={D}, fp64, causal, bytes sent per rank"
+        )
         print(f"{'strategy':<10} {'max error':>10} {'forward B':>10} {'backward B':>11}  = model")
         for strategy, error, fwd_bytes, bwd_bytes, matches in rows:
             print(f"{strategy:<10} {error:10.1e} {fwd_bytes:10d} {bwd_bytes:11d}  {'yes' if matches else 'no'}")

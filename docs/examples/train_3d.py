@@ -22,8 +22,7 @@ from cp_dtensor import (
 
 def main() -> None:
     cp_group = init_context_parallel_group(cp_size=2, tp_size=2, device_type="cpu")  # dp = 8 / (2 * 2)
-    config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                         intermediate_size=64)
+    config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
     torch.manual_seed(0)  # the same whole model on every rank, then split
     model = parallelize_for_tp(TransformerWithCP(config, cp_group=cp_group), cp_group)  # heads over tp
     model = apply_ddp(model, cp_group)  # gradients summed over dp x cp, never over tp

@@ -48,8 +48,17 @@ def fig_mesh_3d(out: Path) -> None:
                 ax.add_patch(plt.Rectangle((tp_rank + 0.06, y + 0.1), 0.88, 0.8, color=TP_COLORS[tp_rank]))
                 ax.text(tp_rank + 0.5, y + 0.5, str(rank), ha="center", va="center", fontsize=10)
             # One row = one tp group: 4 consecutive ranks, inside one node.
-            ax.add_patch(FancyBboxPatch((0.02, y + 0.05), TP - 0.04, 0.9, boxstyle="round,pad=0,rounding_size=0.15",
-                                        fill=False, lw=1.2, ec="#333333"))
+            ax.add_patch(
+                FancyBboxPatch(
+                    (0.02, y + 0.05),
+                    TP - 0.04,
+                    0.9,
+                    boxstyle="round,pad=0,rounding_size=0.15",
+                    fill=False,
+                    lw=1.2,
+                    ec="#333333",
+                )
+            )
         for boundary in range(GPUS_PER_NODE // TP, CP, GPUS_PER_NODE // TP):  # node boundaries
             ax.axhline(CP - boundary, color="gray", ls="--", lw=0.8)
         nodes = [int(grid[dp_rank].min()) // GPUS_PER_NODE, int(grid[dp_rank].max()) // GPUS_PER_NODE]
@@ -61,14 +70,21 @@ def fig_mesh_3d(out: Path) -> None:
         ax.tick_params(length=0)
         for side in ax.spines.values():
             side.set_visible(False)
-    fig.suptitle(f"{DP * CP * TP} GPUs: {CP}-way CP x {TP}-way TP x {DP}-way DP, mesh (\"dp\", \"cp\", \"tp\") = "
-                 f"({DP}, {CP}, {TP})", fontsize=12)
-    fig.text(0.5, 0.005,
-             "row: a tp group (4 consecutive ranks in one node) splits the heads and MLP width\n"
-             "column: a cp ring (8 ranks, stride 4) shares one sequence; the same cell in both panels: dp replicas\n"
-             "one colour: the 16 ranks that hold the same weight shard; gradients are summed over them (dp x cp)\n"
-             "dashed line: node boundary (8 GPUs per node)",
-             ha="center", va="bottom", fontsize=9.5)
+    fig.suptitle(
+        f'{DP * CP * TP} GPUs: {CP}-way CP x {TP}-way TP x {DP}-way DP, mesh ("dp", "cp", "tp") = ({DP}, {CP}, {TP})',
+        fontsize=12,
+    )
+    fig.text(
+        0.5,
+        0.005,
+        "row: a tp group (4 consecutive ranks in one node) splits the heads and MLP width\n"
+        "column: a cp ring (8 ranks, stride 4) shares one sequence; the same cell in both panels: dp replicas\n"
+        "one colour: the 16 ranks that hold the same weight shard; gradients are summed over them (dp x cp)\n"
+        "dashed line: node boundary (8 GPUs per node)",
+        ha="center",
+        va="bottom",
+        fontsize=9.5,
+    )
     fig.subplots_adjust(bottom=0.2, top=0.9, wspace=0.35)
     fig.savefig(out / "mesh_3d.png", **SAVE)
     plt.close(fig)

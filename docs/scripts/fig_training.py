@@ -45,8 +45,9 @@ def fig_training_curve(summary: dict, out: Path) -> None:
 
     num_values = summary["config"]["num_values"]
     ax_loss.plot(steps, [c["loss"] for c in curve], color="C0", lw=1, label="train loss")
-    ax_loss.axhline(math.log(num_values), color="gray", ls="--", lw=1,
-                    label=f"ln {num_values}: a uniform guess among the values")
+    ax_loss.axhline(
+        math.log(num_values), color="gray", ls="--", lw=1, label=f"ln {num_values}: a uniform guess among the values"
+    )
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss (mean over the answers of the global batch)")
     ax_loss.set_ylim(0, None)
@@ -56,10 +57,16 @@ def fig_training_curve(summary: dict, out: Path) -> None:
     accuracy = [c["accuracy"] for c in curve]
     ax_acc.plot(steps, accuracy, color="C0", lw=0.6, alpha=0.35, label="train, per step")
     ax_acc.plot(steps, running_mean(accuracy, WINDOW), color="C0", lw=1.6, label=f"train, mean of {WINDOW} steps")
-    ax_acc.axhline(summary["chance_accuracy"], color="gray", ls="--", lw=1,
-                   label=f"chance ({summary['chance_accuracy']:.1%})")
-    ax_acc.plot([steps[-1]], [summary["eval_accuracy"]], "o", color="C3",
-                label=f"held-out, end ({summary['eval_accuracy']:.1%})")
+    ax_acc.axhline(
+        summary["chance_accuracy"], color="gray", ls="--", lw=1, label=f"chance ({summary['chance_accuracy']:.1%})"
+    )
+    ax_acc.plot(
+        [steps[-1]],
+        [summary["eval_accuracy"]],
+        "o",
+        color="C3",
+        label=f"held-out, end ({summary['eval_accuracy']:.1%})",
+    )
     ax_acc.set_ylim(0, 1.02)
     ax_acc.set_xlabel("step")
     ax_acc.set_ylabel("recall accuracy")
