@@ -39,7 +39,7 @@ class PlainAttention(nn.Module):
 
 
 def _run_twice(eager_step, compiled_step, params, make_input) -> list[float]:
-    """Eager and compiled steps on two batches; per batch the largest |difference| of output and grads."""
+    """Eager and compiled steps on two batches; per batch the largest |difference| of output, input and weight grads."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -53,7 +53,7 @@ def _run_twice(eager_step, compiled_step, params, make_input) -> list[float]:
                 x, dout = make_input(seed)
                 out = step(x)
                 (out * dout).sum().backward()
-                results.append([out.detach()] + [p.grad for p in params] + ([x.grad] if x.is_floating_point() else []))
+                results.append([out.detach(), x.grad] + [p.grad for p in params])
             errors.append(max((a - b).abs().max().item() for a, b in zip(*results, strict=True)))
     return errors
 
