@@ -11,6 +11,13 @@ Each SDPA argument is honoured or rejected: ``is_causal``, ``scale`` and ``enabl
 ``dropout_p > 0`` and an ``attn_mask`` raise ValueError (a mask of the whole sequence cannot be
 sharded: give ``document_ids`` and ``window`` to the context manager instead).
 
+Under ``torch.compile(fullgraph=True)`` the mode may sit either outside the compiled model
+(``with context_parallel_sdpa(g): compiled_model(x)``) or inside the compiled function: dynamo
+traces the mode's ``__torch_function__`` and the attention becomes one ``cp_dtensor::attention``
+node in the graph, with the same output and gradients as eager. Dynamo guards on the active mode:
+a new ``context_parallel_sdpa`` with the same settings reuses the graph; calling the compiled model
+with no mode (plain SDPA) or another strategy compiles a second graph.
+
 Legend: ``B`` batch, ``H`` query heads, ``H_kv`` K/V heads, ``S`` local sequence length, ``D`` head dim.
 """
 
