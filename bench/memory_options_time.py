@@ -28,6 +28,15 @@ import torch.distributed as dist
 from bench.memory_options import MODEL, OPTIONS
 
 
+def markdown_table(report: dict) -> str:
+    """The page's table: each option's step time relative to today, median [min-max] over the rounds."""
+    rows = ["| option | step time vs today |", "|---|---:|"]
+    for name, r in report["vs_today"].items():
+        if name != "today":
+            rows.append(f"| {name} | {r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}] |")
+    return "\n".join(rows)
+
+
 def _step(model: torch.nn.Module, ids: torch.Tensor) -> float:
     start = time.perf_counter()
     loss = model(ids)

@@ -281,3 +281,12 @@ def test_docs_options_tables_are_the_committed_measurement():
     assert markdown_tables(report) in (REPO / "docs" / "memory.md").read_text(), (
         "regenerate it: python -m bench.memory_options --report bench/results/memory_options.json"
     )
+
+
+def test_docs_option_times_are_the_committed_measurement():
+    from bench.memory_options_time import markdown_table
+
+    report = json.loads((REPO / "bench" / "results" / "memory_options_time.json").read_text())
+    assert markdown_table(report) in (REPO / "docs" / "memory.md").read_text(), (
+        "the page's time table must be bench/results/memory_options_time.json's (bench.memory_options_time)"
+    )
