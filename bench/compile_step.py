@@ -37,17 +37,15 @@ def main(argv: list[str]) -> None:
     cfg = train.parse_args(argv)
     dataset, _ = train._datasets(cfg)
     cp_group, device = train._setup(cfg)
-    runs = {
-        name: train._build(replace(cfg, compile=name == "compiled"), cp_group, device, dataset.vocab_size)
-        for name in ("eager", "compiled")
-    }
+    cfgs = {name: replace(cfg, compile=name == "compiled") for name in ("eager", "compiled")}
+    runs = {name: train._build(c, cp_group, device, dataset.vocab_size) for name, c in cfgs.items()}
     dp_rank, per_dp = cp_group.dp_mesh.get_local_rank(), cfg.batch_size // cp_group.dp_mesh.size()
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for step in range(1, cfg.steps + 1):
         first = (step - 1) * cfg.batch_size + dp_rank * per_dp
         batch = train.local_batch([dataset[first + i] for i in range(per_dp)], cp_group, device, cfg)
         for name, run in runs.items():
-            seconds[name].append(_timed_step(cfg, step, run, batch, cp_group))
+            seconds[name].append(_timed_step(cfgs[name], step, run, batch, cp_group))
     ratios = [e / c for e, c in zip(seconds["eager"][1:], seconds["compiled"][1:], strict=True)]
     result = {
         "command": f"torchrun --standalone --nproc-per-node={dist.get_world_size()} -m bench.compile_step "
