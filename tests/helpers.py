@@ -24,7 +24,12 @@ How to write a multi-rank test
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -240,3 +245,40 @@ def record_draw(cfg: dict) -> bool:
     with open(path, "a") as f:
         f.write(json.dumps({"test": test, "cfg": summary}) + "\n")
     return True
+
+
+# ---- the training job at test size ---------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_JOB = [
+    *("--seq-len", "32", "--batch-size", "4", "--hidden-size", "32", "--num-heads", "4", "--num-kv-heads", "2"),
+    *("--num-layers", "1", "--num-pairs", "4", "--num-keys", "4", "--num-values", "4", "--warmup", "1"),
+    *("--eval-samples", "4", "--log-every", "3", "--dtype", "float64", "--steps", "3"),
+]
+"""Flags of a three-step fp64 run of the job, small enough for a pool of 8 ranks on 2 cores."""
+
+
+def train_case(argv: list[str]) -> dict:
+    """Runs on every rank: the job's ``train`` on this pool's ranks (``main`` would tear the group down).
+
+    Returns:
+        ``{"losses": [...], "mesh": (dp, cp, tp, world_size)}``.
+    """
+    from cp_dtensor.training.train import parse_args, train
+
+    summary = train(parse_args(argv))
+    return {
+        "losses": [c["loss"] for c in summary["curve"]],
+        "mesh": (summary["dp"], summary["cp"], summary["tp"], summary["world_size"]),
+    }
+
+
+def torchrun_job_losses(out: Path, flags: list[str], *, nproc: int = 2, timeout: float = 120) -> list[float]:
+    """The job's loss per step, launched as a user would (``torchrun -m cp_dtensor.training``), results in ``out``."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [*launcher, "-m", "cp_dtensor.training", *flags, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return [c["loss"] for c in json.loads(out.read_text())["curve"]]

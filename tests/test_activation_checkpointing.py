@@ -8,16 +8,13 @@ recompute is bitwise the forward. Bytes kept for the backward are counted with s
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import mp_pool
 import pytest
 import torch
+from helpers import torchrun_job_losses
 from torch.distributed.tensor import DTensor
 
 from cp_dtensor import ModelConfig, TransformerWithCP, apply_activation_checkpointing, apply_ddp, shift_labels
@@ -140,28 +137,8 @@ TINY = [
 ]
 
 
-def _job(tmp: Path, name: str, *flags: str) -> list[float]:
-    out = tmp / f"{name}.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "cp_dtensor.training",
-        *TINY,
-        "--out",
-        str(out),
-        *flags,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return [c["loss"] for c in json.loads(out.read_text())["curve"]]
-
-
 def test_job_with_checkpointing_and_chunked_loss_follows_the_same_curve(tmp_path):
     # fp64: checkpointing is bitwise; the chunked loss differs only in summation order.
-    plain = _job(tmp_path, "plain")
-    assert _job(tmp_path, "ac", "--ac", "full", "--loss-chunk-size", "5") == pytest.approx(plain, rel=1e-10, abs=0)
+    plain = torchrun_job_losses(tmp_path / "plain.json", TINY)
+    ac = torchrun_job_losses(tmp_path / "ac.json", [*TINY, "--ac", "full", "--loss-chunk-size", "5"])
+    assert ac == pytest.approx(plain, rel=1e-10, abs=0)

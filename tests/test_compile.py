@@ -8,15 +8,12 @@ attention, is what these tests spend.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mp_pool
 import pytest
 import torch
+from helpers import torchrun_job_losses
 
 from cp_dtensor import context_parallel_attention
 
@@ -160,31 +157,11 @@ JOB = [
 ]
 
 
-def _job_losses(tmp: Path, *flags: str) -> list[float]:
-    out = tmp / f"job{len(flags)}.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "cp_dtensor.training",
-        *JOB,
-        "--out",
-        str(out),
-        *flags,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return [c["loss"] for c in json.loads(out.read_text())["curve"]]
-
-
 def test_training_job_with_compile_reproduces_the_eager_losses(tmp_path):
     # fp64, documents and a window: the compiled job takes the same steps as the eager one, up to the
     # rounding of inductor's fused code around the attention.
-    eager, compiled = _job_losses(tmp_path), _job_losses(tmp_path, "--compile")
+    eager = torchrun_job_losses(tmp_path / "eager.json", JOB, timeout=600)
+    compiled = torchrun_job_losses(tmp_path / "compiled.json", [*JOB, "--compile"], timeout=600)
     assert compiled == pytest.approx(eager, rel=1e-10, abs=0)
 
 

@@ -7,6 +7,8 @@ import shutil
 import mp_pool
 import pytest
 import torch
+from helpers import TINY_JOB as TINY
+from helpers import train_case
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
@@ -231,61 +233,24 @@ def test_fsdp_checkpoint_loads_into_one_process_ddp_and_other_splits_bit_equal(t
 
 # ---- the training job -----------------------------------------------------------------------------
 
-# Tiny sizes: 32-token sequences (16 per cp rank), 4 query and 2 K/V heads, fp64, 3 steps.
-TINY = [
-    "--seq-len",
-    "32",
-    "--batch-size",
-    "4",
-    "--hidden-size",
-    "32",
-    "--num-heads",
-    "4",
-    "--num-kv-heads",
-    "2",
-    "--num-layers",
-    "1",
-    "--num-pairs",
-    "4",
-    "--num-keys",
-    "4",
-    "--num-values",
-    "4",
-    "--warmup",
-    "1",
-    "--eval-samples",
-    "4",
-    "--log-every",
-    "3",
-    "--dtype",
-    "float64",
-    "--steps",
-    "3",
-]
-
-
-def train_case(argv: list[str]) -> list[float]:
-    """The training job's ``train`` on this pool's ranks (``main`` would tear the process group down)."""
-    from cp_dtensor.training.train import parse_args, train
-
-    return [c["loss"] for c in train(parse_args(argv))["curve"]]
+# TINY (helpers.TINY_JOB): 32-token sequences (16 per cp rank), 4 query and 2 K/V heads, fp64, 3 steps.
 
 
 def test_train_job_with_fsdp_matches_one_process_resumes_and_loads_into_one_process(tmp_path):
     """``--grad-sync fsdp`` at CPU size: the one-process loss curve; its step-2 checkpoint resumes the
     FSDP run, and continues in one process, with step 3's loss."""
-    (single,) = mp_pool.run_on_ranks(1, train_case, [*TINY, "--cp", "1"])
+    (single,) = (r["losses"] for r in mp_pool.run_on_ranks(1, train_case, [*TINY, "--cp", "1"]))
     ckpt = ["--ckpt-dir", str(tmp_path), "--save-every", "2"]
     fsdp = [*TINY, "--dp", "2", "--cp", "2", "--grad-sync", "fsdp"]
-    straight = mp_pool.run_on_ranks(4, train_case, [*fsdp, *ckpt])
+    straight = [r["losses"] for r in mp_pool.run_on_ranks(4, train_case, [*fsdp, *ckpt])]
     # fp64, three AdamW steps with clipping: the sums run in another order (~1e-16 relative), and
     # Adam's division by sqrt(v) passes that on about as is; 1e-10 leaves room for three steps of it.
     assert straight[0] == pytest.approx(single, rel=1e-10, abs=0)
     shutil.rmtree(tmp_path / "step_00000003")  # resume from step 2, as after a crash in step 3
-    resumed = mp_pool.run_on_ranks(4, train_case, [*fsdp, *ckpt, "--resume"])
+    resumed = [r["losses"] for r in mp_pool.run_on_ranks(4, train_case, [*fsdp, *ckpt, "--resume"])]
     assert resumed[0] == pytest.approx(straight[0][2:], rel=1e-12, abs=0)  # the same sums in the same order
     shutil.rmtree(tmp_path / "step_00000003")
-    (one,) = mp_pool.run_on_ranks(1, train_case, [*TINY, "--cp", "1", *ckpt, "--resume"])
+    (one,) = (r["losses"] for r in mp_pool.run_on_ranks(1, train_case, [*TINY, "--cp", "1", *ckpt, "--resume"]))
     assert one == pytest.approx(single[2:], rel=1e-10, abs=0)
 
 

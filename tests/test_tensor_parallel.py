@@ -9,6 +9,8 @@ from pathlib import Path
 import mp_pool
 import pytest
 import torch
+from helpers import TINY_JOB as TINY
+from helpers import train_case
 from torch.distributed.tensor import DTensor
 
 from cp_dtensor import ModelConfig, TransformerWithCP, apply_ddp, shift_labels
@@ -307,47 +309,6 @@ def test_group_without_tp_axis():
 # ---- the training job -----------------------------------------------------------------------------
 
 # Tiny sizes: 32-token sequences (16 per cp rank), 4 query and 2 K/V heads over tp 2, fp64.
-TINY = [
-    "--seq-len",
-    "32",
-    "--batch-size",
-    "4",
-    "--hidden-size",
-    "32",
-    "--num-heads",
-    "4",
-    "--num-kv-heads",
-    "2",
-    "--num-layers",
-    "1",
-    "--num-pairs",
-    "4",
-    "--num-keys",
-    "4",
-    "--num-values",
-    "4",
-    "--warmup",
-    "1",
-    "--eval-samples",
-    "4",
-    "--log-every",
-    "3",
-    "--dtype",
-    "float64",
-    "--steps",
-    "3",
-]
-
-
-def train_case(argv: list[str]) -> dict:
-    """The training job's ``train`` on this pool's ranks (``main`` would tear the process group down)."""
-    from cp_dtensor.training.train import parse_args, train
-
-    summary = train(parse_args(argv))
-    return {
-        "losses": [c["loss"] for c in summary["curve"]],
-        "mesh": (summary["dp"], summary["cp"], summary["tp"], summary["world_size"]),
-    }
 
 
 @pytest.fixture(scope="module")
