@@ -1,18 +1,19 @@
 """Does a ring step's compute hide its communication on this machine? Measure both.
 
-Two CPU processes (gloo) play two neighbours of a ring. For growing block sizes c (tokens per
-rank), each rank times, as the median of a few repeats:
+Two CPU processes (gloo) play two neighbours of a ring. For growing block
+sizes c (tokens per rank), each rank times, as the median of a few repeats:
 
-* compute: the attention of its c queries to one block of c keys (the CPU flash kernel behind
-  ``scaled_dot_product_attention``), 4 c^2 H D FLOPs;
-* send: passing a K/V block (2 c H_kv D elements) to the next rank while receiving the previous
-  rank's, as the ring does;
-* both: the send posted first, the compute run while it is in flight, then the wait, which is
-  what a ring step costs. ``both / max`` is 1.00 when the send is perfectly hidden (and 2.00 at
-  worst when compute and send take equally long and do not overlap at all).
+* compute: the attention of its c queries to one block of c keys (the CPU
+  flash kernel behind ``scaled_dot_product_attention``), 4 c^2 H D FLOPs;
+* send: passing a K/V block (2 c H_kv D elements) to the next rank while
+  receiving the previous rank's, as the ring does;
+* both: the send posted first, the compute run while it is in flight, then
+  the wait, which is what a ring step costs. ``both / max`` is 1.00 when the
+  send is perfectly hidden, and 2.00 at worst (equal parts, no overlap).
 
-From the largest block it derives the machine's F (FLOP/s) and B (bytes/s) and the Ring Attention
-condition c >= F * H_kv * bytes / (2 * H * B). Run it (CPU, gloo; 2 processes):
+From the largest block it derives the machine's F (FLOP/s) and B (bytes/s)
+and the Ring Attention condition c >= F * H_kv * bytes / (2 * H * B).
+Run it (CPU, gloo; 2 processes):
 
     torchrun --standalone --nproc_per_node=2 docs/examples/overlap_cpu.py
 """
@@ -90,9 +91,8 @@ def main() -> None:
         flops = 4 * c * c * H * D / t_compute
         bandwidth = 2 * c * H_KV * D * elem / t_send
         print(f"F = {flops / 1e9:.1f} GFLOP/s per rank, B = {bandwidth / 1e9:.2f} GB/s")
-        print(
-            f"c >= F * H_kv * bytes / (2 H B) = {flops * H_KV * elem / (2 * H * bandwidth):.0f}"
-        )
+        threshold = flops * H_KV * elem / (2 * H * bandwidth)
+        print(f"c >= F * H_kv * bytes / (2 H B) = {threshold:.0f}")
     dist.barrier()  # every rank done before gloo tears down
     dist.destroy_process_group()
 
