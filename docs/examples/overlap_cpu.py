@@ -1,7 +1,7 @@
 """Does a ring step's compute hide its communication on this machine? Measure both.
 
 Two CPU processes (gloo) play two neighbours of a ring. For growing block
-sizes c (tokens per rank), each rank times, as the median of a few repeats:
+sizes c (tokens per rank), each rank times, as the median of 7 rounds:
 
 * compute: the attention of its c queries to one block of c keys (the CPU
   flash kernel behind ``scaled_dot_product_attention``), 4 c^2 H D FLOPs;
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 H, H_KV, D = 8, 8, 64  # query heads, K/V heads, head dim
 DTYPE = torch.float32
 BLOCKS = (16, 64, 256, 1024, 2048)  # c, tokens per rank
-REPEATS = 5
+REPEATS = 7
 
 
 def exchange(kv: torch.Tensor) -> list[dist.Work]:
@@ -41,15 +41,20 @@ def exchange(kv: torch.Tensor) -> list[dist.Work]:
     ]
 
 
-def timed(fn) -> float:
-    """Median seconds of ``fn()`` over REPEATS runs, ranks started together."""
-    times = []
+def timed(*fns) -> list[float]:
+    """Median seconds of each of ``fns`` over REPEATS rounds, ranks started together.
+
+    The functions take turns within a round, so that a load on the machine that
+    comes and goes weighs on all of them alike.
+    """
+    times = [[] for _ in fns]
     for _ in range(REPEATS):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, samples in zip(fns, times):
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def measure(c: int) -> tuple[float, float, float]:
@@ -73,7 +78,7 @@ def measure(c: int) -> tuple[float, float, float]:
 
     compute()  # warm up the kernel and the connection
     send()
-    return timed(compute), timed(send), timed(both)
+    return tuple(timed(compute, send, both))
 
 
 def main() -> None:
