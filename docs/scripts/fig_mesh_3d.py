@@ -97,9 +97,7 @@ def fig_mesh_3d(out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "assets" / "figures")
     out = parser.parse_args().out
     out.mkdir(parents=True, exist_ok=True)
