@@ -1,10 +1,13 @@
 """Turn ``bench/results/*.json`` into the tables of ``docs/performance.md`` and its ``perf_*.png`` plots.
 
-    python -m bench.report                      # rewrite the generated parts of the page + the plots
+    python -m bench.report                      # rewrite the generated parts of the pages + the plots
     python -m bench.report --figures /tmp/f     # only the plots, somewhere else
 
 The page is hand-written prose with generated blocks between ``<!-- BEGIN bench:NAME -->`` and
-``<!-- END bench:NAME -->``; only those blocks are rewritten. Nothing is measured here.
+``<!-- END bench:NAME -->``; only those blocks are rewritten. Nothing is measured here. The same
+blocks are rendered into ``bench/README.md`` (the maintainers' appendix, not part of the site):
+the performance targets and the full provenance of each result file (commit and uncommitted
+files), which the reader's page leaves out.
 """
 
 from __future__ import annotations
@@ -18,9 +21,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 PAGE = REPO / "docs" / "performance.md"
+APPENDIX = REPO / "bench" / "README.md"
 FIGURES = REPO / "docs" / "assets" / "figures"
 MiB = 2**20
 OURS = ("cost_", "balance_", "peers_", "scaling_", "profile_ring_")  # other files in results/ are not this page's
+
+# The code the committed GPU results ran: the commit that added them (36e713c) changed only results and
+# docs, so its parent is the measured library. The GPU result files do not record a commit themselves.
+GPU_COMMIT = "55c4f3d"
 
 # The performance goals each ratio on the page is compared with (reported next to it, not asserted).
 TARGETS = {
@@ -64,36 +72,54 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def code_of(result: dict) -> str:
+    """The code a result was measured with, in reader terms: one clean commit, or why there is none."""
+    m = result["machine"]
+    if m.get("uncommitted_library_files"):
+        return f"code: commit `{m['git_commit']}` plus uncommitted library changes (no single clean commit)"
+    return f"code: commit `{m['git_commit']}`"
+
+
 def provenance(results: list[dict]) -> str:
-    """The commands and dates of the results behind a table."""
+    """The commands, code and dates of the results behind a table."""
     lines = []
     for r in results:
         m = r["machine"]
         start = m["load_average_at_start"]
         load = f"1-min load average {start[0]:.1f} at start, {m['load_average_at_end'][0]:.1f} at end" if start else ""
-        lines.append(f"`{r['command']}` ({r['date']}, {r['duration_s']:.0f} s, {load})")
+        lines.append(f"`{r['command']}` ({code_of(r)}; {r['date']}, {r['duration_s']:.0f} s, {load})")
     return "<small>" + "<br>".join(lines) + "</small>" if lines else ""
 
 
 # ------------------------------------------------------------------------------------------ tables
+def _ours() -> list[dict]:
+    return [r for prefix in OURS for r in load_all(prefix)]
+
+
 def block_machine() -> str:
-    every = [r for prefix in OURS for r in load_all(prefix)]
+    every = _ours()
     if not every:
         return "_No results yet: run `bash bench/run_all.sh`._"
     m = every[0]["machine"]
     dates = sorted(r["date"] for r in every)
-    dirty = sorted({f.split()[-1] for r in every for f in r["machine"].get("uncommitted_library_files", [])})
     rows = [
         ["CPU", f"{m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), {m['memory_gb']} GB"],
         ["Software", f"torch {m['torch']}, Python {m['python']}, {m['platform']}"],
         ["Threads", f"{m['threads_per_rank']} per rank (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)`)"],
-        [
-            "Measured",
-            f"{dates[0]} to {dates[-1]} (UTC), cp_dtensor at commit `{m['git_commit']}`"
-            + (f" with uncommitted changes in {', '.join(dirty)}" if dirty else ""),
-        ],
+        ["Measured", f"{dates[0]} to {dates[-1]} (UTC); the code of each run is named under its table"],
     ]
     return md_table(["", ""], rows)
+
+
+def block_provenance() -> str:
+    """For the maintainers: every result file of the page with its commit and uncommitted files."""
+    rows = []
+    for r in sorted(_ours(), key=lambda r: r["date"]):
+        m = r["machine"]
+        dirty = sorted(f.split()[-1] for f in m.get("uncommitted_library_files", []))
+        name = r["command"].split("--out ")[-1].split()[0] if "--out " in r["command"] else r["benchmark"]
+        rows.append([f"`{name}`", r["date"], f"`{m['git_commit']}`", ", ".join(dirty) if dirty else "none (clean)"])
+    return md_table(["result", "measured", "commit", "uncommitted library files"], rows)
 
 
 def block_cost() -> str:
@@ -105,7 +131,7 @@ def block_cost() -> str:
             for name, res in entry["strategies"].items():
                 if "error" in res:
                     rows.append(
-                        [r["world_size"], _k(c["seq_len"]), _mask(c), name, f"error: {res['error'][:80]}", *[""] * 6]
+                        [r["world_size"], _k(c["seq_len"]), _mask(c), name, f"error: {res['error'][:80]}", *["-"] * 6]
                     )
                     continue
                 rows.append(
@@ -132,20 +158,19 @@ def block_cost() -> str:
             row[3],
         )
     )
-    header = [
-        "P",
-        "seq",
-        "mask",
-        "strategy",
-        "cost fwd",
-        "cost fwd+bwd",
-        "of which: kernels",
-        "main thread outside kernels",
-        "other threads (gloo)",
-        "wall speed-up",
-        "max abs err",
-    ]
-    return md_table(header, rows) + "\n\n" + provenance(results)
+    cost = [[*row[:2], f"{row[3]}, {row[2]}", *row[4:7]] for row in rows]  # "ring, causal": one column less
+    split = [[*row[:2], row[3], *row[7:9]] for row in rows if row[7] != "-" or row[8] != "-"]
+    other = [[*row[:4], *row[9:]] for row in rows]
+    return "\n\n".join(
+        [
+            md_table(["P", "seq", "strategy, mask", "cost fwd", "cost fwd+bwd", "of which: kernels"], cost),
+            "Where the rest of the fwd+bwd cost goes (per-thread CPU clocks, runs that measured it):",
+            md_table(["P", "seq", "strategy", "main thread outside kernels", "other threads (gloo)"], split),
+            "Wall-clock speed-up over the single process, and agreement with it:",
+            md_table(["P", "seq", "mask", "strategy", "wall speed-up", "max abs err"], other),
+            provenance(results),
+        ]
+    )
 
 
 def _k(seq: int) -> str:
@@ -219,16 +244,11 @@ def block_peers_torch() -> str:
                     fmt_err(ours.get("max_abs_err")),
                 ]
             )
-    header = [
-        "P",
-        "seq",
-        "contender",
-        "our wall / theirs",
-        "our CPU s / theirs",
-        "wall s (slowest rank)",
-        "max abs err",
-    ]
-    return md_table(header, rows) + "\n\n" + provenance(results)
+    ratios = md_table(["P", "seq", "contender", "our wall / theirs", "our CPU s / theirs"], [r[:5] for r in rows])
+    absolute = md_table(
+        ["P", "seq", "contender", "wall s (slowest rank)", "max abs err"], [[*r[:3], *r[5:]] for r in rows]
+    )
+    return ratios + "\n\n" + absolute + "\n\n" + provenance(results)
 
 
 def block_peers_memory() -> str:
@@ -426,18 +446,13 @@ def block_gpu() -> str:
         ]
         for x in r["results"]
     ]
-    header = [
-        "seq",
-        "P",
-        "efficiency fwd",
-        "efficiency fwd+bwd",
-        "slowest rank's share",
-        "TFLOP/s full",
-        "TFLOP/s blocks",
-        "max abs err",
-    ]
-    return f"{r['device']}, torch {r['torch']}, CUDA {r['cuda']}, {r['date']}: `{r['command']}`\n\n" + md_table(
-        header, rows
+    efficiency = md_table(
+        ["seq", "P", "efficiency fwd", "efficiency fwd+bwd", "slowest rank's share"], [x[:5] for x in rows]
+    )
+    rates = md_table(["seq", "P", "TFLOP/s full", "TFLOP/s blocks", "max abs err"], [[*x[:2], *x[5:]] for x in rows])
+    return (
+        f"{r['device']}, torch {r['torch']}, CUDA {r['cuda']}, {r['date']}, code of commit `{GPU_COMMIT}`: "
+        f"`{r['command']}`\n\n{efficiency}\n\n{rates}"
     )
 
 
@@ -465,8 +480,8 @@ def block_memory_harness() -> str:
     model = r["cases"][0]["ranks"][0].get("model", {})
     what = ", ".join(f"{k} {model[k]}" for k in ("hidden_size", "num_layers", "num_heads") if k in model)
     return (
-        f"The memory harness's measurement of the small transformer ({what}, fp32, forward + backward, "
-        f"see [Memory](memory.md)): `{r['command']}`\n\n" + md_table(header, rows)
+        f"The memory harness's measurement of the small transformer ({what}, fp32, forward + backward; "
+        f"command, machine and code on the [Memory](memory.md) page):\n\n" + md_table(header, rows)
     )
 
 
@@ -570,6 +585,7 @@ BLOCKS = {
     "profile": block_profile,
     "gpu": block_gpu,
     "memory-harness": block_memory_harness,
+    "provenance": block_provenance,
 }
 
 
@@ -732,8 +748,9 @@ def main(argv=None) -> None:
         for path in make_plots(args.figures):
             print(f"wrote {path}")
         return
-    PAGE.write_text(render_page(PAGE.read_text()))
-    print(f"rewrote the generated blocks of {PAGE}")
+    for path in (PAGE, APPENDIX):
+        path.write_text(render_page(path.read_text()))
+        print(f"rewrote the generated blocks of {path}")
     for path in make_plots(FIGURES):
         print(f"wrote {path}")
 
