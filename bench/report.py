@@ -76,7 +76,7 @@ def code_of(result: dict) -> str:
     """The code a result was measured with, in reader terms: one clean commit, or why there is none."""
     m = result["machine"]
     if m.get("uncommitted_library_files"):
-        return f"code: commit `{m['git_commit']}` plus uncommitted library changes (no single clean commit)"
+        return f"code: a work-in-progress state after commit `{m['git_commit']}`, not one clean commit"
     return f"code: commit `{m['git_commit']}`"
 
 
