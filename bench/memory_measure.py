@@ -398,7 +398,7 @@ def markdown_table(report: dict) -> str:
         peaks.append(
             f"{lp} {sm['measured_peak_bytes'] / mib:.1f} | {est['total'] / mib:.1f} | "
             f"{100 * (est['total'] / sm['measured_peak_bytes'] - 1):+.2f}% | {est['peak_phase']}, "
-            f"`{_peak_node(sm['measured_peak_at'])}` |"
+            f"{_peak_node(sm['measured_peak_at'])} |"
         )
         acts.append(
             f"{lp} {sm['measured_activation_peak_bytes'] / mib:.1f} | {sm['rss_activation_peak_bytes'] / mib:.1f} | "
@@ -434,7 +434,7 @@ def grad_sync_table(report: dict) -> str:
         peaks.append(
             f"{key} {sm['measured_peak_bytes'] / mib:.1f} | {est['total'] / mib:.1f} | "
             f"{100 * (est['total'] / sm['measured_peak_bytes'] - 1):+.2f}% | "
-            f"`{_peak_node(sm['measured_peak_at'])}` |"
+            f"{_peak_node(sm['measured_peak_at'])} |"
         )
     return "\n".join([*state, "", *peaks])
 
