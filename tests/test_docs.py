@@ -21,7 +21,10 @@ What runs, and how (one test per item):
   the docs with a broken link, and one with a docstring griffe warns about, both fail to build.
 * ``test_site_in_headless_browser``: the built pages open in headless Chromium with every formula
   rendered, every image shown and no request leaving the machine (``docs/scripts/check_site.py``);
-  skipped only where no Chromium is installed.
+  skipped only where no Chromium is installed. In the same run, at 1280 px:
+  ``test_nothing_wider_than_its_box_at_1280px`` (no code block, table, equation or page wider than
+  its box), and ``test_width_check_reports_a_wide_table_code_line_and_equation`` shows that check
+  can fail. ``test_search_works_from_file_urls``: the site's search works opened from disk.
 * ``test_figures_regenerate``: ``docs/scripts/make_figures.py`` runs and writes every figure that
   is committed under ``docs/assets/figures/``.
 """
@@ -311,19 +314,78 @@ def test_the_build_fails_on_a_broken_link_and_on_a_docstring_warning(tmp_path: P
         assert any(expected in p for p in build_problems(proc)), f"{name}: the warning does not name {expected}:\n{out}"
 
 
-def test_site_in_headless_browser(built_site: Path) -> None:
-    """Math rendered, images shown, no request off the machine: docs/scripts/check_site.py."""
+def _check_site_module():
     sys.path.insert(0, str(DOCS / "scripts"))
     try:
         import check_site
     finally:
         sys.path.remove(str(DOCS / "scripts"))
-    chromium = check_site.find_chromium()
-    if chromium is None:
+    return check_site
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Chromium's path; skips where none is installed, fails in CI (.ci/run installs it)."""
+    path = _check_site_module().find_chromium()
+    if path is None:
         if os.environ.get("CI"):  # .ci/run installs it: a CI run must not quietly skip the check
             pytest.fail("no chromium in CI: .ci/run should have installed it (apt-get install chromium)")
         pytest.skip("no chromium on this machine (apt-get install chromium to run this check)")
-    problems = check_site.check_site(built_site, chromium)
+    return path
+
+
+@pytest.fixture(scope="module")
+def site_check(built_site: Path, chromium: str) -> dict[str, list[str]]:
+    """Every built page opened once in headless Chromium at 1280 px: docs/scripts/check_site.py."""
+    return _check_site_module().check_site(built_site, chromium)
+
+
+def test_site_in_headless_browser(site_check: dict[str, list[str]]) -> None:
+    """Math rendered, images shown, no request off the machine."""
+    problems = site_check["render"] + site_check["offline"]
+    assert not problems, "\n".join(problems)
+
+
+def test_nothing_wider_than_its_box_at_1280px(site_check: dict[str, list[str]]) -> None:
+    """No code block, table or display equation overflows its box or the text column, and no page
+    is wider than a 1280 px window (what a laptop shows; code lines of <= 88 columns fit)."""
+    assert not site_check["width"], f"{len(site_check['width'])} elements too wide:\n" + "\n".join(site_check["width"])
+
+
+WIDE = {
+    "wide-table": "<table><tr>" + "<td>a_wide_cell_of_text</td>" * 40 + "</tr></table>",
+    "wide-code": '<div class="highlight"><pre><span></span><code>x = ' + "1 + " * 40 + "1</code></pre></div>",
+    "wide-equation": '<div class="arithmatex">\\[' + " + ".join(f"x_{{{i}}}^2" for i in range(80)) + "\\]</div>",
+}
+
+
+def test_width_check_reports_a_wide_table_code_line_and_equation(
+    built_site: Path, chromium: str, tmp_path: Path
+) -> None:
+    """The width check can fail: a copy of the API page with a wide table, a 164-column code line
+    and a long equation injected (as Material renders them) reports each of the three."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(built_site, site)
+    page = site / API
+    text = page.read_text()
+    table = f'<div class="md-typeset__scrollwrap"><div class="md-typeset__table">{WIDE["wide-table"]}</div></div>'
+    injected = "".join(f'<h2 id="{name}">{name}</h2>' + html for name, html in {**WIDE, "wide-table": table}.items())
+    start = re.search(r"<article[^>]*>", text)
+    page.write_text(text[: start.end()] + injected + text[start.end() :])
+    width = _check_site_module().check_site(site, chromium, pages=[API])["width"]
+    for name in WIDE:
+        kind = name.removeprefix("wide-").replace("code", "code block")
+        assert any(line.startswith(f"{API}: {kind} ") and f"after #{name})" in line for line in width), (
+            f"the injected {kind} was not reported:\n" + "\n".join(width)
+        )
+
+
+def test_search_works_from_file_urls(built_site: Path, chromium: str) -> None:
+    """Opened from disk (file://), the front page's search lists results (Material's offline plugin
+    and the vendored iframe-worker shim)."""
+    problems = _check_site_module().check_search_from_disk(built_site, chromium)
     assert not problems, "\n".join(problems)
 
 
