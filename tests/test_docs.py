@@ -3,12 +3,18 @@
 What runs, and how (one test per item):
 
 * ``test_page[<page>]``: the ```python fenced blocks of one ``docs/*.md`` page run in order, in one
-  namespace, as the reader would paste them into one Python session. Tracebacks point at the line
-  of the ``.md`` file. The one exception: a block whose body only includes files of
+  namespace, as the reader would paste them into one file, run in a fresh interpreter from an empty
+  directory (``docs/scripts/run_page.py``), so they may use only what ``pip install`` installs.
+  A block that prints must be followed directly by a ```text title="Output"``` block showing what
+  it prints (``...`` in a line stands for any text, as in doctest). Tracebacks point at the line of
+  the ``.md`` file. The one exception: a block whose body only includes files of
   ``docs/examples/`` (``--8<-- "docs/examples/x.py"``) and is marked, by a ``title="..."`` on its
   fence or a ``<!-- no-run -->`` line right before it, is not run with the page; such (multi-rank)
   files are run on their own by ``test_example``. ``<!-- no-run -->`` on any other block is an
   error, so a page cannot quietly skip code it shows. Unmarked includes are expanded and run.
+* ``test_code_fits_the_column[<page>]``: no code line a page shows (included files too) is wider than
+  88 columns, what a code block shows at 1280 px without scrolling.
+* ``test_page_speaks_to_learners[<page>]``: no project history or plans in a tutorial page.
 * ``test_example[<file>]``: every ``docs/examples/*.py`` runs with the command written in its
   module docstring (the line starting ``torchrun`` or ``python``), so the command a reader copies
   is the command that is tested.
@@ -138,19 +144,171 @@ def runnable_code(block: Block, where: str) -> str | None:
     return expand_snippets(block) if includes else block.body
 
 
-@pytest.mark.parametrize("page", PAGES, ids=page_id)
-def test_page(page: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(REPO)
-    monkeypatch.syspath_prepend(str(REPO))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    namespace: dict = {"__name__": "__docs__"}
-    for block in parse_blocks(page.read_text()):
+OUTPUT_INFO = re.compile(r"""\btitle=["']Output["']""")
+MAX_CODE_COLUMNS = 88  # what a code block shows without scrolling at 1280 px (checked in the browser too)
+RUN_PAGE = DOCS / "scripts" / "run_page.py"
+
+
+@dataclass
+class Step:
+    """A python block to run, with the Output block that shows what it prints (if any)."""
+
+    block: Block
+    code: str
+    shown: Block | None
+
+
+def page_steps(text: str, where: str) -> list[Step]:
+    """The runnable python blocks of a page, each with the ```text title="Output"``` block right after it.
+
+    "Right after" means the next fenced block, with nothing but blank lines between.
+    """
+    blocks = parse_blocks(text)
+    lines = text.splitlines()
+    steps = []
+    for i, block in enumerate(blocks):
         if block.lang not in ("python", "py"):
             continue
-        code = runnable_code(block, f"{page.name}:{block.first_line}")
-        if code is not None:
-            # Leading newlines make tracebacks name the line of the .md file.
-            exec(compile("\n" * (block.first_line - 1) + code, str(page), "exec"), namespace)
+        code = runnable_code(block, f"{where}:{block.first_line}")
+        if code is None:
+            continue
+        shown = None
+        if i + 1 < len(blocks):
+            nxt = blocks[i + 1]
+            end = block.first_line + block.body.count("\n")  # the line of this block's closing fence
+            between = lines[end : nxt.first_line - 2]  # the lines up to the next opening fence
+            if nxt.lang == "text" and OUTPUT_INFO.search(nxt.info) and not any(ln.strip() for ln in between):
+                shown = nxt
+        steps.append(Step(block, code, shown))
+    return steps
+
+
+def output_matches(shown: str, printed: str) -> bool:
+    """Whether a page's Output block shows what the block printed (``...`` in a line stands for any text)."""
+    import doctest
+
+    def norm(text: str) -> str:
+        return "\n".join(line.rstrip() for line in text.strip("\n").splitlines()) + "\n"
+
+    return doctest.OutputChecker().check_output(norm(shown), norm(printed), doctest.ELLIPSIS)
+
+
+def run_page(page: Path, cwd: Path) -> tuple[list[Step], dict]:
+    """Run a page's blocks in a fresh interpreter in ``cwd``, with no repository file importable.
+
+    ``python -P`` keeps the runner's own directory off ``sys.path`` and ``PYTHONPATH`` is dropped, so the
+    blocks see what ``pip install`` installed (``cp_dtensor``, ``reference``), not ``bench/``, ``tests/``
+    or ``docs/``: a block that passes here runs when a reader saves the page as a file anywhere.
+    """
+    import json
+
+    steps = page_steps(page.read_text(), page.name)
+    blocks = [{"code": s.code, "first_line": s.block.first_line, "page": str(page)} for s in steps]
+    (cwd / "blocks.json").write_text(json.dumps(blocks))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MPLBACKEND"] = "Agg"
+    proc = subprocess.run(
+        [sys.executable, "-P", str(RUN_PAGE), "blocks.json", "result.json"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"{page.name}: the page runner failed:\n{proc.stdout}\n{proc.stderr}"
+    return steps, json.loads((cwd / "result.json").read_text())
+
+
+def page_problems(page: Path, cwd: Path) -> list[str]:
+    """Why a page's blocks fail as a reader would run them: a raised error, a printing block without its
+    Output block, or an Output block that does not match what the block printed."""
+    steps, result = run_page(page, cwd)
+    problems = []
+    for step, printed in zip(steps, result["outputs"]):
+        where = f"{page.name}:{step.block.first_line}"
+        if step.shown is None:
+            if printed.strip():
+                problems.append(
+                    f'{where}: the block prints, but no ```text title="Output"``` block follows it:\n{printed}'
+                )
+        elif not output_matches(step.shown.body, printed):
+            problems.append(
+                f"{where}: the Output block does not match.\nShown:\n{step.shown.body}\nPrinted:\n{printed}"
+            )
+    if result["error"]:
+        problems.append(f"{page.name}: a block raised:\n{result['error']}")
+    return problems
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_page(page: Path, tmp_path: Path) -> None:
+    """The page's python blocks run, from an empty directory, and every printing block shows its output."""
+    problems = page_problems(page, tmp_path)
+    assert not problems, "\n\n".join(problems)
+
+
+def code_lines(page: Path) -> list[tuple[str, str]]:
+    """``(where, line)`` for every line a page shows in a code block, included files expanded."""
+    found = []
+    for block in parse_blocks(page.read_text()):
+        for n, line in enumerate(block.body.splitlines()):
+            m = SNIPPET.match(line)
+            if m:
+                path = REPO / m["path"]
+                found += [(f"{m['path']}:{k}", ln) for k, ln in enumerate(path.read_text().splitlines(), 1)]
+            else:
+                found.append((f"{page.name}:{block.first_line + n}", line))
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_code_fits_the_column(page: Path) -> None:
+    """No code line a page shows (its blocks and the files it includes) is wider than MAX_CODE_COLUMNS."""
+    wide = [
+        f"{where} ({len(line)} columns): {line}" for where, line in code_lines(page) if len(line) > MAX_CODE_COLUMNS
+    ]
+    assert not wide, f"{len(wide)} code lines wider than {MAX_CODE_COLUMNS} columns:\n" + "\n".join(wide[:40])
+
+
+# Words of the project's own history and plans, which a learner has no use for (they go to bench/README.md).
+AUTHOR_FACING = re.compile(
+    r"(?i)\b(design card|seed card|the seed's|seed claims?|still to come|uncommitted"
+    r"|the issue asks|targets? (?:met|missed))\b"
+)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_page_speaks_to_learners(page: Path) -> None:
+    found = [
+        f"{page.name}:{n}: {line.strip()}"
+        for n, line in enumerate(page.read_text().splitlines(), 1)
+        if AUTHOR_FACING.search(line)
+    ]
+    assert not found, "author-facing words in a tutorial page:\n" + "\n".join(found)
+
+
+def test_runner_checks_outputs_and_runs_elsewhere(tmp_path: Path) -> None:
+    """The runner can fail: a wrong Output block, a missing one, and a repository import all fail a page."""
+    page = tmp_path / "page.md"
+    good = (
+        'Text.\n\n```python\nprint("a", 1)\nprint("t = 0.123 s")\n```\n\n```text title="Output"\na 1\nt = ... s\n```\n'
+    )
+    page.write_text(good)
+    (tmp_path / "run").mkdir()
+    steps, result = run_page(page, tmp_path / "run")
+    assert result["error"] is None and output_matches(steps[0].shown.body, result["outputs"][0])
+    assert not output_matches("a 2\nt = ... s\n", result["outputs"][0])
+    cases = {
+        "wrong output": (good.replace("a 1", "a 2"), "does not match"),
+        "no output block": (good.replace('text title="Output"', "text"), "no ```text"),
+        "repository import": ("```python\nimport bench.report\n```\n", "No module named 'bench'"),
+        "repository file": ("```python\nopen('docs/assets/data/train_curve.json')\n```\n", "FileNotFoundError"),
+        "a raise": ("```python\nraise SystemExit(0)\n```\n", "SystemExit"),
+    }
+    for name, (text, expected) in cases.items():
+        page.write_text(text)
+        problems = page_problems(page, tmp_path / "run")
+        assert any(expected in p for p in problems), f"{name}: not caught: {problems}"
 
 
 def example_command(path: Path) -> list[str]:
