@@ -117,7 +117,8 @@ function overflows(doc) {
 for (const page of pages) {
   const frame = document.createElement("iframe");
   frame.style.width = WIDTH + "px"; frame.style.height = "900px";
-  frame.onload = () => setTimeout(() => {
+  // Measure once the page's fonts (KaTeX's among them) are in: widths depend on them.
+  frame.onload = () => frame.contentDocument.fonts.ready.then(() => setTimeout(() => {
     const doc = frame.contentDocument;
     results[page] = {
       math: doc.querySelectorAll(".arithmatex").length,
@@ -131,7 +132,7 @@ for (const page of pages) {
       out.id = "results"; out.textContent = JSON.stringify(results);
       document.body.appendChild(out);
     }
-  }, 2000);
+  }, 2000));
   frame.src = page;
   document.body.appendChild(frame);
 }
