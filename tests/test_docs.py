@@ -587,7 +587,7 @@ WIDE = {
 def test_width_check_reports_a_wide_table_code_line_and_equation(
     built_site: Path, chromium: str, tmp_path: Path
 ) -> None:
-    """The width check can fail: a copy of the API page with a wide table, a 164-column code line
+    """The width check can fail: a copy of the API page with a wide table, a 165-column code line
     and a long equation injected (as Material renders them) reports each of the three."""
     import shutil
 
