@@ -2,6 +2,7 @@
 
     mkdocs build --strict -d /tmp/site
     python docs/scripts/check_site.py /tmp/site          # needs chromium (apt-get install chromium)
+    python docs/scripts/check_site.py /tmp/site --screenshots /tmp/shots   # and a PNG of every page
 
 All pages load at once, as iframes of one harness page, in one browser. For each page it checks that
 
@@ -59,9 +60,9 @@ HARNESS = "/__check_site__.html"
 WIDTH = 1280  # the window a reader's laptop gives the site, in CSS px
 # Each page loads in an iframe WIDTH px wide. After it has rendered, the harness measures what a reader
 # would see: math, images, and every element that is wider than the box it is drawn in.
-# An element overflows when its content (scrollWidth, or the bounding box of its contents, which also
-# counts content a centred display pushes out on the left) is wider than its box (clientWidth), or when
-# the element sticks out past the right edge of the text column. The page overflows when the document
+# An element overflows when its content (scrollWidth; for an equation, the span of what KaTeX drew,
+# which a centred display may push out on the left) is wider than its box (clientWidth), or when the
+# element sticks out past the right edge of the text column. The page overflows when the document
 # is wider than the window (a horizontal scroll bar on the whole page).
 HARNESS_HTML = """<!doctype html><html><head><link rel="icon" href="data:,"></head><body><script>
 const pages = %s;
@@ -76,10 +77,14 @@ function nearestHeading(doc, el) {
   }
   return found ? (found.id ? "#" + found.id : found.textContent.trim().slice(0, 40)) : "top";
 }
-function contentWidth(doc, el) {
-  const range = doc.createRange();
-  range.selectNodeContents(el);
-  return Math.max(el.scrollWidth, range.getBoundingClientRect().width);
+function contentWidth(kind, box) {
+  if (kind !== "equation") return box.scrollWidth;
+  // What KaTeX draws: the pieces of .katex-html, from the leftmost to the rightmost (a centred
+  // equation wider than its box spills out on both sides). Its hidden MathML copy is not drawn.
+  const pieces = [...box.querySelectorAll(".katex-html > *")].map(el => el.getBoundingClientRect());
+  if (pieces.length === 0) return box.scrollWidth;
+  const drawn = Math.max(...pieces.map(r => r.right)) - Math.min(...pieces.map(r => r.left));
+  return Math.max(box.scrollWidth, drawn);
 }
 function overflows(doc) {
   const found = [];
@@ -92,7 +97,7 @@ function overflows(doc) {
       // <code>, and a table inside the wrapper it puts around it.
       const box = kind === "code block" ? (el.querySelector(":scope > code") || el)
                 : kind === "table" ? (el.closest(".md-typeset__scrollwrap") || el) : el;
-      const content = contentWidth(doc, box), width = box.clientWidth;
+      const content = contentWidth(kind, box), width = box.clientWidth;
       // A box may reach past the column by its own negative margin (Material's table wrapper does).
       const allowance = Math.max(0, -parseFloat(getComputedStyle(box).marginRight) || 0);
       const sticksOut = box.getBoundingClientRect().right - right - allowance;
@@ -291,14 +296,54 @@ def check_search_from_disk(site: Path, chromium: str, word: str = SEARCH_WORD) -
     return []
 
 
+def screenshot_pages(site: Path, chromium: str, out: Path, height: int) -> list[Path]:
+    """A PNG of the top ``height`` px of every page, opened from disk at WIDTH px, for a person to look at.
+
+    Args:
+        site: The directory ``mkdocs build`` wrote.
+        chromium: Path of the Chromium executable.
+        out: Directory for the PNGs (one per page, named after it).
+        height: Height of the window in px (a tall window shows more of a long page).
+
+    Returns:
+        The PNG files written.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    # --disable-gpu would leave the screenshot blank; the compositor runs in software without it.
+    flags = [f for f in CHROMIUM_FLAGS if f != "--disable-gpu"] + ["--disable-gpu-compositing"]
+    shots = []
+    for page in site_pages(site):
+        shot = out / (page.replace("/", "_").removesuffix(".html") + ".png")
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(
+                [
+                    chromium,
+                    *flags,
+                    f"--user-data-dir={tmp}/profile",
+                    f"--window-size={WIDTH},{height}",
+                    f"--screenshot={shot}",
+                    (site.resolve() / page).as_uri(),
+                ],
+                capture_output=True,
+                timeout=120,
+            )
+        shots += [shot] if shot.is_file() else []
+    return shots
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("site", type=Path, help="the directory mkdocs built")
+    parser.add_argument("--screenshots", type=Path, metavar="DIR", help="also save a screenshot of every page")
+    parser.add_argument("--height", type=int, default=4000, help="screenshot window height in px (default 4000)")
     args = parser.parse_args()
     chromium = find_chromium()
     if chromium is None:
         print("no chromium found (apt-get install chromium)", file=sys.stderr)
         return 2
+    if args.screenshots:
+        shots = screenshot_pages(args.site, chromium, args.screenshots, args.height)
+        print(f"{len(shots)} screenshots in {args.screenshots}")
     problems = [line for lines in check_site(args.site, chromium).values() for line in lines]
     problems += check_search_from_disk(args.site, chromium)
     for problem in problems:
