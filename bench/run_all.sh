@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every CPU number and plot of docs/performance.md and docs/packed-and-windows.md (about 25 minutes; 2 cores):
+# Regenerate every CPU number and plot of docs/performance.md, docs/masks.md and docs/document-balance.md (about 25 minutes; 2 cores):
 #
 #     bash bench/run_all.sh            # all benchmarks, then the report
 #     bash bench/run_all.sh report     # only the tables and plots, from the committed JSON
@@ -45,9 +45,9 @@ if [[ "${1:-all}" != report ]]; then
   # where the ring's time goes (P = 2: as many ranks as cores, so profiler times are work)
   run $R/profile_ring_p2.json 2 bench.profile_ring --seq 16384
   run $R/profile_ring_p4.json 4 bench.profile_ring --seq 16384
-  # masks: packed documents and a window (docs/packed-and-windows.md), and the host cost of planning them
+  # masks: packed documents and a window (docs/masks.md), and the host cost of planning them
   run $R/masks_p4.json 4 bench.masks --repeats 5
-  # packed documents of mixed lengths: whole-row zigzag vs DocumentZigzag (docs/packed-and-windows.md)
+  # packed documents of mixed lengths: whole-row zigzag vs DocumentZigzag (docs/document-balance.md)
   run $R/document_balance_p4.json 4 bench.document_balance --repeats 5
   if [[ -z "${KEEP_EXISTING:-}" || ! -f $R/plan_cost.json ]]; then "$PY" -m bench.plan_cost --out $R/plan_cost.json; fi
 fi

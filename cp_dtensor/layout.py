@@ -49,7 +49,7 @@ class DocumentZigzag:
 
     Whole-row zigzag balances one long causal sequence, and many short documents balance themselves,
     but a mix of long and short documents leaves the ranks holding the late tokens of the long ones
-    with most of the work (measured in ``docs/packed-and-windows.md``). Cutting each document into
+    with most of the work (measured in ``docs/document-balance.md``). Cutting each document into
     ``2P`` equal pieces and dealing them as zigzag does gives every rank the same share of every
     document's causal work, whatever the lengths. TransformerEngine's THD format and PyTorch's
     per-document load balancer place tokens the same way.

@@ -647,6 +647,6 @@ def test_figures_regenerate(tmp_path: Path) -> None:
             env={**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(REPO)},
         )
         assert proc.returncode == 0, f"{script.name}: {proc.stderr}"
-    made = {p.name for p in tmp_path.glob("*.png")}
-    committed = {p.name for p in FIGURES.glob("*.png") if not p.name.startswith("perf_")}
+    made = {p.name for p in tmp_path.glob("*") if p.suffix in (".png", ".gif")}  # a .gif: an animated figure
+    committed = {p.name for p in FIGURES.glob("*") if p.suffix in (".png", ".gif") and not p.name.startswith("perf_")}
     assert made == committed, f"figures made {sorted(made)} != committed {sorted(committed)}"

@@ -364,7 +364,7 @@ def test_production_masked_ring_matches_the_simulation(world_size, data):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
 
 
-# ---- the figures of docs/packed-and-windows.md ----
+# ---- the figures of docs/masks.md ----
 
 
 def test_mask_figures_regenerate(tmp_path):

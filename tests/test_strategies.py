@@ -420,7 +420,7 @@ def _table(text: str) -> list[tuple[str, ...]]:
 
 def test_docs_example_prints_what_the_page_shows():
     """docs/examples/strategies.py on 4 ranks (it asserts correctness and model bytes itself); its
-    bytes table must be the one docs/strategies.md shows under "It prints"."""
+    bytes table must be the one docs/strategies.md shows in the Output block after the file."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -436,5 +436,6 @@ def test_docs_example_prints_what_the_page_shows():
     assert [row[0] for row in printed] == ["ring", "ulysses", "allgather", "hybrid"], proc.stdout
     assert all(row[-1] == "yes" for row in printed), proc.stdout
     page = (REPO / "docs" / "strategies.md").read_text()
-    shown = page.split("It prints", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    after = page.split('title="docs/examples/strategies.py"', 1)[1]
+    shown = after.split('```text title="Output"', 1)[1].split("```", 1)[0]
     assert _table(shown) == printed, f"update docs/strategies.md with:\n{proc.stdout}"

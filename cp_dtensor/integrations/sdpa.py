@@ -2,10 +2,11 @@
 
 Inside ``with context_parallel_sdpa(cp_group):`` every call to
 ``torch.nn.functional.scaled_dot_product_attention`` is answered by a context-parallel strategy on
-this rank's shards, through a ``TorchFunctionMode`` (the mechanism PyTorch's own
-``context_parallel()`` uses). The model's code does not change; its inputs do: feed it this rank's
-shard with GLOBAL positions (:func:`~cp_dtensor.integrations.batch.shard_batch`). Backward needs no
-mode: the strategies' autograd functions carry their own plans. Keep the forward inside the ``with``.
+this rank's shards, through a ``TorchFunctionMode`` (PyTorch's own ``context_parallel()``
+intercepts the same function by replacing it while it is active). The model's code does not
+change; its inputs do: feed it this rank's shard with GLOBAL positions
+(:func:`~cp_dtensor.integrations.batch.shard_batch`). Backward needs no mode: the strategies'
+autograd functions carry their own plans. Keep the forward inside the ``with``.
 
 Each SDPA argument is honoured or rejected: ``is_causal``, ``scale`` and ``enable_gqa`` are honoured;
 ``dropout_p > 0`` and an ``attn_mask`` raise ValueError (a mask of the whole sequence cannot be

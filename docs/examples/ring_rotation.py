@@ -1,11 +1,11 @@
 """The ring's communication alone, on real processes: pass K/V blocks around P ranks.
 
-Each rank starts with its own K/V block, then P - 1 times sends the block it holds to rank + 1
-while receiving rank - 1's. Run it (CPU, gloo; 4 processes on one machine):
+Each rank starts with its own K/V block, then P - 1 times sends the block it holds to
+rank + 1 while receiving rank - 1's. Run it (CPU, gloo; 4 processes on one machine):
 
     torchrun --standalone --nproc_per_node=4 docs/examples/ring_rotation.py
 
-Rank 0 prints which rank's block every rank held at every step: the table of page 3.
+Rank 0 prints which rank's block every rank held at every step.
 """
 
 import torch
@@ -13,12 +13,17 @@ import torch.distributed as dist
 
 
 def rotate(block: torch.Tensor) -> torch.Tensor:
-    """Send ``block`` to the next rank and return the block received from the previous one."""
+    """Send ``block`` to the next rank; return the block received from the previous."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     received = torch.empty_like(block)
-    # Both in flight at once, so no rank waits for another to start: no deadlock. (Individual
-    # isend/irecv rather than batch_isend_irecv, which has been reported to hang on gloo.)
-    requests = [dist.irecv(received, (rank - 1) % world_size), dist.isend(block, (rank + 1) % world_size)]
+    # Both in flight at once, so no rank waits for another to start. On gloo these
+    # are two lone calls (batch_isend_irecv has been reported to hang there); on NCCL
+    # the pair would have to be one batch_isend_irecv group, or a ring of 2 can
+    # deadlock.
+    requests = [
+        dist.irecv(received, (rank - 1) % world_size),
+        dist.isend(block, (rank + 1) % world_size),
+    ]
     for request in requests:
         request.wait()
     return received
@@ -28,14 +33,15 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     S_local, D = 4, 8
-    kv = torch.full((2, S_local, D), float(rank))  # (K and V, S_local, D), filled with the owner's rank
+    # (K and V, S_local, D), filled with the owner's rank
+    kv = torch.full((2, S_local, D), float(rank))
     held = []
     for step in range(world_size):
         source = int(kv[0, 0, 0])  # whose block this is
         assert source == (rank - step) % world_size
         held.append(source)
-        # Here a real ring would attend its queries to kv and merge (out, lse), while the next
-        # block is already on its way.
+        # Here a real ring would attend its queries to kv and merge (out, lse),
+        # while the next block is already on its way.
         if step < world_size - 1:  # P - 1 sends: the last block is not passed on
             kv = rotate(kv)
     table = [None] * world_size
@@ -45,7 +51,8 @@ def main() -> None:
         print("        " + "  ".join(f"step {s}" for s in range(world_size)))
         for r, row in enumerate(table):
             print(f"rank {r}  " + "  ".join(f"{src:6d}" for src in row))
-    dist.barrier()  # every rank done sending before gloo tears down (it can abort at exit otherwise)
+    # Every rank done sending before gloo tears down (it can abort at exit otherwise).
+    dist.barrier()
     dist.destroy_process_group()
 
 
