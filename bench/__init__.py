@@ -4,7 +4,9 @@ Every figure is a ratio of two things measured in the same run, on the same inpu
 processes, alternating A B A B, with min / median / max over repeats and the machine described.
 Each script is launched with ``torchrun`` and writes one JSON file under ``bench/results/``;
 ``python -m bench.report`` turns those files into the tables and plots of ``docs/performance.md``.
-``bench/run_all.sh`` does both: one command regenerates every number of the page.
+``bench/run_all.sh`` does both: one command regenerates every number of the page. The targets the
+ratios are compared with, and the full provenance of every result file, are in ``bench/README.md``
+(the maintainers' appendix; the report regenerates its tables too).
 
 =====================  ==========================================================================
 ``bench.cost``         CPU cost of CP: sum of every rank's CPU seconds / one process's fused SDPA

@@ -362,13 +362,27 @@ def _fresh_estimate(case: dict) -> dict:
     )
 
 
+def _peak_node(where: str) -> str:
+    """The autograd node (or, outside the backward, the last range) a profiler path ends in."""
+    parts = where.removeprefix("memory_measure.").split(" / ")
+    return parts[1] if parts[0] == "backward" and len(parts) > 1 else parts[-1]
+
+
 def markdown_table(report: dict) -> str:
-    """The sweep as the markdown table of ``docs/memory.md`` (MiB per rank, the largest rank)."""
+    """The sweep as the two tables of ``docs/memory.md`` (MiB per rank, the largest rank).
+
+    The first compares the measured peak with the estimate and says where each peaks; the second
+    splits off the activations and cross-checks them against the resident-set growth. Two narrow
+    tables rather than one wide one, so that each fits the page's text column.
+    """
     mib = 2**20
-    rows = [
-        "| L | P | measured peak | estimate | error | measured activations | RSS cross-check | "
-        "activations vs P = 1 | estimated peak at | measured peak in |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    peaks = [
+        "| L | P | measured peak | estimate | error | peak in: estimated, measured |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+    acts = [
+        "| L | P | measured activations | RSS cross-check | activations vs P = 1 |",
+        "|---:|---:|---:|---:|---:|",
     ]
     act_p1 = {
         c["summary"]["seq_len"]: c["summary"]["measured_activation_peak_bytes"]
@@ -380,34 +394,49 @@ def markdown_table(report: dict) -> str:
         ratio = (
             sm["measured_activation_peak_bytes"] / act_p1[sm["seq_len"]] if sm["seq_len"] in act_p1 else float("nan")
         )
-        where = sm["measured_peak_at"].removeprefix("memory_measure.").replace("cp_dtensor.ring.", "ring.")
-        rows.append(
-            f"| {sm['seq_len']} | {sm['cp_size']} | {sm['measured_peak_bytes'] / mib:.1f} | {est['total'] / mib:.1f} | "
-            f"{100 * (est['total'] / sm['measured_peak_bytes'] - 1):+.2f}% | "
-            f"{sm['measured_activation_peak_bytes'] / mib:.1f} | {sm['rss_activation_peak_bytes'] / mib:.1f} | "
-            f"{ratio:.3f} | {est['peak_phase']} | `{where}` |"
+        lp = f"| {sm['seq_len']} | {sm['cp_size']} |"
+        peaks.append(
+            f"{lp} {sm['measured_peak_bytes'] / mib:.1f} | {est['total'] / mib:.1f} | "
+            f"{100 * (est['total'] / sm['measured_peak_bytes'] - 1):+.2f}% | {est['peak_phase']}, "
+            f"{_peak_node(sm['measured_peak_at'])} |"
         )
-    return "\n".join(rows)
+        acts.append(
+            f"{lp} {sm['measured_activation_peak_bytes'] / mib:.1f} | {sm['rss_activation_peak_bytes'] / mib:.1f} | "
+            f"{ratio:.3f} |"
+        )
+    return "\n".join([*peaks, "", *acts])
 
 
 def grad_sync_table(report: dict) -> str:
-    """A sweep over ``--grad-syncs`` as a markdown table: per-rank peak by component, MiB (the largest rank)."""
+    """A sweep over ``--grad-syncs`` as two markdown tables, MiB per rank (the largest rank).
+
+    The first is what a rank holds between steps (weights, gradients with DDP's buckets, AdamW's
+    moments); the second the measured and estimated peak and where the measurement peaks. The
+    length column is left out when the sweep has one length (the page states it).
+    """
     mib = 2**20
-    rows = [
-        "| L | P | gradient sync | weights | grads | AdamW | measured peak | estimate | error | measured peak in |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    several = len({c["summary"]["seq_len"] for c in report["cases"]}) > 1
+    lcol, lsep = ("L | ", "---:|") if several else ("", "")
+    state = [f"| {lcol}P | gradient sync | weights | grads | AdamW |", f"|{lsep}---:|---|---:|---:|---:|"]
+    peaks = [
+        f"| {lcol}P | gradient sync | measured peak | estimate | error | measured peak in |",
+        f"|{lsep}---:|---|---:|---:|---:|---|",
     ]
     for case in report["cases"]:
         sm, est = case["summary"], _fresh_estimate(case)
         static = max(case["ranks"], key=lambda r: r["peak_bytes"])["static"]
-        where = sm["measured_peak_at"].removeprefix("memory_measure.").replace("cp_dtensor.ring.", "ring.")
-        rows.append(
-            f"| {sm['seq_len']} | {sm['cp_size']} | {sm.get('grad_sync', 'none')} | {static['weights'] / mib:.1f} | "
-            f"{static['grads'] / mib:.1f} | {static['optimizer_state'] / mib:.1f} | "
-            f"{sm['measured_peak_bytes'] / mib:.1f} | {est['total'] / mib:.1f} | "
-            f"{100 * (est['total'] / sm['measured_peak_bytes'] - 1):+.2f}% | `{where}` |"
+        length = f" {sm['seq_len']} |" if several else ""
+        key = f"|{length} {sm['cp_size']} | {sm.get('grad_sync', 'none')} |"
+        state.append(
+            f"{key} {static['weights'] / mib:.1f} | {static['grads'] / mib:.1f} | "
+            f"{static['optimizer_state'] / mib:.1f} |"
         )
-    return "\n".join(rows)
+        peaks.append(
+            f"{key} {sm['measured_peak_bytes'] / mib:.1f} | {est['total'] / mib:.1f} | "
+            f"{100 * (est['total'] / sm['measured_peak_bytes'] - 1):+.2f}% | "
+            f"{_peak_node(sm['measured_peak_at'])} |"
+        )
+    return "\n".join([*state, "", *peaks])
 
 
 def plot_results(report: dict, path) -> None:

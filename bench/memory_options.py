@@ -27,7 +27,7 @@ import time
 import torch
 import torch.distributed as dist
 
-__all__ = ["MODEL", "OPTIONS", "fit", "markdown_tables"]
+__all__ = ["MODEL", "OPTIONS", "fit", "label", "markdown_tables"]
 
 MODEL = {"vocab_size": 32_000, "hidden_size": 512, "num_layers": 4, "num_heads": 8}
 """The measured model: E = 512, 4 layers, 8 heads of 64, V = 32K, SwiGLU 1376 (fp32)."""
@@ -118,39 +118,41 @@ def _case(ranks: list[dict]) -> dict:
     }
 
 
+def label(name: str) -> str:
+    """An option's name on the page: the run without any option is the baseline."""
+    return "baseline" if name == "today" else name
+
+
 def markdown_tables(report: dict, budget_gib: float = 4.0) -> str:
-    """The per-option table (peaks, estimate error, bytes per token, time) and the budget table."""
+    """The per-option peaks with the estimate's error, then bytes per token and the longest fit.
+
+    Two narrow tables rather than one wide one, so that each fits the page's text column.
+    """
     names = list(report["options"])
     lens = [entry["seq_len"] for entry in report["lengths"]]
     cases = {name: [_case(entry["cases"][name]) for entry in report["lengths"]] for name in names}
     slopes = {name: fit(lens, [c["peak"] for c in cases[name]]) for name in names}
     base_slope = slopes[names[0]][0]
-    head = " | ".join(f"peak L={n} (MiB)" for n in lens)
-    rows = [
-        f"| option | {head} | estimate error (max) | bytes per token | vs today | step time vs today |",
-        "|---|" + "---:|" * (len(lens) + 4),
+    budget = budget_gib * GIB
+    base_len = (budget - slopes[names[0]][1]) / base_slope
+    head = " | ".join(f"L={n}" for n in lens)
+    peaks = [f"| option | {head} | estimate error (max) |", "|---|" + "---:|" * (len(lens) + 1)]
+    costs = [
+        f"| option | bytes per token | vs baseline | longest in {budget_gib:g} GiB | vs baseline |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name in names:
         errors = [c["estimate"] / c["peak"] - 1 for c in cases[name]]
         worst = max(errors, key=abs)
-        times = sum(c["step_s"] for c in cases[name]) / sum(c["step_s"] for c in cases[names[0]])
-        peaks = " | ".join(f"{c['peak'] / MIB:.1f}" for c in cases[name])
-        rows.append(
-            f"| {name} | {peaks} | {100 * worst:+.1f}% | {slopes[name][0] / 1024:.1f} KiB | "
-            f"{base_slope / slopes[name][0]:.2f}x fewer | {times:.2f}x |"
-        )
-    budget = budget_gib * GIB
-    rows += [
-        "",
-        f"| option | longest sequence in {budget_gib:g} GiB per rank (by the slope) | vs today |",
-        "|---|---:|---:|",
-    ]
-    base_len = (budget - slopes[names[0]][1]) / slopes[names[0]][0]
-    for name in names:
+        cells = " | ".join(f"{c['peak'] / MIB:.1f}" for c in cases[name])
+        peaks.append(f"| {label(name)} | {cells} | {100 * worst:+.1f}% |")
         slope, intercept = slopes[name]
         longest = (budget - intercept) / slope
-        rows.append(f"| {name} | {longest / 1024:.1f}K tokens | {longest / base_len:.2f}x |")
-    return "\n".join(rows)
+        costs.append(
+            f"| {label(name)} | {slope / 1024:.1f} KiB | {base_slope / slope:.2f}x fewer | "
+            f"{longest / 1024:.1f}K tokens | {longest / base_len:.2f}x |"
+        )
+    return "\n".join([*peaks, "", *costs])
 
 
 def main(argv=None) -> None:

@@ -25,15 +25,15 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.memory_options import MODEL, OPTIONS
+from bench.memory_options import MODEL, OPTIONS, label
 
 
 def markdown_table(report: dict) -> str:
-    """The page's table: each option's step time relative to today, median [min-max] over the rounds."""
-    rows = ["| option | step time vs today |", "|---|---:|"]
+    """The page's table: each option's step time relative to the baseline, median [min-max] over rounds."""
+    rows = ["| option | step time vs baseline |", "|---|---:|"]
     for name, r in report["vs_today"].items():
         if name != "today":
-            rows.append(f"| {name} | {r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}] |")
+            rows.append(f"| {label(name)} | {r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}] |")
     return "\n".join(rows)
 
 

@@ -1,10 +1,13 @@
 """Turn ``bench/results/*.json`` into the tables of ``docs/performance.md`` and its ``perf_*.png`` plots.
 
-    python -m bench.report                      # rewrite the generated parts of the page + the plots
+    python -m bench.report                      # rewrite the generated parts of the pages + the plots
     python -m bench.report --figures /tmp/f     # only the plots, somewhere else
 
 The page is hand-written prose with generated blocks between ``<!-- BEGIN bench:NAME -->`` and
-``<!-- END bench:NAME -->``; only those blocks are rewritten. Nothing is measured here.
+``<!-- END bench:NAME -->``; only those blocks are rewritten. Nothing is measured here. The same
+blocks are rendered into ``bench/README.md`` (the maintainers' appendix, not part of the site):
+the performance targets and the full provenance of each result file (commit and uncommitted
+files), which the reader's page leaves out.
 """
 
 from __future__ import annotations
@@ -18,9 +21,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 PAGE = REPO / "docs" / "performance.md"
+APPENDIX = REPO / "bench" / "README.md"
 FIGURES = REPO / "docs" / "assets" / "figures"
 MiB = 2**20
 OURS = ("cost_", "balance_", "peers_", "scaling_", "profile_ring_")  # other files in results/ are not this page's
+
+# The code the committed GPU results ran: the commit that added them (36e713c) changed only results and
+# docs, so its parent is the measured library. The GPU result files do not record a commit themselves.
+GPU_COMMIT = "55c4f3d"
 
 # The performance goals each ratio on the page is compared with (reported next to it, not asserted).
 TARGETS = {
@@ -64,36 +72,54 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def code_of(result: dict) -> str:
+    """The code a result was measured with, in reader terms: one clean commit, or why there is none."""
+    m = result["machine"]
+    if m.get("uncommitted_library_files"):
+        return f"code: a work-in-progress state after commit `{m['git_commit']}`, not one clean commit"
+    return f"code: commit `{m['git_commit']}`"
+
+
 def provenance(results: list[dict]) -> str:
-    """The commands and dates of the results behind a table."""
+    """The commands, code and dates of the results behind a table."""
     lines = []
     for r in results:
         m = r["machine"]
         start = m["load_average_at_start"]
         load = f"1-min load average {start[0]:.1f} at start, {m['load_average_at_end'][0]:.1f} at end" if start else ""
-        lines.append(f"`{r['command']}` ({r['date']}, {r['duration_s']:.0f} s, {load})")
+        lines.append(f"`{r['command']}` ({code_of(r)}; {r['date']}, {r['duration_s']:.0f} s, {load})")
     return "<small>" + "<br>".join(lines) + "</small>" if lines else ""
 
 
 # ------------------------------------------------------------------------------------------ tables
+def _ours() -> list[dict]:
+    return [r for prefix in OURS for r in load_all(prefix)]
+
+
 def block_machine() -> str:
-    every = [r for prefix in OURS for r in load_all(prefix)]
+    every = _ours()
     if not every:
         return "_No results yet: run `bash bench/run_all.sh`._"
     m = every[0]["machine"]
     dates = sorted(r["date"] for r in every)
-    dirty = sorted({f.split()[-1] for r in every for f in r["machine"].get("uncommitted_library_files", [])})
     rows = [
         ["CPU", f"{m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), {m['memory_gb']} GB"],
         ["Software", f"torch {m['torch']}, Python {m['python']}, {m['platform']}"],
         ["Threads", f"{m['threads_per_rank']} per rank (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)`)"],
-        [
-            "Measured",
-            f"{dates[0]} to {dates[-1]} (UTC), cp_dtensor at commit `{m['git_commit']}`"
-            + (f" with uncommitted changes in {', '.join(dirty)}" if dirty else ""),
-        ],
+        ["Measured", f"{dates[0]} to {dates[-1]} (UTC); the code of each run is named under its table"],
     ]
     return md_table(["", ""], rows)
+
+
+def block_provenance() -> str:
+    """For the maintainers: every result file of the page with its commit and uncommitted files."""
+    rows = []
+    for r in sorted(_ours(), key=lambda r: r["date"]):
+        m = r["machine"]
+        dirty = sorted(f.split()[-1] for f in m.get("uncommitted_library_files", []))
+        name = r["command"].split("--out ")[-1].split()[0] if "--out " in r["command"] else r["benchmark"]
+        rows.append([f"`{name}`", r["date"], f"`{m['git_commit']}`", ", ".join(dirty) if dirty else "none (clean)"])
+    return md_table(["result", "measured", "commit", "uncommitted library files"], rows)
 
 
 def block_cost() -> str:
@@ -105,7 +131,7 @@ def block_cost() -> str:
             for name, res in entry["strategies"].items():
                 if "error" in res:
                     rows.append(
-                        [r["world_size"], _k(c["seq_len"]), _mask(c), name, f"error: {res['error'][:80]}", *[""] * 6]
+                        [r["world_size"], _k(c["seq_len"]), _mask(c), name, f"error: {res['error'][:80]}", *["-"] * 6]
                     )
                     continue
                 rows.append(
@@ -132,20 +158,22 @@ def block_cost() -> str:
             row[3],
         )
     )
-    header = [
-        "P",
-        "seq",
-        "mask",
-        "strategy",
-        "cost fwd",
-        "cost fwd+bwd",
-        "of which: kernels",
-        "main thread outside kernels",
-        "other threads (gloo)",
-        "wall speed-up",
-        "max abs err",
-    ]
-    return md_table(header, rows) + "\n\n" + provenance(results)
+    # Narrow tables for the page's column: "P, seq" and "strategy, mask" share a column each.
+    case = [[f"{row[0]}, {row[1]}", f"{row[3]}, {row[2]}"] for row in rows]
+    cost = [[*c, *row[4:7]] for c, row in zip(case, rows)]
+    split = [[*c, *row[7:9]] for c, row in zip(case, rows) if row[7] != "-" or row[8] != "-"]
+    other = [[*c, *row[9:]] for c, row in zip(case, rows)]
+    head = ["P, seq", "strategy, mask"]
+    return "\n\n".join(
+        [
+            md_table([*head, "cost fwd", "cost fwd+bwd", "of which: kernels"], cost),
+            "Where the rest of the fwd+bwd cost goes (per-thread CPU clocks, runs that measured it):",
+            md_table([*head, "main thread outside kernels", "other threads (gloo)"], split),
+            "Wall-clock speed-up over the single process, and agreement with it:",
+            md_table([*head, "wall speed-up", "max abs err"], other),
+            provenance(results),
+        ]
+    )
 
 
 def _k(seq: int) -> str:
@@ -164,8 +192,7 @@ def block_balance() -> str:
             for layout, res in entry["layouts"].items():
                 rows.append(
                     [
-                        r["world_size"],
-                        _k(entry["case"]["seq_len"]),
+                        f"{r['world_size']}, {_k(entry['case']['seq_len'])}",
                         layout,
                         fmt(res["kernel_max_over_mean"], 3),
                         f"{res['planned_max_over_mean']:.3f}",
@@ -173,8 +200,7 @@ def block_balance() -> str:
                     ]
                 )
     header = [
-        "P",
-        "seq",
+        "P, seq",
         "layout",
         "kernel time max/mean (measured)",
         "pairs max/mean (planned)",
@@ -219,16 +245,11 @@ def block_peers_torch() -> str:
                     fmt_err(ours.get("max_abs_err")),
                 ]
             )
-    header = [
-        "P",
-        "seq",
-        "contender",
-        "our wall / theirs",
-        "our CPU s / theirs",
-        "wall s (slowest rank)",
-        "max abs err",
-    ]
-    return md_table(header, rows) + "\n\n" + provenance(results)
+    ratios = md_table(["P", "seq", "contender", "our wall / theirs", "our CPU s / theirs"], [r[:5] for r in rows])
+    absolute = md_table(
+        ["P", "seq", "contender", "wall s (slowest rank)", "max abs err"], [[*r[:3], *r[5:]] for r in rows]
+    )
+    return ratios + "\n\n" + absolute + "\n\n" + provenance(results)
 
 
 def block_peers_memory() -> str:
@@ -304,13 +325,13 @@ def block_peers_yunchang() -> str:
             )
     version = results[0].get("yunchang_version") if results else None
     header = [
-        "P",
-        "seq",
+        "P, seq",
         "contender",
         "our wall / theirs (fwd; our ring unless noted)",
         "wall s (slowest rank)",
         "max abs err",
     ]
+    rows = [[f"{row[0]}, {row[1]}", *row[2:]] for row in rows]  # one column less: the page's width
     return (
         (f"yunchang {version}, forward only.\n\n" if version else "")
         + md_table(header, rows)
@@ -426,18 +447,13 @@ def block_gpu() -> str:
         ]
         for x in r["results"]
     ]
-    header = [
-        "seq",
-        "P",
-        "efficiency fwd",
-        "efficiency fwd+bwd",
-        "slowest rank's share",
-        "TFLOP/s full",
-        "TFLOP/s blocks",
-        "max abs err",
-    ]
-    return f"{r['device']}, torch {r['torch']}, CUDA {r['cuda']}, {r['date']}: `{r['command']}`\n\n" + md_table(
-        header, rows
+    efficiency = md_table(
+        ["seq", "P", "efficiency fwd", "efficiency fwd+bwd", "slowest rank's share"], [x[:5] for x in rows]
+    )
+    rates = md_table(["seq", "P", "TFLOP/s full", "TFLOP/s blocks", "max abs err"], [[*x[:2], *x[5:]] for x in rows])
+    return (
+        f"{r['device']}, torch {r['torch']}, CUDA {r['cuda']}, {r['date']}, code of commit `{GPU_COMMIT}`: "
+        f"`{r['command']}`\n\n{efficiency}\n\n{rates}"
     )
 
 
@@ -465,8 +481,8 @@ def block_memory_harness() -> str:
     model = r["cases"][0]["ranks"][0].get("model", {})
     what = ", ".join(f"{k} {model[k]}" for k in ("hidden_size", "num_layers", "num_heads") if k in model)
     return (
-        f"The memory harness's measurement of the small transformer ({what}, fp32, forward + backward, "
-        f"see [Memory](memory.md)): `{r['command']}`\n\n" + md_table(header, rows)
+        f"The memory harness's measurement of the small transformer ({what}, fp32, forward + backward; "
+        f"command, machine and code on the [Memory](memory.md) page):\n\n" + md_table(header, rows)
     )
 
 
@@ -570,6 +586,7 @@ BLOCKS = {
     "profile": block_profile,
     "gpu": block_gpu,
     "memory-harness": block_memory_harness,
+    "provenance": block_provenance,
 }
 
 
@@ -635,7 +652,6 @@ def _plot_cost(plt):
                 ss.append(hit[0])
         _errbar(ax, xs, ss, width=width, label=name)
     ax.axhline(1.0, color="gray", lw=1)
-    ax.axhline(1.10, color="C3", ls="--", lw=1, label="target at 16K, P=4 (1.10)")
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("sum of ranks' CPU s / one process's SDPA")
     ax.set_title("Cost of CP on CPU, fwd+bwd (median, min-max; the limit is 1.0)")
@@ -662,7 +678,6 @@ def _plot_balance(plt):
             mew=2,
             label="planned (pairs)" if i == 0 else None,
         )
-    ax.axhline(1.05, color="C3", ls="--", lw=1, label="target, zigzag (1.05)")
     ax.set_xticks(range(len(Ps)), [f"P={p}" for p in Ps])
     ax.set_ylabel("max / mean of per-rank kernel time")
     ax.set_title(f"Causal load balance, seq {_k(results[0]['cases'][0]['case']['seq_len'])} fwd+bwd")
@@ -732,8 +747,9 @@ def main(argv=None) -> None:
         for path in make_plots(args.figures):
             print(f"wrote {path}")
         return
-    PAGE.write_text(render_page(PAGE.read_text()))
-    print(f"rewrote the generated blocks of {PAGE}")
+    for path in (PAGE, APPENDIX):
+        path.write_text(render_page(path.read_text()))
+        print(f"rewrote the generated blocks of {path}")
     for path in make_plots(FIGURES):
         print(f"wrote {path}")
 

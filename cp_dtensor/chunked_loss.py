@@ -155,7 +155,9 @@ def chunked_cross_entropy_across_shards(
 
     Examples:
         >>> h_BSE = model.norm(hidden_states)  # doctest: +SKIP
-        >>> out = chunked_cross_entropy_across_shards(h_BSE, model.lm_head.weight, labels, cp_group)
+        >>> out = chunked_cross_entropy_across_shards(
+        ...     h_BSE, model.lm_head.weight, labels, cp_group
+        ... )
         >>> out.loss.backward()
 
     Args:

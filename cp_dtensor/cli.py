@@ -102,15 +102,16 @@ def format_estimate(result: dict) -> str:
     gain = result["max_seq_len_with_cp"] / result["max_seq_len_without_cp"] if result["max_seq_len_without_cp"] else 0
     title = (
         f"L = {cfg['seq_len']:,}, B = {cfg['batch_size']}, E = {cfg['hidden_size']}, N = {cfg['num_layers']}, "
-        f"H = {cfg['num_heads']}/{cfg['num_kv_heads']}, F = {cfg['ffn_hidden_size']}, V = {cfg['vocab_size']}, "
+        f"H = {cfg['num_heads']}/{cfg['num_kv_heads']}, F = {cfg['ffn_hidden_size']}, V = {cfg['vocab_size']}\n"
         f"{cfg['dtype']}, attention={cfg['attention']}, optimizer={cfg['optimizer']}"
         + (", activation checkpointing" if cfg["activation_checkpointing"] else "")
     )
     summary = [
         f"savings: {result['savings_gb']:.3f} GiB per rank ({result['reduction_factor']:.2f}x in total, "
         f"{result['activation_reduction_factor']:.2f}x in activations)",
-        f"longest sequence within {cfg['memory_budget_gb']:g} GiB per rank: {result['max_seq_len_without_cp']:,} "
-        f"tokens without CP, {result['max_seq_len_with_cp']:,} with cp_size={p} ({gain:.2f}x)",
+        f"longest sequence within {cfg['memory_budget_gb']:g} GiB per rank:",
+        f"  {result['max_seq_len_without_cp']:,} tokens without CP, "
+        f"{result['max_seq_len_with_cp']:,} with cp_size={p} ({gain:.2f}x)",
     ]
     return "\n".join([title, "", head, *rows, "", *summary])
 

@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 LAYOUTS = ("zigzag", "contiguous")
+"""Names of the whole-row layouts; a :class:`DocumentZigzag` is passed as an object instead."""
 
 Run = tuple[int, int]  # (global start position, number of tokens)
 

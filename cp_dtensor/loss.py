@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+"""Label of a position without a target, skipped by the loss (PyTorch's ``cross_entropy`` default)."""
 
 
 def shift_labels(

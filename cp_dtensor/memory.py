@@ -570,10 +570,11 @@ def estimate_context_parallel_memory_savings(
     :func:`saved_per_token`, :func:`phase_bytes` and :func:`estimate_rank_memory`. In short, per rank
     with ``T = B L / P`` local tokens::
 
-        peak = n b (2 + k_opt)                                   # weights, grads, optimizer state
-             + max over phases of [ N * T * saved_per_token      # activations, linear in L / P (flash)
-                                    + transients ]               # logits / MLP grads / ring workspace
-             (+ N * B H (L/P) L b                                # naive: the saved probability stripes)
+        peak = n b (2 + k_opt)                       # weights, grads, optimizer state
+             + max over phases of [ N * T * saved_per_token
+                                    + transients ]   # activations, linear in L / P (flash),
+                                                     # + logits / MLP grads / ring workspace
+             (+ N * B H (L/P) L b)                   # naive: the saved probability stripes
 
     Example (1M tokens, a 7B-sized model, 8 ranks)::
 

@@ -23,6 +23,7 @@ STRATEGIES: dict[str, Callable[..., torch.Tensor]] = {
     "allgather": allgather_kv_attention,
     "hybrid": hybrid_attention,  # needs init_context_parallel_group(..., ulysses_size=u)
 }
+"""Strategy name -> its attention function; every one takes the arguments of ``ring_attention``."""
 
 
 def get_strategy(name: str) -> Callable[..., torch.Tensor]:

@@ -39,6 +39,7 @@ import torch
 __all__ = ["LAYOUTS", "num_chunks", "shard", "shard_indices", "unshard"]
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
+"""Names of the layouts the simulation offers (see the module docstring for each)."""
 
 
 def num_chunks(world_size: int, layout: str) -> int:

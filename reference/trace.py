@@ -31,6 +31,7 @@ import torch
 __all__ = ["BLOCK_KINDS", "TraceEntry", "classify_block", "make_entry", "ring_steps_needed", "trace_work_per_rank"]
 
 BLOCK_KINDS = ("full", "diagonal", "half", "partial", "skipped")
+"""Kinds of block a rank computes at one ring step (see the module docstring for each)."""
 
 
 @dataclass(frozen=True)

@@ -243,7 +243,7 @@ def test_plan_cost_runs(tmp_path):
 
 
 def test_report_regenerates_the_committed_page(tmp_path):
-    """The tables on docs/performance.md are what bench/report.py makes of the committed JSON."""
+    """The tables on docs/performance.md and bench/README.md are what bench/report.py makes of the JSON."""
     from bench import report
 
     page = report.PAGE.read_text()
@@ -251,6 +251,8 @@ def test_report_regenerates_the_committed_page(tmp_path):
     # it is regenerated with the page but not pinned here, so re-measuring memory never breaks this test.
     pinned = {name: fn for name, fn in report.BLOCKS.items() if name != "memory-harness"}
     assert report.render_page(page, pinned) == page, "run: python -m bench.report"
+    appendix = report.APPENDIX.read_text()  # bench/README.md: the targets and the full provenance
+    assert report.render_page(appendix, pinned) == appendix, "run: python -m bench.report"
     made = {p.name for p in report.make_plots(tmp_path)}
     committed = {p.name for p in report.FIGURES.glob("perf_*.png")}
     assert made == committed

@@ -22,12 +22,17 @@ What runs, and how (one test per item):
   log and the built HTML/CSS references nothing outside the site (the pages must render offline).
   It fails, rather than skips, when mkdocs is missing: CI installs the ``docs`` extra.
 * ``test_api_page_renders_examples_and_returns``: the API page's HTML shows docstring examples as
-  code and each Returns section as one value.
+  code, each Returns section as one value, no source listings and no raw Sphinx roles.
+* ``test_api_page_has_every_name_the_course_imports``: every name a page or example imports from
+  ``cp_dtensor`` or ``reference`` resolves as an autorefs link under the path it is imported by.
 * ``test_the_build_fails_on_a_broken_link_and_on_a_docstring_warning``: strictness is real: a copy of
   the docs with a broken link, and one with a docstring griffe warns about, both fail to build.
 * ``test_site_in_headless_browser``: the built pages open in headless Chromium with every formula
   rendered, every image shown and no request leaving the machine (``docs/scripts/check_site.py``);
-  skipped only where no Chromium is installed.
+  skipped only where no Chromium is installed. In the same run, at 1280 px:
+  ``test_nothing_wider_than_its_box_at_1280px`` (no code block, table, equation or page wider than
+  its box), and ``test_width_check_reports_wide_elements_and_only_those`` shows that check
+  can fail and is not fooled. ``test_search_works_from_file_urls``: the site's search works opened from disk.
 * ``test_figures_regenerate``: ``docs/scripts/make_figures.py`` runs and writes every figure that
   is committed under ``docs/assets/figures/``.
 """
@@ -415,7 +420,8 @@ API = "api.html"
 
 def test_api_page_renders_examples_and_returns(built_site: Path) -> None:
     """Every ``Examples:`` section is highlighted doctest code, no ``Example:`` heading is left as prose,
-    and each ``Returns`` table has exactly one row (one value described in prose, not fake items)."""
+    each ``Returns`` section is one item (one value described in prose, not fake items), no source
+    listing is shown, and no Sphinx role (``:func:`x```) is left as text."""
     html = (built_site / API).read_text()
     examples = re.findall(r'doc-section-title">Examples:</span></p>\s*(<div class="highlight">.*?</div>)', html, re.S)
     assert len(examples) == html.count('doc-section-title">Examples:') >= 6, "an Examples section is not code"
@@ -424,10 +430,74 @@ def test_api_page_renders_examples_and_returns(built_site: Path) -> None:
     assert not re.search(r'class="admonition example"|<details class="example"|<p>Examples?::?\s', html), (
         "a docstring says 'Example:' or 'Example::' (Google style wants 'Examples:')"
     )
-    tables = re.findall(r'doc-section-title">Returns:</span></p>\s*<table>(.*?)</table>', html, re.S)
-    assert len(tables) == html.count('doc-section-title">Returns:') >= 30
-    split = [t for t in tables if t.count('class="doc-section-item"') != 1]
-    assert not split, f"{len(split)} Returns tables split one description into several items:\n{split[0][:800]}"
+    returns = re.findall(r'doc-section-title">Returns:</span></p>\s*<ul>(.*?)</ul>', html, re.S)
+    assert len(returns) == html.count('doc-section-title">Returns:') >= 30
+    split = [r for r in returns if r.count('class="doc-section-item') != 1]
+    assert not split, f"{len(split)} Returns sections split one description into several items:\n{split[0][:800]}"
+    assert "Source code in" not in html, "the API page lists source code (mkdocs.yml: show_source: false)"
+    roles = re.findall(r":(?:mod|func|class|meth|attr|data|exc|obj):<code>[^<]*", html)
+    assert not roles, f"Sphinx roles left as text: {roles[:5]}"
+
+
+# ``from cp_dtensor.blocks import plan_blocks``, ``from reference import (a, b as c)``
+IMPORT_FROM = re.compile(r"^[ \t]*from\s+((?:cp_dtensor|reference)[\w.]*)\s+import\s+(\([^)]*\)|[^\n]*)", re.M)
+
+
+def imported_names(code: str) -> list[str]:
+    """Import paths of the names a piece of code imports from ``cp_dtensor`` or ``reference``."""
+    names = []
+    for m in IMPORT_FROM.finditer(code):
+        for item in re.sub(r"#[^\n]*", "", m[2]).strip("()").split(","):
+            name = item.split(" as ")[0].strip(" \t\n\\")
+            if name and name != "*":
+                names.append(f"{m[1]}.{name}")
+    return names
+
+
+def names_the_course_imports() -> dict[str, list[str]]:
+    """Import path -> the pages and docs/examples files that import it."""
+    found: dict[str, list[str]] = {}
+    for path in [*PAGES, *EXAMPLE_FILES]:
+        for name in imported_names(path.read_text()):
+            found.setdefault(name, []).append(path.name)
+    return found
+
+
+def test_the_import_scan_reads_the_forms_pages_use() -> None:
+    """One-line, aliased, parenthesised and commented imports are all seen (or the next test would
+    check nothing for them)."""
+    code = (
+        "from cp_dtensor.blocks import plan_blocks as pb, block_pairs\n"
+        "    from reference import (\n        shard,  # a comment, with a comma\n        unshard as u,\n    )\n"
+        "import torch\nfrom torch import nn\n"
+    )
+    assert imported_names(code) == [
+        "cp_dtensor.blocks.plan_blocks",
+        "cp_dtensor.blocks.block_pairs",
+        "reference.shard",
+        "reference.unshard",
+    ]
+    assert "cp_dtensor.ring_attention" in names_the_course_imports()
+
+
+def test_api_page_has_every_name_the_course_imports(tmp_path: Path) -> None:
+    """Every name a page or docs/examples file imports from cp_dtensor or reference is documented on
+    the API page under the path it is imported by, so a page can link it as [`name`][path].
+
+    Checked the way pages use it: a copy of the project whose API page links every such path with
+    mkdocs-autorefs must build with ``--strict`` (an unresolved link is a warning)."""
+    found = names_the_course_imports()
+    _copy_project(tmp_path)
+    api = tmp_path / "docs" / "api.md"
+    links = "\n".join(f"- [`{path}`][{path}]" for path in sorted(found))
+    api.write_text(api.read_text() + "\n## Imported by the course\n\n" + links + "\n")
+    proc = mkdocs_build(tmp_path, tmp_path / "site")
+    log = proc.stdout + proc.stderr
+    missing = sorted(path for path in found if f"'{path}'" in log or f"[{path}]" in log)
+    assert not missing, "not on the API page (add a ::: line to docs/api.md):\n" + "\n".join(
+        f"{path} (imported by {', '.join(sorted(set(found[path])))})" for path in missing
+    )
+    assert not build_problems(proc), "\n".join(build_problems(proc))
 
 
 def _copy_project(dest: Path) -> None:
@@ -469,19 +539,90 @@ def test_the_build_fails_on_a_broken_link_and_on_a_docstring_warning(tmp_path: P
         assert any(expected in p for p in build_problems(proc)), f"{name}: the warning does not name {expected}:\n{out}"
 
 
-def test_site_in_headless_browser(built_site: Path) -> None:
-    """Math rendered, images shown, no request off the machine: docs/scripts/check_site.py."""
+def _check_site_module():
     sys.path.insert(0, str(DOCS / "scripts"))
     try:
         import check_site
     finally:
         sys.path.remove(str(DOCS / "scripts"))
-    chromium = check_site.find_chromium()
-    if chromium is None:
+    return check_site
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Chromium's path; skips where none is installed, fails in CI (.ci/run installs it)."""
+    path = _check_site_module().find_chromium()
+    if path is None:
         if os.environ.get("CI"):  # .ci/run installs it: a CI run must not quietly skip the check
             pytest.fail("no chromium in CI: .ci/run should have installed it (apt-get install chromium)")
         pytest.skip("no chromium on this machine (apt-get install chromium to run this check)")
-    problems = check_site.check_site(built_site, chromium)
+    return path
+
+
+@pytest.fixture(scope="module")
+def site_check(built_site: Path, chromium: str) -> dict[str, list[str]]:
+    """Every built page opened once in headless Chromium at 1280 px: docs/scripts/check_site.py."""
+    return _check_site_module().check_site(built_site, chromium)
+
+
+def test_site_in_headless_browser(site_check: dict[str, list[str]]) -> None:
+    """Math rendered, images shown, no request off the machine."""
+    problems = site_check["render"] + site_check["offline"]
+    assert not problems, "\n".join(problems)
+
+
+def test_nothing_wider_than_its_box_at_1280px(site_check: dict[str, list[str]]) -> None:
+    """No code block, table or display equation overflows its box or the text column, and no page
+    is wider than a 1280 px window (what a laptop shows; code lines of <= 88 columns fit)."""
+    assert not site_check["width"], f"{len(site_check['width'])} elements too wide:\n" + "\n".join(site_check["width"])
+
+
+def _table(cells: int) -> str:
+    table = "<table><tr>" + "<td>a_cell_of_text</td>" * cells + "</tr></table>"
+    return f'<div class="md-typeset__scrollwrap"><div class="md-typeset__table">{table}</div></div>'
+
+
+def _code(line: str) -> str:
+    return f'<div class="highlight"><pre><span></span><code>{line}</code></pre></div>'
+
+
+def _equation(terms: int) -> str:
+    return '<div class="arithmatex">\\[' + " + ".join(f"x_{{{i}}}^2" for i in range(terms)) + "\\]</div>"
+
+
+# Elements injected into a built page, as Material and KaTeX render them: id -> (HTML, too wide?)
+INJECTED = {
+    "wide-table": (_table(40), True),
+    "wide-code": (_code("x = " + "1 + " * 40 + "1"), True),  # 165 columns
+    "wide-equation": (_equation(80), True),
+    "narrow-table": (_table(3), False),
+    "narrow-code": (_code("y= " + "2 + " * 21 + "2"), False),  # 88 columns, the pages' limit
+    "narrow-equation": (_equation(8), False),
+}
+
+
+def test_width_check_reports_wide_elements_and_only_those(built_site: Path, chromium: str, tmp_path: Path) -> None:
+    """The width check can fail, and is not fooled: in a copy of the API page, a wide table, a
+    165-column code line and a long equation are each reported; a small table, an 88-column code line
+    and a short equation are not."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(built_site, site)
+    page = site / API
+    text = page.read_text()
+    start = re.search(r"<article[^>]*>", text)
+    injected = "".join(f'<h2 id="{name}">{name}</h2>{html}' for name, (html, _) in INJECTED.items())
+    page.write_text(text[: start.end()] + injected + text[start.end() :])
+    width = _check_site_module().check_site(site, chromium, pages=[API])["width"]
+    reported = {name for name in INJECTED if any(f"(after #{name})" in line for line in width)}
+    assert reported == {name for name, (_, wide) in INJECTED.items() if wide}, "\n".join(width)
+
+
+def test_search_works_from_file_urls(built_site: Path, chromium: str) -> None:
+    """Opened from disk (file://), the front page's search lists results (Material's offline plugin
+    and the vendored iframe-worker shim)."""
+    problems = _check_site_module().check_search_from_disk(built_site, chromium)
     assert not problems, "\n".join(problems)
 
 
