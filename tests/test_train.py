@@ -8,12 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mp_pool
 import pytest
 import torch
 
-from cp_dtensor import LongSequenceDataset, shift_labels
+from cp_dtensor import LongSequenceDataset, ModelConfig, TransformerWithCP, shift_labels
 from cp_dtensor.loss import IGNORE_INDEX
-from cp_dtensor.training.train import TrainConfig, lr_at, parse_args
+from cp_dtensor.training.train import TrainConfig, attention_within_own_shard, lr_at, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -276,3 +277,50 @@ def test_packed_windowed_job_on_four_ranks_matches_one_process(tmp_path):
         proc, other = run_job(tmp_path, name, *changed, nproc=1)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert abs(losses(other)[6] - losses(single)[6]) > 1e-6, name
+
+
+# ---- the counterfactual the job reports: the same weights without context parallelism -------------
+
+OWN_SHARD_CONFIG = ModelConfig(vocab_size=16, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
+
+
+def own_shard_case(ids_BL: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Runs on every rank (cp 2): local logits with the ring, then with each rank on its own shard."""
+    group, alone = mp_pool.group(2), mp_pool.group(1, dp_size=2)
+    torch.manual_seed(0)
+    model = TransformerWithCP(OWN_SHARD_CONFIG, cp_group=group).double()
+    ids_local = group.partition_sequence(ids_BL, seq_dim=1)
+    with attention_within_own_shard(model, alone):
+        own = model(ids_local, return_logits=True)
+    try:
+        with attention_within_own_shard(model, group):
+            error = None
+    except ValueError as e:
+        error = str(e)
+    return {
+        "error": error,
+        "positions": group.position_ids(ids_BL.shape[1]),
+        "own": own,
+        "ring": model(ids_local, return_logits=True),  # the real group is back
+    }
+
+
+def own_shard_oracle(ids_BL: torch.Tensor, positions: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """One process: the whole sequence, and each shard's tokens as a sequence of their own."""
+    torch.manual_seed(0)
+    model = TransformerWithCP(OWN_SHARD_CONFIG, cp_group=mp_pool.group(1)).double()
+    full = model(ids_BL, return_logits=True)
+    own = [model(ids_BL[:, pos], return_logits=True, position_ids=pos) for pos in positions]
+    return {"ring": [full[:, pos] for pos in positions], "own": own}
+
+
+def test_attention_within_own_shard_sees_only_the_shard_and_restores_the_ring():
+    ids_BL = torch.randint(0, OWN_SHARD_CONFIG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ranks = mp_pool.run_on_ranks(2, own_shard_case, ids_BL)
+    (oracle,) = mp_pool.run_on_ranks(1, own_shard_oracle, ids_BL, [r["positions"] for r in ranks])
+    for rank, r in enumerate(ranks):
+        # fp64; the same attention over the same keys, so only the order of sums differs.
+        torch.testing.assert_close(r["own"], oracle["own"][rank], rtol=0, atol=1e-12)
+        torch.testing.assert_close(r["ring"], oracle["ring"][rank], rtol=0, atol=1e-12)
+        assert (r["own"] - r["ring"]).abs().max() > 1e-3  # without the other shard's keys the logits change
+        assert r["error"] == "own_shard must be a one-rank cp group, got cp size 2."

@@ -66,6 +66,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from cp_dtensor.group import ContextParallelGroup, init_context_parallel_group
 from cp_dtensor.loss import IGNORE_INDEX, cross_entropy_across_shards
+from cp_dtensor.module import ContextParallelAttention
 from cp_dtensor.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cp_dtensor.parallel.fsdp import apply_fsdp
 from cp_dtensor.parallel.grad_sync import apply_ddp, replica_group
@@ -73,7 +74,7 @@ from cp_dtensor.parallel.tensor_parallel import parallelize_for_tp
 from cp_dtensor.training.data import LongSequenceDataset
 from cp_dtensor.training.model import AC_MODES, ModelConfig, TransformerWithCP
 
-__all__ = ["TrainConfig", "parse_args", "train", "main"]
+__all__ = ["TrainConfig", "attention_within_own_shard", "parse_args", "train", "main"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 GRAD_SYNCS = ("ddp", "fsdp")
@@ -331,20 +332,12 @@ def _datasets(cfg: TrainConfig) -> tuple[LongSequenceDataset, LongSequenceDatase
         ) from e
 
 
-def evaluate(
-    model: TransformerWithCP,
-    dataset: LongSequenceDataset,
-    cfg: TrainConfig,
-    cp_group: ContextParallelGroup,
-    device: torch.device,
-    autocast,
-) -> dict[str, float]:
-    """Recall accuracy on the first ``cfg.eval_samples`` sequences of ``dataset`` (collective).
+def _recall_counts(model, dataset, cfg, cp_group, device, autocast) -> torch.Tensor:
+    """Held-out answers, correct and asked, split by where their pair token lies (collective).
 
     Returns:
-        ``eval_accuracy``, and the same over the answers whose pair token lies on another cp rank's
-        shard (``eval_accuracy_remote``) and on the query's own shard (``eval_accuracy_local``): with
-        exact attention across shards the two agree up to sampling noise.
+        ``(4,)`` float64, summed over the replicas: correct and asked answers whose pair token lies on
+        another cp rank's shard, then the same for the query's own shard.
     """
     dp, dp_rank = cp_group.dp_mesh.size(), cp_group.dp_mesh.get_local_rank()
     per_dp = cfg.batch_size // dp
@@ -364,14 +357,78 @@ def evaluate(
                 [(correct & remote).sum(), (asked & remote).sum(), (correct & ~remote).sum(), (asked & ~remote).sum()]
             ).double()
     dist.all_reduce(counts, group=replica_group(cp_group))
-    c_remote, n_remote, c_local, n_local = counts.tolist()
+    return counts
+
+
+@contextlib.contextmanager
+def attention_within_own_shard(model: torch.nn.Module, own_shard: ContextParallelGroup):
+    """Inside the block, every attention layer of ``model`` attends only to its own rank's shard.
+
+    What the same weights do when the sequence is split over the cp ranks WITHOUT context
+    parallelism: each attention layer gets ``own_shard``, a one-rank cp group, so no K/V block
+    travels and a query sees the keys of its own shard only, causally (a zigzag or contiguous shard
+    holds its positions in increasing order). The model keeps its own group, so RoPE still rotates by
+    global positions.
+
+    Args:
+        model: A :class:`~cp_dtensor.TransformerWithCP` (or any module holding
+            :class:`~cp_dtensor.ContextParallelAttention` layers); restored when the block ends.
+        own_shard: A group with ``cp_size=1`` (``init_context_parallel_group(1)``, called on every rank).
+
+    Raises:
+        ValueError: ``own_shard`` spans more than one cp rank.
+    """
+    if own_shard.size != 1:
+        raise ValueError(f"own_shard must be a one-rank cp group, got cp size {own_shard.size}.")
+    layers = [m for m in model.modules() if isinstance(m, ContextParallelAttention)]
+    real = [m.cp_group for m in layers]
+    for m in layers:
+        m.cp_group = own_shard
+    try:
+        yield model
+    finally:
+        for m, group in zip(layers, real):
+            m.cp_group = group
+
+
+def evaluate(
+    model: TransformerWithCP,
+    dataset: LongSequenceDataset,
+    cfg: TrainConfig,
+    cp_group: ContextParallelGroup,
+    device: torch.device,
+    autocast,
+) -> dict[str, float]:
+    """Recall accuracy on the first ``cfg.eval_samples`` sequences of ``dataset`` (collective).
+
+    Returns:
+        ``eval_accuracy``, and the same over the answers whose pair token lies on another cp rank's
+        shard (``eval_accuracy_remote``) and on the query's own shard (``eval_accuracy_local``): with
+        exact attention across shards the two agree up to sampling noise. Then the same two with
+        each rank attending only to its own shard (:func:`attention_within_own_shard`):
+        ``own_shard_accuracy_remote`` falls to chance, since those answers are nowhere in reach
+        (NaN where this is not measured: one cp rank, tensor parallelism, masks, or ``--compile``).
+    """
+    c_remote, n_remote, c_local, n_local = _recall_counts(model, dataset, cfg, cp_group, device, autocast).tolist()
     ratio = lambda c, n: c / n if n else float("nan")  # noqa: E731
-    return {
+    summary = {
         "eval_accuracy": ratio(c_remote + c_local, n_remote + n_local),
         "eval_accuracy_remote": ratio(c_remote, n_remote),
         "eval_accuracy_local": ratio(c_local, n_local),
         "eval_answers": int(n_remote + n_local),
+        "eval_answers_remote": int(n_remote),
+        "own_shard_accuracy_remote": float("nan"),
+        "own_shard_accuracy_local": float("nan"),
     }
+    plain = cfg.tp == 1 and not (cfg.packed or cfg.window or cfg.compile)
+    if cp_group.size > 1 and plain:
+        own_shard = init_context_parallel_group(1, layout=cp_group.layout, timeout=cfg.timeout)
+        with attention_within_own_shard(model, own_shard):
+            counts = _recall_counts(model, dataset, cfg, cp_group, device, autocast)
+        c_remote, n_remote, c_local, n_local = counts.tolist()
+        summary["own_shard_accuracy_remote"] = ratio(c_remote, n_remote)
+        summary["own_shard_accuracy_local"] = ratio(c_local, n_local)
+    return summary
 
 
 def _build(cfg: TrainConfig, cp_group: ContextParallelGroup, device: torch.device, vocab_size: int):
@@ -617,42 +674,48 @@ def _command(world: int) -> str:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
+    """The run, then the point of it: recall of answers on the query's own cp rank and on another."""
+    machine = summary["machine"]
     rows = [
         (
             "ranks",
             f"{summary['world_size']} = dp {summary['dp']} x cp {summary['cp']} x tp {summary['tp']} "
-            f"({summary['device']}, "
-            f"{summary['backend']})",
+            f"({summary['device']}, {summary['backend']})",
         ),
         (
             "steps",
-            f"{summary['first_step']}..{summary['first_step'] + summary['steps_run'] - 1} in {summary['wall_s']:.1f} s",
+            f"{summary['first_step']}..{summary['first_step'] + summary['steps_run'] - 1} in "
+            f"{summary['wall_s']:.1f} s, {summary['tokens_per_s']:,.0f} tokens/s",
         ),
-        ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s"),
-        ("final loss", f"{summary['final_loss']:.4f} (mean of the last 10% of steps)"),
-        (
-            "recall accuracy",
-            f"train {_pct(summary['final_train_accuracy'])} (last 10% of steps); held-out "
-            f"{_pct(summary['eval_accuracy'])} of {summary['eval_answers']} answers; chance "
-            f"{_pct(summary['chance_accuracy'])}",
-        ),
-        (
-            "  by location",
-            f"answer on another cp rank's shard {_pct(summary['eval_accuracy_remote'])}, on the "
-            f"query's own shard {_pct(summary['eval_accuracy_local'])}",
-        ),
-        ("answers remote", f"{summary['remote_answer_fraction']:.0%} on another cp rank's shard"),
         ("peak memory", " / ".join(f"{m:.0f}" for m in summary["peak_memory_mb_per_rank"]) + " MB per rank"),
         (
             "machine",
-            f"{summary['machine']['cpu_count']} x {summary['machine']['cpu']}"
-            + (f", {summary['machine']['gpu']}" if summary["machine"]["gpu"] else "")
-            + f", load average {summary['machine']['loadavg_1m']:.1f} at the end",
+            f"{machine['cpu_count']} x {machine['cpu']}"
+            + (f", {machine['gpu']}" if machine["gpu"] else "")
+            + f", load average {machine['loadavg_1m']:.1f} at the end",
+        ),
+        (
+            "final loss",
+            f"{summary['final_loss']:.4f}, train recall {_pct(summary['final_train_accuracy'])} "
+            "(means of the last 10% of steps)",
         ),
     ]
     print("summary:")
     for name, value in rows:
-        print(f"  {name:<16} {value}")
+        print(f"  {name:<12} {value}")
+    n_all, n_remote = summary["eval_answers"], summary["eval_answers_remote"]
+    print(
+        f"held-out recall {_pct(summary['eval_accuracy'])} of {n_all} answers (chance "
+        f"{_pct(summary['chance_accuracy'])}); by where the queried pair sits:"
+    )
+    print(f"  on the query's own cp rank  {_pct(summary['eval_accuracy_local']):>6} of {n_all - n_remote}")
+    print(f"  on another cp rank          {_pct(summary['eval_accuracy_remote']):>6} of {n_remote}")
+    if not math.isnan(summary["own_shard_accuracy_remote"]):
+        print(
+            f"each rank attending to its own shard only, the same model recalls "
+            f"{_pct(summary['own_shard_accuracy_local'])} and {_pct(summary['own_shard_accuracy_remote'])}: "
+            "the other ranks' keys and values reach a query only through context-parallel attention"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
