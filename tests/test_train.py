@@ -324,3 +324,27 @@ def test_attention_within_own_shard_sees_only_the_shard_and_restores_the_ring():
         torch.testing.assert_close(r["ring"], oracle["ring"][rank], rtol=0, atol=1e-12)
         assert (r["own"] - r["ring"]).abs().max() > 1e-3  # without the other shard's keys the logits change
         assert r["error"] == "own_shard must be a one-rank cp group, got cp size 2."
+
+
+# ---- the recorded default run (the README's first command) ----------------------------------------
+
+
+def test_the_recorded_default_run_is_the_default_job_and_makes_its_point():
+    """``docs/assets/data/train_curve.json`` is what the README's first command prints, with today's defaults.
+
+    Re-record it after changing a default: ``OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4
+    -m cp_dtensor.training --out docs/assets/data/train_curve.json``.
+    """
+    from dataclasses import asdict
+
+    summary = json.loads((REPO / "docs" / "assets" / "data" / "train_curve.json").read_text())
+    recorded = {k: v for k, v in summary["config"].items() if k != "out"}
+    assert recorded == {k: v for k, v in asdict(TrainConfig()).items() if k != "out"}
+    assert (summary["dp"], summary["cp"], summary["backend"]) == (2, 2, "gloo")
+    assert summary["steps_run"] == TrainConfig().steps
+    # The point of the job: answers whose pair sits on another cp rank are recalled as well as the
+    # others, and only through context-parallel attention: each rank alone, the same weights still
+    # recall the local ones but fall to near chance (1 / 8) on the others.
+    assert summary["eval_accuracy"] >= 0.9 and summary["eval_accuracy_remote"] >= 0.9
+    assert summary["own_shard_accuracy_local"] >= 0.9
+    assert summary["own_shard_accuracy_remote"] < 0.25

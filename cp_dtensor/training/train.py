@@ -14,8 +14,12 @@ attention (or ``--strategy``); gradients are summed over dp x cp
 
 The task (:class:`~cp_dtensor.LongSequenceDataset`): key-value pairs scattered over the whole
 sequence, queried at its end, so many answers sit on another rank's shard (about half under cp=2,
-three quarters under cp=4; the job prints the fraction, and the held-out accuracy on those answers
-and on the others separately). Chance is ``1 / --num-values``. Rank 0 prints progress
+three quarters under cp=4). Chance is ``1 / --num-values``. The job ends with the held-out recall of
+the answers on the query's own cp rank and on another, and of the same weights with each rank
+attending to its own shard only (:func:`attention_within_own_shard`): the other ranks' answers then
+fall to near chance, which is what context parallelism is for. The defaults (one layer, 16 sequences
+of 512 tokens per step, 800 steps) reach about 100% held-out recall in 2-3 minutes on 2 CPU cores.
+Rank 0 prints progress
 (loss, recall accuracy, tokens/s, peak memory of every rank) and a summary; ``--out`` writes the
 summary and the loss/accuracy curve as JSON. The exit status is non-zero on failure (an exception,
 a non-finite loss, or an evaluation accuracy below ``--min-accuracy``).
@@ -89,7 +93,7 @@ class TrainConfig:
     """Every setting of the job; each field is the command-line flag ``--field-name``."""
 
     seq_len: int = _opt("tokens per sequence (split over the cp ranks)", default=512)
-    batch_size: int = _opt("sequences per step, GLOBAL (split over the dp ranks)", default=8)
+    batch_size: int = _opt("sequences per step, GLOBAL (split over the dp ranks)", default=16)
     cp: int | None = _opt("context-parallel ranks; default 2 if the world size is even, else 1", default=None)
     dp: int | None = _opt("data-parallel replicas; default world_size / (cp * tp)", default=None)
     tp: int = _opt("tensor-parallel ranks: each holds num_heads / tp heads and 1/tp of the MLP (1: off)", default=1)
@@ -102,10 +106,13 @@ class TrainConfig:
         default="ddp",
     )
     hidden_size: int = _opt("model width", default=128)
-    num_layers: int = _opt("decoder blocks", default=2)
+    num_layers: int = _opt("decoder blocks", default=1)
     num_heads: int = _opt("attention heads", default=8)
     num_kv_heads: int | None = _opt("K/V heads (GQA); default num_heads", default=None)
-    intermediate_size: int | None = _opt("SwiGLU width; default 8/3 hidden_size rounded up to 32", default=None)
+    intermediate_size: int = _opt(
+        "SwiGLU width (0: Llama's 8/3 hidden_size rounded up to 32); the recall task needs attention, not MLP width",
+        default=32,
+    )
     rope_base: float = _opt("RoPE base (theta)", default=ModelConfig.rope_base)
     ac: str = _opt(
         "activation checkpointing of the decoder blocks: none, full (recompute each block, ring "
@@ -115,7 +122,7 @@ class TrainConfig:
     loss_chunk_size: int = _opt(
         "tokens per tile of the LM head + loss, which then never holds all logits (0: whole logits)", default=0
     )
-    steps: int = _opt("optimizer steps", default=600)
+    steps: int = _opt("optimizer steps", default=800)
     lr: float = _opt("peak learning rate (AdamW)", default=3e-3)
     warmup: int = _opt("linear warm-up steps, then cosine decay to lr/10", default=20)
     weight_decay: float = _opt("AdamW weight decay", default=0.0)
@@ -146,7 +153,7 @@ class TrainConfig:
         "docs/performance.md); the first step compiles",
         default=False,
     )
-    eval_samples: int = _opt("held-out sequences scored at the end", default=64)
+    eval_samples: int = _opt("held-out sequences scored at the end", default=128)
     log_every: int = _opt("steps between progress lines", default=10)
     ckpt_dir: str | None = _opt("directory for checkpoints (torch.distributed.checkpoint)", default=None)
     save_every: int = _opt(
@@ -293,6 +300,8 @@ def _setup(cfg: TrainConfig) -> tuple[ContextParallelGroup, torch.device]:
         raise ValueError(f"Invalid --ac {cfg.ac!r}. Must be one of: {', '.join(map(repr, AC_MODES))}.")
     if cfg.loss_chunk_size < 0:
         raise ValueError(f"--loss-chunk-size {cfg.loss_chunk_size} must be >= 0 (tokens per tile; 0: whole logits).")
+    if cfg.intermediate_size < 0:
+        raise ValueError(f"--intermediate-size {cfg.intermediate_size} must be >= 0 (0: Llama's 8/3 hidden_size).")
     if cfg.window is not None and cfg.window < 1:
         raise ValueError(f"--window {cfg.window} must be >= 1 (tokens each token attends to, itself included).")
     if not dist.is_initialized() and "WORLD_SIZE" in os.environ:
@@ -440,7 +449,7 @@ def _build(cfg: TrainConfig, cp_group: ContextParallelGroup, device: torch.devic
         num_layers=cfg.num_layers,
         num_heads=cfg.num_heads,
         num_kv_heads=cfg.num_kv_heads,
-        intermediate_size=cfg.intermediate_size,
+        intermediate_size=cfg.intermediate_size or None,
         rope_base=cfg.rope_base,
         strategy=cfg.strategy,
         activation_checkpointing=cfg.ac,
@@ -704,18 +713,23 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for name, value in rows:
         print(f"  {name:<12} {value}")
     n_all, n_remote = summary["eval_answers"], summary["eval_answers_remote"]
-    print(
-        f"held-out recall {_pct(summary['eval_accuracy'])} of {n_all} answers (chance "
-        f"{_pct(summary['chance_accuracy'])}); by where the queried pair sits:"
+    rows = (
+        ("on the query's cp rank", "local", n_all - n_remote),
+        ("on another cp rank", "remote", n_remote),
     )
-    print(f"  on the query's own cp rank  {_pct(summary['eval_accuracy_local']):>6} of {n_all - n_remote}")
-    print(f"  on another cp rank          {_pct(summary['eval_accuracy_remote']):>6} of {n_remote}")
-    if not math.isnan(summary["own_shard_accuracy_remote"]):
+    print(
+        f"held-out recall of {n_all:,} answers (chance {_pct(summary['chance_accuracy'])}), "
+        f"all {_pct(summary['eval_accuracy'])}; by where the queried pair sits:"
+    )
+    alone = not math.isnan(summary["own_shard_accuracy_remote"])  # measured: cp > 1, no tp, masks or compile
+    print(f"  {'':<24}{'context parallel':>20}" + (f"{'each rank alone':>18}" if alone else ""))
+    for name, where, count in rows:
+        ring = f"{_pct(summary[f'eval_accuracy_{where}'])} of {count:,}"
         print(
-            f"each rank attending to its own shard only, the same model recalls "
-            f"{_pct(summary['own_shard_accuracy_local'])} and {_pct(summary['own_shard_accuracy_remote'])}: "
-            "the other ranks' keys and values reach a query only through context-parallel attention"
+            f"  {name:<24}{ring:>20}" + (f"{_pct(summary[f'own_shard_accuracy_{where}']):>18}" if alone else "")
         )
+    if alone:
+        print("  (each rank alone: the same weights, attending to its own shard; no keys or values cross ranks)")
 
 
 def main(argv: list[str] | None = None) -> int:
