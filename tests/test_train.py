@@ -348,3 +348,14 @@ def test_the_recorded_default_run_is_the_default_job_and_makes_its_point():
     assert summary["eval_accuracy"] >= 0.9 and summary["eval_accuracy_remote"] >= 0.9
     assert summary["own_shard_accuracy_local"] >= 0.9
     assert summary["own_shard_accuracy_remote"] < 0.25
+
+
+def test_each_rank_alone_is_measured_alike_under_every_strategy(uninterrupted, tmp_path):
+    # fp64: the strategies train the same weights up to rounding, and each rank alone is the same
+    # one-rank attention under all of them, so every recall agrees exactly.
+    keys = ("eval_accuracy", "own_shard_accuracy_local", "own_shard_accuracy_remote")
+    for strategy in (["--strategy", "ulysses"], ["--strategy", "hybrid", "--ulysses-size", "2"]):
+        proc, summary = run_job(tmp_path, strategy[1], *strategy)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "each rank alone" in proc.stdout
+        assert [summary[k] for k in keys] == [uninterrupted[k] for k in keys], strategy

@@ -431,7 +431,8 @@ def evaluate(
     }
     plain = cfg.tp == 1 and not (cfg.packed or cfg.window or cfg.compile)
     if cp_group.size > 1 and plain:
-        own_shard = init_context_parallel_group(1, layout=cp_group.layout, timeout=cfg.timeout)
+        ulysses = 1 if cfg.strategy == "hybrid" else None  # hybrid needs a Ulysses axis, here of one rank
+        own_shard = init_context_parallel_group(1, layout=cp_group.layout, timeout=cfg.timeout, ulysses_size=ulysses)
         with attention_within_own_shard(model, own_shard):
             counts = _recall_counts(model, dataset, cfg, cp_group, device, autocast)
         c_remote, n_remote, c_local, n_local = counts.tolist()
