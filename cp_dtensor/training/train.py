@@ -341,7 +341,14 @@ def _datasets(cfg: TrainConfig) -> tuple[LongSequenceDataset, LongSequenceDatase
         ) from e
 
 
-def _recall_counts(model, dataset, cfg, cp_group, device, autocast) -> torch.Tensor:
+def _recall_counts(
+    model: torch.nn.Module,
+    dataset: LongSequenceDataset,
+    cfg: TrainConfig,
+    cp_group: ContextParallelGroup,
+    device: torch.device,
+    autocast,
+) -> torch.Tensor:
     """Held-out answers, correct and asked, split by where their pair token lies (collective).
 
     Returns:
@@ -415,7 +422,7 @@ def evaluate(
         shard (``eval_accuracy_remote``) and on the query's own shard (``eval_accuracy_local``): with
         exact attention across shards the two agree up to sampling noise. Then the same two with
         each rank attending only to its own shard (:func:`attention_within_own_shard`):
-        ``own_shard_accuracy_remote`` falls to chance, since those answers are nowhere in reach
+        ``own_shard_accuracy_remote`` falls to near chance, since those answers are out of reach
         (NaN where this is not measured: one cp rank, tensor parallelism, masks, or ``--compile``).
     """
     c_remote, n_remote, c_local, n_local = _recall_counts(model, dataset, cfg, cp_group, device, autocast).tolist()
@@ -725,6 +732,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     alone = not math.isnan(summary["own_shard_accuracy_remote"])  # measured: cp > 1, no tp, masks or compile
     print(f"  {'':<24}{'context parallel':>20}" + (f"{'each rank alone':>18}" if alone else ""))
     for name, where, count in rows:
+        if not count:  # one cp rank: every answer is on the query's rank
+            continue
         ring = f"{_pct(summary[f'eval_accuracy_{where}'])} of {count:,}"
         print(
             f"  {name:<24}{ring:>20}" + (f"{_pct(summary[f'own_shard_accuracy_{where}']):>18}" if alone else "")
