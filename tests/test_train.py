@@ -350,6 +350,15 @@ def test_the_recorded_default_run_is_the_default_job_and_makes_its_point():
     assert summary["own_shard_accuracy_remote"] < 0.25
 
 
+def test_the_readme_quotes_the_recorded_default_runs_last_lines(capsys):
+    from cp_dtensor.training.train import _print_summary
+
+    _print_summary(json.loads((REPO / "docs" / "assets" / "data" / "train_curve.json").read_text()))
+    printed = capsys.readouterr().out.splitlines()
+    last = "\n".join(printed[next(i for i, line in enumerate(printed) if line.startswith("held-out recall")) :])
+    assert f"```text\n{last}\n```" in (REPO / "README.md").read_text()
+
+
 def test_each_rank_alone_is_measured_alike_under_every_strategy(uninterrupted, tmp_path):
     # fp64: the strategies train the same weights up to rounding, and each rank alone is the same
     # one-rank attention under all of them, so every recall agrees exactly.
