@@ -18,7 +18,8 @@ three quarters under cp=4). Chance is ``1 / --num-values``. The job ends with th
 the answers on the query's own cp rank and on another, and of the same weights with each rank
 attending to its own shard only (:func:`attention_within_own_shard`): the other ranks' answers then
 fall to near chance, which is what context parallelism is for. The defaults (one layer, 16 sequences
-of 512 tokens per step, 800 steps) reach about 100% held-out recall in 2-3 minutes on 2 CPU cores.
+of 512 tokens per step, 800 steps at a peak lr of 2e-3) reach about 100% held-out recall in 2-3
+minutes on 2 CPU cores (bench/README.md: how they were chosen).
 Rank 0 prints progress
 (loss, recall accuracy, tokens/s, peak memory of every rank) and a summary; ``--out`` writes the
 summary and the loss/accuracy curve as JSON. The exit status is non-zero on failure (an exception,
@@ -123,7 +124,7 @@ class TrainConfig:
         "tokens per tile of the LM head + loss, which then never holds all logits (0: whole logits)", default=0
     )
     steps: int = _opt("optimizer steps", default=800)
-    lr: float = _opt("peak learning rate (AdamW)", default=3e-3)
+    lr: float = _opt("peak learning rate (AdamW)", default=2e-3)
     warmup: int = _opt("linear warm-up steps, then cosine decay to lr/10", default=20)
     weight_decay: float = _opt("AdamW weight decay", default=0.0)
     grad_clip: float = _opt("clip the global gradient norm to this (0: off)", default=1.0)
