@@ -8,12 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mp_pool
 import pytest
 import torch
 
-from cp_dtensor import LongSequenceDataset, shift_labels
+from cp_dtensor import LongSequenceDataset, ModelConfig, TransformerWithCP, shift_labels
 from cp_dtensor.loss import IGNORE_INDEX
-from cp_dtensor.training.train import TrainConfig, lr_at, parse_args
+from cp_dtensor.training.train import TrainConfig, attention_within_own_shard, lr_at, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -276,3 +277,94 @@ def test_packed_windowed_job_on_four_ranks_matches_one_process(tmp_path):
         proc, other = run_job(tmp_path, name, *changed, nproc=1)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert abs(losses(other)[6] - losses(single)[6]) > 1e-6, name
+
+
+# ---- the counterfactual the job reports: the same weights without context parallelism -------------
+
+OWN_SHARD_CONFIG = ModelConfig(vocab_size=16, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
+
+
+def own_shard_case(ids_BL: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Runs on every rank (cp 2): local logits with the ring, then with each rank on its own shard."""
+    group, alone = mp_pool.group(2), mp_pool.group(1, dp_size=2)
+    torch.manual_seed(0)
+    model = TransformerWithCP(OWN_SHARD_CONFIG, cp_group=group).double()
+    ids_local = group.partition_sequence(ids_BL, seq_dim=1)
+    with attention_within_own_shard(model, alone):
+        own = model(ids_local, return_logits=True)
+    try:
+        with attention_within_own_shard(model, group):
+            error = None
+    except ValueError as e:
+        error = str(e)
+    return {
+        "error": error,
+        "positions": group.position_ids(ids_BL.shape[1]),
+        "own": own,
+        "ring": model(ids_local, return_logits=True),  # the real group is back
+    }
+
+
+def own_shard_oracle(ids_BL: torch.Tensor, positions: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """One process: the whole sequence, and each shard's tokens as a sequence of their own."""
+    torch.manual_seed(0)
+    model = TransformerWithCP(OWN_SHARD_CONFIG, cp_group=mp_pool.group(1)).double()
+    full = model(ids_BL, return_logits=True)
+    own = [model(ids_BL[:, pos], return_logits=True, position_ids=pos) for pos in positions]
+    return {"ring": [full[:, pos] for pos in positions], "own": own}
+
+
+def test_attention_within_own_shard_sees_only_the_shard_and_restores_the_ring():
+    ids_BL = torch.randint(0, OWN_SHARD_CONFIG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ranks = mp_pool.run_on_ranks(2, own_shard_case, ids_BL)
+    (oracle,) = mp_pool.run_on_ranks(1, own_shard_oracle, ids_BL, [r["positions"] for r in ranks])
+    for rank, r in enumerate(ranks):
+        # fp64; the same attention over the same keys, so only the order of sums differs.
+        torch.testing.assert_close(r["own"], oracle["own"][rank], rtol=0, atol=1e-12)
+        torch.testing.assert_close(r["ring"], oracle["ring"][rank], rtol=0, atol=1e-12)
+        assert (r["own"] - r["ring"]).abs().max() > 1e-3  # without the other shard's keys the logits change
+        assert r["error"] == "own_shard must be a one-rank cp group, got cp size 2."
+
+
+# ---- the recorded default run (the README's first command) ----------------------------------------
+
+
+def test_the_recorded_default_run_is_the_default_job_and_makes_its_point():
+    """``docs/assets/data/train_curve.json`` is what the README's first command prints, with today's defaults.
+
+    Re-record it after changing a default: ``OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4
+    -m cp_dtensor.training --out docs/assets/data/train_curve.json``.
+    """
+    from dataclasses import asdict
+
+    summary = json.loads((REPO / "docs" / "assets" / "data" / "train_curve.json").read_text())
+    recorded = {k: v for k, v in summary["config"].items() if k != "out"}
+    assert recorded == {k: v for k, v in asdict(TrainConfig()).items() if k != "out"}
+    assert (summary["dp"], summary["cp"], summary["backend"]) == (2, 2, "gloo")
+    assert summary["steps_run"] == TrainConfig().steps
+    # The point of the job: answers whose pair sits on another cp rank are recalled as well as the
+    # others, and only through context-parallel attention: each rank alone, the same weights still
+    # recall the local ones but fall to near chance (1 / 8) on the others.
+    assert summary["eval_accuracy"] >= 0.9 and summary["eval_accuracy_remote"] >= 0.9
+    assert summary["own_shard_accuracy_local"] >= 0.9
+    assert summary["own_shard_accuracy_remote"] < 0.25
+
+
+def test_the_readme_quotes_the_recorded_default_runs_last_lines(capsys):
+    from cp_dtensor.training.train import _print_summary
+
+    _print_summary(json.loads((REPO / "docs" / "assets" / "data" / "train_curve.json").read_text()))
+    printed = capsys.readouterr().out.splitlines()
+    last = "\n".join(printed[next(i for i, line in enumerate(printed) if line.startswith("held-out recall")) :])
+    assert f"```text\n{last}\n```" in (REPO / "README.md").read_text()
+
+
+def test_each_rank_alone_is_measured_alike_under_every_strategy(uninterrupted, tmp_path):
+    # fp64: the strategies train the same weights up to rounding, and each rank alone is the same
+    # one-rank attention under all of them, so every recall agrees exactly.
+    keys = ("eval_accuracy", "own_shard_accuracy_local", "own_shard_accuracy_remote")
+    for strategy in (["--strategy", "ulysses"], ["--strategy", "hybrid", "--ulysses-size", "2"]):
+        proc, summary = run_job(tmp_path, strategy[1], *strategy)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "each rank alone" in proc.stdout
+        assert [summary[k] for k in keys] == [uninterrupted[k] for k in keys], strategy

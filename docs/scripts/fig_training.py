@@ -1,4 +1,8 @@
-"""Figure of page 6 (Production): the training job's loss and recall accuracy, step by step.
+"""Figure of the training job: loss and recall accuracy step by step, then held-out recall by rank.
+
+The third panel is the job's point: the answers whose pair sits on another cp rank are recalled as
+well as the local ones with context-parallel attention, and near chance by the same weights with
+each rank attending to its own shard only.
 
     python docs/scripts/fig_training.py              # writes docs/assets/figures/training_curve.png
     python docs/scripts/fig_training.py --out /tmp/f # somewhere else (the docs test does this)
@@ -38,10 +42,10 @@ def running_mean(values: list[float], window: int) -> list[float]:
 
 
 def fig_training_curve(summary: dict, out: Path) -> None:
-    """Loss (left) and recall accuracy (right) per step, with chance and the held-out accuracy."""
+    """Loss and recall accuracy per step, then the held-out recall by where the queried pair sits."""
     curve = summary["curve"]
     steps = [c["step"] for c in curve]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_loss, ax_acc, ax_split) = plt.subplots(1, 3, figsize=(14, 3.8), width_ratios=(1, 1, 0.8))
 
     num_values = summary["config"]["num_values"]
     ax_loss.plot(steps, [c["loss"] for c in curve], color="C0", lw=1, label="train loss")
@@ -73,6 +77,8 @@ def fig_training_curve(summary: dict, out: Path) -> None:
     ax_acc.grid(True, alpha=0.3)
     ax_acc.legend(loc="lower right", fontsize=8)
 
+    _held_out_by_rank(summary, ax_split)
+
     config = summary["config"]
     fig.suptitle(
         f"{summary['world_size']} ranks = dp {summary['dp']} x cp {summary['cp']} ({summary['device']}, "
@@ -81,6 +87,26 @@ def fig_training_curve(summary: dict, out: Path) -> None:
     )
     fig.savefig(out / "training_curve.png", **SAVE)
     plt.close(fig)
+
+
+def _held_out_by_rank(summary: dict, ax) -> None:
+    """Held-out recall of answers whose pair sits on the query's cp rank or another, with and without CP."""
+    groups = ("pair on the\nquery's cp rank", "pair on\nanother cp rank")
+    bars = {
+        "context-parallel attention": (summary["eval_accuracy_local"], summary["eval_accuracy_remote"]),
+        "each rank on its own shard": (summary["own_shard_accuracy_local"], summary["own_shard_accuracy_remote"]),
+    }
+    for i, (label, values) in enumerate(bars.items()):
+        xs = [g + (i - 0.5) * 0.38 for g in range(len(groups))]
+        ax.bar(xs, values, width=0.36, color=f"C{(0, 3)[i]}", label=label)
+        for x, v in zip(xs, values):
+            ax.text(x, v + 0.02, f"{v:.0%}", ha="center", fontsize=8)
+    ax.axhline(summary["chance_accuracy"], color="gray", ls="--", lw=1, label="chance")
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylim(0, 1.45)  # room above the bars for the legend
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_ylabel("held-out recall, same weights")
+    ax.legend(loc="upper center", fontsize=7, ncol=1)
 
 
 def main() -> None:
