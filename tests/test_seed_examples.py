@@ -1,9 +1,10 @@
-"""The Production page's examples and the README's first look run as shown, and agree with one process.
+"""The docs' layer, training-loop and memory examples and the README's first look agree with one process.
 
-Those examples live in ``docs/examples/seed_*.py`` (shown on the Production page). Each runs
-here with the command of its docstring (``torchrun`` on 4 gloo ranks, under a timeout), and its
+The examples (``docs/examples/layer_full_size.py`` and ``training_loop.py``, shown on the
+"Running it on ranks" and "A training loop" pages; ``memory_estimate.py`` on "Scaling out") run
+here with the command of their docstring (``torchrun`` on 4 gloo ranks, under a timeout), and their
 output is checked: against the same computation on one process where there is one (the layer, the
-CP x DP training loop), else against what the example claims to show. ``seed_debugging.py`` asserts
+CP x DP training loop), else against what the example claims to show. ``debug_ring.py`` asserts
 what it shows itself (each rank's shard shape, the P - 1 rotations, the profiler's wait label) and
 ``tests/test_docs.py::test_example`` runs it; running it twice would only cost time.
 """
@@ -64,8 +65,8 @@ def basic_setup_on_one_process(x: torch.Tensor) -> torch.Tensor:
         return attention(x)
 
 
-def test_seed_basic_setup_matches_one_process(tmp_path: Path) -> None:
-    out = torchrun("seed_basic_setup.py", "--save", str(tmp_path / "basic.pt"))
+def test_layer_full_size_matches_one_process(tmp_path: Path) -> None:
+    out = torchrun("layer_full_size.py", "--save", str(tmp_path / "basic.pt"))
     assert sorted(re.findall(r"rank (\d): x_local \(1, 16, 4096\) -> output \(1, 16, 4096\)", out)) == list("0123")
     saved = torch.load(tmp_path / "basic.pt")
     (expected,) = mp_pool.run_on_ranks(1, basic_setup_on_one_process, saved["x"])
@@ -77,10 +78,10 @@ def test_seed_basic_setup_matches_one_process(tmp_path: Path) -> None:
 # ---- Complete Training Example: CP x DP vs one process -------------------------------------------
 
 
-def test_seed_training_cp_x_dp_matches_one_process(tmp_path: Path) -> None:
-    out = torchrun("seed_training.py", "--save", str(tmp_path / "cp_dp.pt"))
+def test_training_loop_cp_x_dp_matches_one_process(tmp_path: Path) -> None:
+    out = torchrun("training_loop.py", "--save", str(tmp_path / "cp_dp.pt"))
     assert "on each of 4 ranks = dp 2 x cp 2" in out
-    run([sys.executable, str(EXAMPLES / "seed_training.py"), "--cp-size", "1", "--save", str(tmp_path / "one.pt")])
+    run([sys.executable, str(EXAMPLES / "training_loop.py"), "--cp-size", "1", "--save", str(tmp_path / "one.pt")])
     sharded, single = torch.load(tmp_path / "cp_dp.pt"), torch.load(tmp_path / "one.pt")
     assert len(sharded["losses"]) == len(single["losses"]) == 5
     # fp32: the global-mean loss is the same sum taken in another order (per shard, then all-reduced).
@@ -95,8 +96,8 @@ def test_seed_training_cp_x_dp_matches_one_process(tmp_path: Path) -> None:
 # ---- Memory Estimation --------------------------------------------------------------------------
 
 
-def test_seed_memory_prints_the_estimators_numbers() -> None:
-    out = run([sys.executable, str(EXAMPLES / "seed_memory.py")])
+def test_memory_estimate_prints_the_estimators_numbers() -> None:
+    out = run([sys.executable, str(EXAMPLES / "memory_estimate.py")])
     number = r"([\d,.]+)"
     without, with_cp, saved, reduction, max_len = (
         float(re.search(label + number, out).group(1).replace(",", ""))

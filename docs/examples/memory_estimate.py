@@ -1,10 +1,12 @@
-"""The seed's "Memory Estimation" example, runnable: only the import path differs from the seed.
+"""How much memory a 1M-token sequence needs, with and without 8-way context
+parallelism.
 
 Run it (one process, no ranks needed: the estimator is arithmetic):
 
-    python docs/examples/seed_memory.py
+    python docs/examples/memory_estimate.py
 
-Page 8 (Memory) explains what the numbers count and compares the estimator with measured peaks.
+The Memory page explains what the numbers count and compares the estimator with measured
+peaks.
 """
 
 from cp_dtensor import estimate_context_parallel_memory_savings
