@@ -736,9 +736,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         if not count:  # one cp rank: every answer is on the query's rank
             continue
         ring = f"{_pct(summary[f'eval_accuracy_{where}'])} of {count:,}"
-        print(
-            f"  {name:<24}{ring:>20}" + (f"{_pct(summary[f'own_shard_accuracy_{where}']):>18}" if alone else "")
-        )
+        print(f"  {name:<24}{ring:>20}" + (f"{_pct(summary[f'own_shard_accuracy_{where}']):>18}" if alone else ""))
     if alone:
         print("  (each rank alone: the same weights, attending to its own shard; no keys or values cross ranks)")
 
