@@ -183,11 +183,21 @@ def page_steps(text: str, where: str) -> list[Step]:
     return steps
 
 
+# A number in scientific notation below 1e-9: a rounding-level error, whose digits depend on the CPU's
+# vector width and summation order; the pages print them to show the size, so any two compare equal.
+ROUNDING_LEVEL = re.compile(r"\b\d(?:\.\d+)?e-(?:0*(?:[1-9]\d+))\b")
+
+
 def output_matches(shown: str, printed: str) -> bool:
-    """Whether a page's Output block shows what the block printed (``...`` in a line stands for any text)."""
+    """Whether a page's Output block shows what the block printed.
+
+    ``...`` in a line stands for any text (doctest's ELLIPSIS); trailing spaces are ignored; numbers
+    below 1e-9 written in scientific notation (rounding-level errors) match each other.
+    """
     import doctest
 
     def norm(text: str) -> str:
+        text = ROUNDING_LEVEL.sub("<rounding>", text)
         return "\n".join(line.rstrip() for line in text.strip("\n").splitlines()) + "\n"
 
     return doctest.OutputChecker().check_output(norm(shown), norm(printed), doctest.ELLIPSIS)
@@ -298,6 +308,8 @@ def test_runner_checks_outputs_and_runs_elsewhere(tmp_path: Path) -> None:
     steps, result = run_page(page, tmp_path / "run")
     assert result["error"] is None and output_matches(steps[0].shown.body, result["outputs"][0])
     assert not output_matches("a 2\nt = ... s\n", result["outputs"][0])
+    assert output_matches("err 9.4e-16\n", "err 2.1e-15\n") and output_matches("x 1e-12", "x 3.0e-10")
+    assert not output_matches("err 9.4e-16\n", "err 2.1e-05\n") and not output_matches("x 1e-9", "x 1e-8")
     cases = {
         "wrong output": (good.replace("a 1", "a 2"), "does not match"),
         "no output block": (good.replace('text title="Output"', "text"), "no ```text"),
@@ -325,12 +337,38 @@ def example_command(path: Path) -> list[str]:
     return [sys.executable, *argv[1:]]
 
 
+def shown_example_outputs() -> dict[Path, list[tuple[str, Block]]]:
+    """For each docs/examples file, the Output blocks shown right under its include on a page."""
+    shown: dict[Path, list[tuple[str, Block]]] = {}
+    for page in PAGES:
+        text = page.read_text()
+        blocks = parse_blocks(text)
+        lines = text.splitlines()
+        for block, nxt in zip(blocks, blocks[1:]):
+            includes = included_examples(block)
+            if not includes or len(includes) != 1:
+                continue
+            end = block.first_line + block.body.count("\n")
+            between = lines[end : nxt.first_line - 2]
+            if nxt.lang == "text" and OUTPUT_INFO.search(nxt.info) and not any(ln.strip() for ln in between):
+                shown.setdefault(includes[0], []).append((f"{page.name}:{nxt.first_line}", nxt))
+    return shown
+
+
 @pytest.mark.parametrize("example", EXAMPLE_FILES, ids=page_id)
-def test_example(example: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+def test_example(example: Path, tmp_path: Path) -> None:
+    """The example runs with the command in its docstring, from an empty directory with only installed
+    packages importable, and prints what every page that shows its output says it prints."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["MPLBACKEND"] = "Agg"
-    proc = subprocess.run(example_command(example), cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    argv = [str(REPO / a) if a.endswith(".py") and (REPO / a).is_file() else a for a in example_command(example)]
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"{example.name} failed:\n{proc.stdout}\n{proc.stderr}"
+    for where, block in shown_example_outputs().get(example.resolve(), []):
+        assert output_matches(block.body, proc.stdout), (
+            f"{where}: the Output block shown for {example.name} does not match.\n"
+            f"Shown:\n{block.body}\nPrinted:\n{proc.stdout}"
+        )
 
 
 def test_every_example_is_shown_on_a_page() -> None:
