@@ -338,20 +338,32 @@ def example_command(path: Path) -> list[str]:
 
 
 def shown_example_outputs() -> dict[Path, list[tuple[str, Block]]]:
-    """For each docs/examples file, the Output blocks shown right under its include on a page."""
+    """For each docs/examples file, the Output blocks shown right under its include on a page.
+
+    "Right under" allows the ```bash block with the command that runs it in between; nothing but
+    blank lines may separate the blocks.
+    """
     shown: dict[Path, list[tuple[str, Block]]] = {}
     for page in PAGES:
         text = page.read_text()
         blocks = parse_blocks(text)
         lines = text.splitlines()
-        for block, nxt in zip(blocks, blocks[1:]):
+
+        def adjacent(a: Block, b: Block, lines: list[str] = lines) -> bool:
+            end = a.first_line + a.body.count("\n")
+            return not any(ln.strip() for ln in lines[end : b.first_line - 2])
+
+        for i, block in enumerate(blocks):
             includes = included_examples(block)
             if not includes or len(includes) != 1:
                 continue
-            end = block.first_line + block.body.count("\n")
-            between = lines[end : nxt.first_line - 2]
-            if nxt.lang == "text" and OUTPUT_INFO.search(nxt.info) and not any(ln.strip() for ln in between):
-                shown.setdefault(includes[0], []).append((f"{page.name}:{nxt.first_line}", nxt))
+            j = i + 1
+            if j + 1 < len(blocks) and blocks[j].lang in ("bash", "sh") and adjacent(blocks[i], blocks[j]):
+                j += 1
+            if j < len(blocks) and adjacent(blocks[j - 1], blocks[j]):
+                nxt = blocks[j]
+                if nxt.lang == "text" and OUTPUT_INFO.search(nxt.info):
+                    shown.setdefault(includes[0], []).append((f"{page.name}:{nxt.first_line}", nxt))
     return shown
 
 
