@@ -25,7 +25,7 @@ Packing (``num_documents=D > 1``): the sequence is cut into ``D`` documents of r
 least :attr:`LongSequenceDataset.min_document_len` tokens each), every one a whole recall task of its
 own, with its pairs, then its queries at its end. Keys recur across documents with other values, so a
 query is only answerable inside its own document: train with the item's ``document_ids`` as the
-attention's document mask (see docs/packed-and-windows.md); plain causal attention over the packed
+attention's document mask (see docs/masks.md); plain causal attention over the packed
 sequence also sees the other documents' pairs, which contradict the right one.
 
 Every sample is a pure function of ``(seed, index)``: the same on every rank, in every run.

@@ -33,7 +33,7 @@ Tensor parallelism: ``--tp T`` splits each layer's heads and MLP width over ``T`
 Packed documents and windows: ``--packed N`` packs N recall documents of random lengths into each
 sequence and passes their ``document_ids`` to every attention call, so a token attends only within its
 document; ``--window W`` lets each token see itself and the ``W - 1`` tokens before it. Both are exact
-and skip the blocks the mask hides (docs/packed-and-windows.md)::
+and skip the blocks the mask hides (docs/masks.md)::
 
     torchrun --standalone --nproc-per-node 4 -m cp_dtensor.training --packed 4 --seq-len 1024
 
@@ -198,7 +198,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def attention_kwargs(cfg: TrainConfig, document_ids_BL: torch.Tensor) -> dict[str, Any]:
-    """The masks every attention call of the job gets (see docs/packed-and-windows.md).
+    """The masks every attention call of the job gets (see docs/masks.md).
 
     Args:
         cfg: The job; ``--packed`` adds ``document_ids`` (unless ``--no-document-mask``), ``--window W``
