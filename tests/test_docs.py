@@ -158,6 +158,17 @@ class Step:
     shown: Block | None
 
 
+def is_output(block: Block) -> bool:
+    """Whether a block is a page's ```text title="Output"``` block."""
+    return block.lang == "text" and bool(OUTPUT_INFO.search(block.info))
+
+
+def adjacent(lines: list[str], a: Block, b: Block) -> bool:
+    """Whether only blank lines stand between block ``a``'s closing fence and block ``b``'s opening one."""
+    end = a.first_line + a.body.count("\n")  # the 0-based line after a's closing fence
+    return not any(ln.strip() for ln in lines[end : b.first_line - 2])
+
+
 def page_steps(text: str, where: str) -> list[Step]:
     """The runnable python blocks of a page, each with the ```text title="Output"``` block right after it.
 
@@ -172,13 +183,8 @@ def page_steps(text: str, where: str) -> list[Step]:
         code = runnable_code(block, f"{where}:{block.first_line}")
         if code is None:
             continue
-        shown = None
-        if i + 1 < len(blocks):
-            nxt = blocks[i + 1]
-            end = block.first_line + block.body.count("\n")  # the line of this block's closing fence
-            between = lines[end : nxt.first_line - 2]  # the lines up to the next opening fence
-            if nxt.lang == "text" and OUTPUT_INFO.search(nxt.info) and not any(ln.strip() for ln in between):
-                shown = nxt
+        nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+        shown = nxt if nxt and is_output(nxt) and adjacent(lines, block, nxt) else None
         steps.append(Step(block, code, shown))
     return steps
 
@@ -350,22 +356,15 @@ def shown_example_outputs() -> dict[Path, list[tuple[str, Block]]]:
         text = page.read_text()
         blocks = parse_blocks(text)
         lines = text.splitlines()
-
-        def adjacent(a: Block, b: Block, lines: list[str] = lines) -> bool:
-            end = a.first_line + a.body.count("\n")
-            return not any(ln.strip() for ln in lines[end : b.first_line - 2])
-
         for i, block in enumerate(blocks):
             includes = included_examples(block)
             if not includes or len(includes) != 1:
                 continue
             j = i + 1
-            if j + 1 < len(blocks) and blocks[j].lang in ("bash", "sh") and adjacent(blocks[i], blocks[j]):
+            if j + 1 < len(blocks) and blocks[j].lang in ("bash", "sh") and adjacent(lines, blocks[i], blocks[j]):
                 j += 1
-            if j < len(blocks) and adjacent(blocks[j - 1], blocks[j]):
-                nxt = blocks[j]
-                if nxt.lang == "text" and OUTPUT_INFO.search(nxt.info):
-                    shown.setdefault(includes[0], []).append((f"{page.name}:{nxt.first_line}", nxt))
+            if j < len(blocks) and is_output(blocks[j]) and adjacent(lines, blocks[j - 1], blocks[j]):
+                shown.setdefault(includes[0], []).append((f"{page.name}:{blocks[j].first_line}", blocks[j]))
     return shown
 
 
