@@ -13,7 +13,7 @@ ratios are compared with, and the full provenance of every result file, are in `
 ``bench.balance``      load balance: max / mean of per-rank kernel time, zigzag vs contiguous
 ``bench.peers``        ours vs PyTorch's built-in CP (via ``bench.torch_cp_adapter``) and yunchang
 ``bench.scaling``      sequence-length scaling at P = 4 and per-rank peak memory
-``bench.profile_ring`` where the ring's time goes (``torch.profiler`` labels of ``cp_dtensor.ring``)
+``bench.profile_ring`` where the ring's time goes (``torch.profiler`` labels of ``cp_dtensor.attention.ring``)
 ``bench.gpu_blocks``   one GPU: every virtual rank's block kernels + merges vs one flash call
 ``bench.report``       JSON results -> tables in ``docs/performance.md`` and ``perf_*.png`` plots
 =====================  ==========================================================================

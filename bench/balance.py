@@ -7,7 +7,7 @@ The zigzag and contiguous layouts alternate in the same processes (A B A B) on t
 inputs, causal, forward + backward. Each rank's figure is the thread CPU seconds spent inside
 ``block_forward`` / ``block_backward`` (see :mod:`bench.instrument`): the work a rank must do before
 the ring can move on, independent of how the ranks share the cores. Next to it, the planned figure:
-(query, key) pairs per rank from :func:`cp_dtensor.blocks.plan_blocks` (1.0 is perfect balance; the
+(query, key) pairs per rank from :func:`cp_dtensor.positions.blocks.plan_blocks` (1.0 is perfect balance; the
 contiguous layout's is ``(2P - 1) / P``, see Note [Causal load balance]).
 """
 
@@ -23,8 +23,8 @@ LAYOUTS = ("zigzag", "contiguous")
 
 def planned_pairs(seq_len: int, size: int, layout: str) -> list[int]:
     """(query, key) pairs each rank computes over a whole causal ring, from the block planner."""
-    from cp_dtensor.blocks import block_pairs, plan_blocks
-    from cp_dtensor.layout import shard_runs
+    from cp_dtensor.positions.blocks import block_pairs, plan_blocks
+    from cp_dtensor.positions.layout import shard_runs
 
     runs = [shard_runs(seq_len, size, r, layout) for r in range(size)]
     return [
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     init_rank()
     started = now()
     from cp_dtensor import ContextParallelGroup, init_context_parallel_group
-    from cp_dtensor.strategies import STRATEGIES
+    from cp_dtensor.attention.api import STRATEGIES
 
     fn, size = STRATEGIES[args.strategy], world_size()
     base = init_context_parallel_group(cp_size=size, device_type="cpu")

@@ -100,7 +100,7 @@ def _ratios(entry: dict) -> None:
 
 
 def _fn(name: str):
-    from cp_dtensor.strategies import STRATEGIES
+    from cp_dtensor.attention.api import STRATEGIES
 
     return STRATEGIES[name]
 
@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     init_rank()
     started = now()
-    from cp_dtensor.strategies import STRATEGIES
+    from cp_dtensor.attention.api import STRATEGIES
 
     names = args.strategies or list(STRATEGIES)
     groups = strategy_groups(world_size(), names, layout=args.layout)

@@ -43,7 +43,7 @@ from bench.harness import (
     write_result,
 )  # fmt: skip
 from cp_dtensor import DocumentZigzag, init_context_parallel_group, ring_attention
-from cp_dtensor.layout import shard_positions
+from cp_dtensor.positions.layout import shard_positions
 
 
 def parse_args(argv=None) -> argparse.Namespace:

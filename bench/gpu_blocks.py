@@ -3,13 +3,13 @@
     python -m bench.gpu_blocks                       # one GPU: seq 32K-128K, heads 32, head_dim 128, bf16
     python -m bench.gpu_blocks --dry-run             # CPU, tiny sizes: checks the script runs and agrees
 
-A ring over P ranks does, on rank r, the kernel calls that :func:`cp_dtensor.blocks.plan_blocks` plans
+A ring over P ranks does, on rank r, the kernel calls that :func:`cp_dtensor.positions.blocks.plan_blocks` plans
 for r's zigzag shard against each visiting K/V block, merges each result with
-:func:`cp_dtensor.merge.merge_into`, and in the backward accumulates the blocks' gradients in fp32.
+:func:`cp_dtensor.local.merge.merge_into`, and in the backward accumulates the blocks' gradients in fp32.
 Multi-rank NCCL needs several GPUs, so this script measures the kernels only: it runs all P virtual
 ranks' calls one after another on one GPU (the shards are sliced beforehand, communication is left out)
 and compares their summed time with ONE flash call on the whole sequence (the same
-``cp_dtensor.kernels`` path, causal), forward and forward + backward, alternating A B A B, timed with
+``cp_dtensor.local.kernels`` path, causal), forward and forward + backward, alternating A B A B, timed with
 CUDA events. ``efficiency = time(full call) / time(sum of all ranks' blocks)``; the P ranks of a real
 ring run in parallel, so the slowest rank's share (``max_rank_share``) is also reported (ideal 1 / P).
 TFLOP/s count the useful causal work, ``4 B H S^2 D / 2`` forward and 2.5x that backward, for both.
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from cp_dtensor.blocks import plan_blocks
-from cp_dtensor.kernels import accum_dtype, block_backward, block_forward
-from cp_dtensor.layout import shard_runs
-from cp_dtensor.merge import merge_into
+from cp_dtensor.local.kernels import accum_dtype, block_backward, block_forward
+from cp_dtensor.local.merge import merge_into
+from cp_dtensor.positions.blocks import plan_blocks
+from cp_dtensor.positions.layout import shard_runs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

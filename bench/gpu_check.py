@@ -9,7 +9,7 @@ kernels inside the production path (flash for fp16/bf16, memory-efficient for fp
 per-tile path for masked tiles), device placement of masks and positions, NCCL set-up through
 :func:`~cp_dtensor.init_context_parallel_group`, and the module and model on CUDA. Each case runs
 ``context_parallel_attention`` forward and backward and compares output and gradients with
-:func:`reference.full_attention` in fp64 on the same inputs under the same dense mask.
+:func:`cp_dtensor.reference.full_attention` in fp64 on the same inputs under the same dense mask.
 
 Tolerances, relative to the largest reference value: fp32 ``1e-5`` (TF32 is off; summation order
 only), bf16 ``2e-2`` (8 mantissa bits), fp16 ``4e-3`` (11 bits). Exits 1 on the first failure.
@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+import cp_dtensor.reference as reference
 import torch
 import torch.distributed as dist
 
-import reference
 from cp_dtensor import ContextParallelAttention, context_parallel_attention, init_context_parallel_group
-from cp_dtensor.strategies import STRATEGIES
+from cp_dtensor.attention.api import STRATEGIES
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float64: 1e-10}
 

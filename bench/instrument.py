@@ -1,6 +1,6 @@
 """Time spent inside the block kernels, measured without touching the library.
 
-:func:`kernel_time` wraps :func:`cp_dtensor.kernels.block_forward` and ``block_backward`` wherever a
+:func:`kernel_time` wraps :func:`cp_dtensor.local.kernels.block_forward` and ``block_backward`` wherever a
 ``cp_dtensor`` module imported them, for the duration of a ``with`` block, and adds up the *thread*
 CPU seconds of each call (``time.thread_time``: time on a core, not time waiting for one, so the
 figure holds when ranks oversubscribe the cores). With one thread per rank that is the kernels' work.
@@ -46,7 +46,7 @@ def _timed(fn, key: str, acc: KernelTime):
 @contextlib.contextmanager
 def kernel_time() -> Iterator[KernelTime]:
     """Count the block kernels' thread CPU seconds inside the ``with`` block (not re-entrant)."""
-    import cp_dtensor.kernels as kernels
+    import cp_dtensor.local.kernels as kernels
 
     acc = KernelTime()
     originals = {"block_forward": kernels.block_forward, "block_backward": kernels.block_backward}

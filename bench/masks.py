@@ -40,10 +40,10 @@ from bench.harness import (
     write_result,
 )  # fmt: skip
 from cp_dtensor import init_context_parallel_group, ring_attention
-from cp_dtensor.blocks import block_pairs
-from cp_dtensor.call import mask_spec
-from cp_dtensor.masks import document_ids_from_cu_seqlens
-from cp_dtensor.ring import make_plan
+from cp_dtensor.attention.call import mask_spec
+from cp_dtensor.attention.ring import make_plan
+from cp_dtensor.positions.blocks import block_pairs
+from cp_dtensor.positions.masks import document_ids_from_cu_seqlens
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 r"""Measure one rank's peak memory in a training step of :class:`~cp_dtensor.training.model.TransformerWithCP`.
 
-This checks :mod:`cp_dtensor.memory` against what the model really allocates. One case, on CPU
+This checks :mod:`cp_dtensor.estimate.memory` against what the model really allocates. One case, on CPU
 (gloo) or CUDA (NCCL) alike::
 
     torchrun --standalone --nproc-per-node 4 -m bench.memory_measure --seq-len 16384 --cp-size 4
@@ -160,7 +160,7 @@ def estimate_for(
     config, *, seq_len: int, cp_size: int, batch_size: int, dtype: str, grad_sync: str = "none", dp_size: int = 1
 ) -> dict:
     """The estimator's per-rank components (bytes) for the measured configuration."""
-    from cp_dtensor.memory import ModelDims, estimate_rank_memory
+    from cp_dtensor.estimate.memory import ModelDims, estimate_rank_memory
 
     dims = ModelDims(
         hidden_size=config.hidden_size,

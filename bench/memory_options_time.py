@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench/results/memory_options_time.json")
     args = parser.parse_args(argv)
 
-    from cp_dtensor import ModelConfig, TransformerWithCP, init_context_parallel_group
+    from cp_dtensor import init_context_parallel_group
+    from cp_dtensor.training import ModelConfig, TransformerWithCP
 
     torch.set_num_threads(1)
     cp_group = init_context_parallel_group(cp_size=int(os.environ.get("WORLD_SIZE", "1")))

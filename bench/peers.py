@@ -148,7 +148,7 @@ def yunchang_contenders(seq_len: int) -> list[Contender]:
 
     from bench import yunchang_adapter as ya
     from cp_dtensor import ring_attention
-    from cp_dtensor.strategies import STRATEGIES
+    from cp_dtensor.attention.api import STRATEGIES
 
     ya.patch_for_cpu()
     size, me = world_size(), rank()

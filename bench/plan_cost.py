@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python -m bench.plan_cost --out bench/results/plan_cost.json
 
 Every masked attention call plans, on the host, which tiles of each ring step to skip, run without
-a mask or run with one (Note [Skipping what the mask hides] in :mod:`cp_dtensor.tiles`). This times
-that plan for one rank (every step of :class:`cp_dtensor.ring.RingPlan`, as ``ring_forward`` asks for
+a mask or run with one (Note [Skipping what the mask hides] in :mod:`cp_dtensor.positions.tiles`). This times
+that plan for one rank (every step of :class:`cp_dtensor.attention.ring.RingPlan`, as ``ring_forward`` asks for
 it) in two ways on the same inputs, alternating: the interval path that :func:`refine_block` takes
 for causal / window / padding masks and contiguous documents, and the pair-by-pair path it falls
 back to for ids that recur (forced here by hiding :meth:`MaskSpec.row_intervals`). Both plan the
@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import torch
+from cp_dtensor.reference import document_ids_from_lengths
 
-from cp_dtensor.layout import shard_runs
-from cp_dtensor.masks import MaskSpec
-from cp_dtensor.ring import RingPlan
-from cp_dtensor.tiles import TilePlanner
-from reference import document_ids_from_lengths
+from cp_dtensor.attention.ring import RingPlan
+from cp_dtensor.positions.layout import shard_runs
+from cp_dtensor.positions.masks import MaskSpec
+from cp_dtensor.positions.tiles import TilePlanner
 
 CASES = [  # (name, L, P, document length or None, window or None)
     ("packed 1K, P=2, documents of 256", 1024, 2, 256, None),

@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     init_rank()
     started = now()
     from cp_dtensor import init_context_parallel_group
-    from cp_dtensor.strategies import STRATEGIES
+    from cp_dtensor.attention.api import STRATEGIES
 
     group = init_context_parallel_group(cp_size=world_size(), device_type="cpu")
     case = Case(args.seq, args.heads, args.head_dim, causal=True)

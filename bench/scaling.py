@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     init_rank()
     started = now()
     from cp_dtensor import init_context_parallel_group
-    from cp_dtensor.strategies import STRATEGIES
+    from cp_dtensor.attention.api import STRATEGIES
 
     group = init_context_parallel_group(cp_size=world_size(), device_type="cpu")
     fn = cp_call(STRATEGIES[args.strategy], group, True)

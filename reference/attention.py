@@ -187,7 +187,7 @@ def attention_block(
     """Attend a query block to one key/value block; return the partial output and its LSE.
 
     The output is normalised over this block's keys only; the log-sum-exp of the block's scores
-    is what lets `reference.ring.merge` combine blocks into the softmax over all keys.
+    is what lets `cp_dtensor.reference.ring.merge` combine blocks into the softmax over all keys.
 
     Args:
         q: Query block, shape (B, H, S_q, D).

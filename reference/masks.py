@@ -72,7 +72,7 @@ class AttentionMask:
         return allowed & (q_doc == k_doc) & (q_doc >= 0)  # (B, S_q, S_k)
 
     def dense(self, num_tokens: int) -> torch.Tensor:
-        """The mask of the whole sequence, for `reference.attention.full_attention`'s ``mask=``.
+        """The mask of the whole sequence, for `cp_dtensor.reference.attention.full_attention`'s ``mask=``.
 
         Args:
             num_tokens: Sequence length L.

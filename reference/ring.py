@@ -1,10 +1,10 @@
 """Ring attention, simulated on P virtual ranks in one process: forward and backward.
 
 Full-length tensors go in and come out; inside, the sequence is sharded with a layout
-(`reference.layouts`), and each virtual rank only ever touches its own shard and the one K/V
+(`cp_dtensor.reference.layouts`), and each virtual rank only ever touches its own shard and the one K/V
 block in its buffer, exactly as a real rank would. The math of one block lives in
-`reference.attention`; this file owns the ranks, the buffers and the "sends".
-Its production twin is `cp_dtensor/ring.py`: Note [The two rings] there maps the names and
+`cp_dtensor.reference.attention`; this file owns the ranks, the buffers and the "sends".
+Its production twin is `cp_dtensor/attention/ring.py`: Note [The two rings] there maps the names and
 names the three differences.
 
 Note [Ring schedule]
@@ -24,11 +24,11 @@ Note [Ring schedule]
     block is not passed on). The backward walks the same schedule; the dK/dV accumulators travel
     with their K/V block, and one more send (``P`` in all) brings each accumulator home.
 
-    A mask (`reference.masks`: causal, packed documents, a window, padding) does not change the
+    A mask (`cp_dtensor.reference.masks`: causal, packed documents, a window, padding) does not change the
     schedule: it decides, from the global positions of ``Q_r`` and of the held block, which pairs
     a step computes, and a step whose block the mask hides entirely is skipped. The simulation
     always runs all ``P`` steps so that the trace shows every skipped block;
-    `reference.trace.ring_steps_needed` tells after how many steps a real ring may stop.
+    `cp_dtensor.reference.trace.ring_steps_needed` tells after how many steps a real ring may stop.
 
 Shape legend: B batch, H query heads, H_kv key/value heads, L sequence length, P world size,
 S = L / P tokens per rank, D head dim.
@@ -42,15 +42,15 @@ from typing import TypeVar
 import torch
 from torch.autograd.function import once_differentiable
 
-from reference.attention import (
+from .attention import (
     attention_block,
     attention_block_backward,
     check_attention_inputs,
     default_scale,
 )
-from reference.layouts import shard, shard_indices, unshard
-from reference.masks import AttentionMask, make_mask
-from reference.trace import TraceEntry, make_entry
+from .layouts import shard, shard_indices, unshard
+from .masks import AttentionMask, make_mask
+from .trace import TraceEntry, make_entry
 
 __all__ = [
     "KVBuffer",
@@ -178,7 +178,7 @@ def simulate_ring_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, list[TraceEntry]]:
     """The forward ring on ``world_size`` virtual ranks (see Note [Ring schedule]).
 
-    Every rule of the mask (`reference.masks`) is evaluated on the global positions of the held
+    Every rule of the mask (`cp_dtensor.reference.masks`) is evaluated on the global positions of the held
     block; a block the mask hides entirely is skipped (no work, traced as ``"skipped"``).
 
     Args:
@@ -188,7 +188,7 @@ def simulate_ring_attention_forward(
         world_size: Number of virtual ranks P, at least 1.
         causal: If True, token ``i`` attends tokens ``j <= i``.
         scale: Multiplier of the scores; defaults to ``1 / sqrt(D)``.
-        layout: How the sequence is sharded, one of `reference.layouts.LAYOUTS`.
+        layout: How the sequence is sharded, one of `cp_dtensor.reference.layouts.LAYOUTS`.
         document_ids: Packed documents: integer ids, shape (B, L), in global token order; a query
             sees only keys of its own document, and a negative id (padding) sees nothing.
         window: ``(left, right)``: the query at ``i`` sees keys in ``[i - left, i + right]``;
@@ -257,7 +257,7 @@ def simulate_ring_attention_backward(
 
     Same schedule as the forward (see Note [Ring schedule]); nothing global is recomputed. Each
     rank keeps its dQ at home; the dK/dV accumulators travel with their K/V block, gather the
-    contribution of every rank they visit (`reference.attention.attention_block_backward`), and a
+    contribution of every rank they visit (`cp_dtensor.reference.attention.attention_block_backward`), and a
     final send brings them home.
 
     Args:
@@ -353,8 +353,8 @@ def simulate_ring_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, list[TraceEntry]]:
     """Attention computed by a simulated ring of ``world_size`` ranks; differentiable.
 
-    Equal to `reference.attention.full_attention` (up to rounding), given the dense mask of the
-    same rules (`reference.masks.AttentionMask.dense`) when ``document_ids``, ``window`` or
+    Equal to `cp_dtensor.reference.attention.full_attention` (up to rounding), given the dense mask of the
+    same rules (`cp_dtensor.reference.masks.AttentionMask.dense`) when ``document_ids``, ``window`` or
     ``seq_len`` is set. ``.backward()`` through the result runs `simulate_ring_attention_backward`.
 
     Args:
@@ -364,7 +364,7 @@ def simulate_ring_attention(
         world_size: Number of virtual ranks P, at least 1.
         causal: If True, token ``i`` attends tokens ``j <= i``.
         scale: Multiplier of the scores; defaults to ``1 / sqrt(D)``.
-        layout: How the sequence is sharded, one of `reference.layouts.LAYOUTS`.
+        layout: How the sequence is sharded, one of `cp_dtensor.reference.layouts.LAYOUTS`.
         document_ids: Packed documents: integer ids, shape (B, L), in global token order; a query
             sees only keys of its own document, and a negative id (padding) sees nothing.
         window: ``(left, right)``: the query at ``i`` sees keys in ``[i - left, i + right]``;
@@ -378,8 +378,8 @@ def simulate_ring_attention(
 
     Raises:
         ValueError: If the shapes do not fit, ``world_size < 1``, the layout is unknown, L is not
-            a multiple of the layout's chunk count (`reference.layouts.num_chunks`), or a mask
-            argument is malformed (`reference.masks.make_mask`).
+            a multiple of the layout's chunk count (`cp_dtensor.reference.layouts.num_chunks`), or a mask
+            argument is malformed (`cp_dtensor.reference.masks.make_mask`).
     """
     entries: list[TraceEntry] = []
     options = {

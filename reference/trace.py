@@ -1,6 +1,6 @@
 """The schedule of a simulated ring: one `TraceEntry` per (rank, step).
 
-`reference.ring.simulate_ring_attention(..., trace=True)` records, for every rank and step, which
+`cp_dtensor.reference.ring.simulate_ring_attention(..., trace=True)` records, for every rank and step, which
 rank's K/V block was held, which (query, key) pairs of it were computed, and what that cost. Tests
 check the invariants of the schedule from it and the docs draw the ring and load-balance figures
 from it.

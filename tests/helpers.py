@@ -32,9 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from cp_dtensor.reference import full_attention
 
-from cp_dtensor.layout import shard_positions
-from reference import full_attention
+from cp_dtensor.positions.layout import shard_positions
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 GROUP_KWARGS = {"hybrid": {"ulysses_size": 2}}  # what a strategy needs of its group: hybrid a Ulysses axis (u = 2)
@@ -65,7 +65,7 @@ def unshard(shards: list[torch.Tensor], world_size: int, layout, seq_dim: int = 
 def attention_and_grads(inputs: dict, dtype: torch.dtype = torch.float64, **options) -> dict[str, torch.Tensor]:
     """ONE process's attention on the whole sequence in ``dtype``, and its autograd gradients.
 
-    ``options`` go to :func:`reference.full_attention` (``causal``, ``scale``, ``mask``). Without a
+    ``options`` go to :func:`cp_dtensor.reference.full_attention` (``causal``, ``scale``, ``mask``). Without a
     mask and below fp64 this is fused SDPA (what a user would run on one device); fp64 and masked
     cases use the reference's plain attention.
     """
@@ -149,14 +149,14 @@ def assert_close_to_oracle(
 def default_tile(tile: int) -> Iterator[None]:
     """Plan masked attention with ``tile``-sized tiles inside the block (small tiles exercise the skip /
     full / masked split); the library default comes back on exit, even on error."""
-    import cp_dtensor.masks
+    import cp_dtensor.positions.masks
 
-    before = cp_dtensor.masks.DEFAULT_TILE
-    cp_dtensor.masks.DEFAULT_TILE = tile
+    before = cp_dtensor.positions.masks.DEFAULT_TILE
+    cp_dtensor.positions.masks.DEFAULT_TILE = tile
     try:
         yield
     finally:
-        cp_dtensor.masks.DEFAULT_TILE = before
+        cp_dtensor.positions.masks.DEFAULT_TILE = before
 
 
 # ---- explicit coverage, then random draws --------------------------------------------------------

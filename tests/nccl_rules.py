@@ -2,7 +2,7 @@
 
 Gloo completes sends and receives in any order; NCCL does not. This backend, registered as
 ``"nccl_rules"`` through ``torch.distributed.Backend.register_backend``, runs the calls the code
-really makes under NCCL's rules (see Note [Point-to-point on NCCL] in :mod:`cp_dtensor.comm`):
+really makes under NCCL's rules (see Note [Point-to-point on NCCL] in :mod:`cp_dtensor.comm.p2p`):
 
 * per pair of ranks, point-to-point ops execute strictly in issue order (one stream per pair);
 * a receive blocks later ops of its pair until the peer's matching send runs, and a send blocks

@@ -17,8 +17,9 @@ import torch
 from helpers import torchrun_job_losses
 from torch.distributed.tensor import DTensor
 
-from cp_dtensor import ModelConfig, TransformerWithCP, apply_activation_checkpointing, apply_ddp, shift_labels
+from cp_dtensor import apply_ddp, shift_labels
 from cp_dtensor.parallel.tensor_parallel import parallelize_for_tp
+from cp_dtensor.training import ModelConfig, TransformerWithCP, apply_activation_checkpointing
 from cp_dtensor.training.model import AC_MODES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -103,7 +103,7 @@ def test_provenance(smoke):
 
 
 def test_cost_every_registered_strategy_agrees(smoke):
-    from cp_dtensor.strategies import STRATEGIES
+    from cp_dtensor.attention.api import STRATEGIES
 
     r = get(smoke, "cost")
     assert [e["case"]["causal"] for e in r["cases"]] == [True, False]
@@ -154,7 +154,7 @@ def test_torch_cp_adapter_agrees_with_ours_and_sdpa(smoke):
 
 def test_torch_head_tail_layout_is_our_zigzag():
     from bench.torch_cp_adapter import head_tail_positions
-    from cp_dtensor.layout import shard_positions
+    from cp_dtensor.positions.layout import shard_positions
 
     for size in (2, 3, 4):
         for rank in range(size):
@@ -195,7 +195,11 @@ def test_profile_has_the_ring_labels(smoke):
     r = get(smoke, "profile")
     for rank in r["ranks"]:
         names = {row["name"] for row in rank["labels"]}
-        assert {"cp_dtensor.ring.attn_block", "cp_dtensor.ring.attn_block_backward", "cp_dtensor.ring.merge"} <= names
+        assert {
+            "cp_dtensor.ring.attn_block",
+            "cp_dtensor.attention.ring.attn_block_backward",
+            "cp_dtensor.ring.merge",
+        } <= names
 
 
 def test_gpu_blocks_dry_run_agrees(tmp_path):

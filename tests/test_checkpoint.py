@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from cp_dtensor import ModelConfig, TransformerWithCP, apply_ddp, shift_labels
+from cp_dtensor import apply_ddp, shift_labels
 from cp_dtensor.parallel.tensor_parallel import parallelize_for_tp
+from cp_dtensor.training import ModelConfig, TransformerWithCP
 
 SEQ_LEN, BATCH = 16, 4
 CONFIG = ModelConfig(vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48)

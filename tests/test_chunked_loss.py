@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cp_dtensor import ModelConfig, TransformerWithCP, chunked_linear_cross_entropy, shift_labels
+from cp_dtensor import chunked_linear_cross_entropy, shift_labels
+from cp_dtensor.training import ModelConfig, TransformerWithCP
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 CONFIG = ModelConfig(vocab_size=37, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=32)

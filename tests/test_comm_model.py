@@ -13,7 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cp_dtensor.comm_model import CommVolume, comm_bytes
+from cp_dtensor.estimate.comm_model import CommVolume, comm_bytes
 
 SHAPE = {"batch": 2, "seq_len": 64, "heads": 8, "kv_heads": 2, "head_dim": 16}
 

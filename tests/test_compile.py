@@ -1,7 +1,7 @@
 """torch.compile(fullgraph=True) of context-parallel attention: same numbers as eager, no recompilation.
 
 Every strategy runs as one ``cp_dtensor::attention`` node under compile (Note [Attention as a custom
-op] in :mod:`cp_dtensor.ops`). One compiled function per strategy holds four calls (fp64 and fp32,
+op] in :mod:`cp_dtensor.attention.compiled`). One compiled function per strategy holds four calls (fp64 and fp32,
 causal and documents + window), so each world compiles one graph per strategy: compile time, not
 attention, is what these tests spend.
 """
@@ -90,7 +90,7 @@ def model_case(strategy: str) -> list[float]:
     """Runs on every rank: TransformerWithCP eager and compiled (fullgraph), logits and weight gradients."""
     import torch._dynamo
 
-    from cp_dtensor import ModelConfig, TransformerWithCP
+    from cp_dtensor.training import ModelConfig, TransformerWithCP
 
     group = mp_pool.group(2)
     assert group.size == 2  # a copy of the pool's group: slices its cp mesh before compiling (see ContextParallelGroup)

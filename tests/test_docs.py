@@ -490,7 +490,7 @@ def test_api_page_renders_examples_and_returns(built_site: Path) -> None:
     assert not roles, f"Sphinx roles left as text: {roles[:5]}"
 
 
-# ``from cp_dtensor.blocks import plan_blocks``, ``from reference import (a, b as c)``
+# ``from cp_dtensor.positions.blocks import plan_blocks``, ``from reference import (a, b as c)``
 IMPORT_FROM = re.compile(r"^[ \t]*from\s+((?:cp_dtensor|reference)[\w.]*)\s+import\s+(\([^)]*\)|[^\n]*)", re.M)
 
 
@@ -518,13 +518,13 @@ def test_the_import_scan_reads_the_forms_pages_use() -> None:
     """One-line, aliased, parenthesised and commented imports are all seen (or the next test would
     check nothing for them)."""
     code = (
-        "from cp_dtensor.blocks import plan_blocks as pb, block_pairs\n"
+        "from cp_dtensor.positions.blocks import plan_blocks as pb, block_pairs\n"
         "    from reference import (\n        shard,  # a comment, with a comma\n        unshard as u,\n    )\n"
         "import torch\nfrom torch import nn\n"
     )
     assert imported_names(code) == [
-        "cp_dtensor.blocks.plan_blocks",
-        "cp_dtensor.blocks.block_pairs",
+        "cp_dtensor.positions.blocks.plan_blocks",
+        "cp_dtensor.positions.blocks.block_pairs",
         "reference.shard",
         "reference.unshard",
     ]

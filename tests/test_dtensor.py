@@ -1,17 +1,17 @@
 """DTensors built with torch's own ``distribute_tensor`` mean natural order, in every strategy, the module and
 ``gather_sequence``: forward and backward against fp64 full attention on real gloo ranks, and the bytes of the
-relayout (see Note [Re-laying out a DTensor] in cp_dtensor/sharding.py)."""
+relayout (see Note [Re-laying out a DTensor] in cp_dtensor/mesh/sharding.py)."""
 
 from __future__ import annotations
 
 import mp_pool
 import pytest
 import torch
+from cp_dtensor.reference import full_attention
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from cp_dtensor import ContextParallelAttention, context_parallel_attention, count_comm
-from cp_dtensor.layout import DocumentZigzag, shard_positions
-from reference import full_attention
+from cp_dtensor.positions.layout import DocumentZigzag, shard_positions
 
 B, H, HKV, D = 2, 4, 2, 8
 # fp64 end to end: only the summation order differs from the oracle.

@@ -12,7 +12,8 @@ from helpers import train_case
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
-from cp_dtensor import ModelConfig, TransformerWithCP, apply_fsdp, parallelize_for_tp, shift_labels
+from cp_dtensor import apply_fsdp, parallelize_for_tp, shift_labels
+from cp_dtensor.training import ModelConfig, TransformerWithCP
 
 SEQ_LEN, GLOBAL_BATCH, LR = 16, 4, 1e-2
 DTYPES = {"float64": torch.float64, "float32": torch.float32}

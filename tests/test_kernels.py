@@ -1,6 +1,6 @@
-"""Direct tests of ``cp_dtensor.kernels``: ``block_forward``, ``block_backward`` and ``accum_dtype``.
+"""Direct tests of ``cp_dtensor.local.kernels``: ``block_forward``, ``block_backward`` and ``accum_dtype``.
 
-Every result is checked against an fp64 oracle on CPU (``reference.full_attention`` differentiated by
+Every result is checked against an fp64 oracle on CPU (``cp_dtensor.reference.full_attention`` differentiated by
 autograd, and the log-sum-exp of the masked scores written out below), on the same inputs rounded to
 the dtype under test, so that the difference measures the kernel alone:
 
@@ -9,7 +9,7 @@ the dtype under test, so that the difference measures the kernel alone:
   S_q != S_k, head_dim 16, 64 and 320;
 * bool masks ``(B, 1, S_q, S_k)`` and ``(S_q, S_k)`` with rows that see no key (output 0, lse -inf,
   zero gradient);
-* the property the ring is built on: block results merged with ``cp_dtensor.merge.merge_into`` equal
+* the property the ring is built on: block results merged with ``cp_dtensor.local.merge.merge_into`` equal
   one call over all keys, and the backward of each block given the FINAL output and lse gives that
   block's share of dq and its slice of dk / dv;
 * output dtypes and shapes, and that the tolerances used catch a 10% error in the scale.
@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cp_dtensor.reference import full_attention
 
-from cp_dtensor.kernels import accum_dtype, block_backward, block_forward
-from cp_dtensor.merge import merge_into
-from reference import full_attention
+from cp_dtensor.local.kernels import accum_dtype, block_backward, block_forward
+from cp_dtensor.local.merge import merge_into
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import mp_pool
 import pytest
 import torch
+from cp_dtensor.reference import shard_indices as reference_shard_indices
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_dtensor import DocumentZigzag, document_ids_from_cu_seqlens
-from cp_dtensor.layout import (
+from cp_dtensor.positions.layout import (
     LAYOUTS,
     check_seq_len,
     num_chunks,
@@ -18,7 +19,6 @@ from cp_dtensor.layout import (
     shard_positions,
     shard_runs,
 )
-from reference import shard_indices as reference_shard_indices
 
 
 def causal_document_work(ids_L: torch.Tensor, positions: torch.Tensor) -> int:

@@ -9,6 +9,7 @@ import weakref
 import mp_pool
 import pytest
 import torch
+from cp_dtensor.reference import full_attention
 from helpers import (
     DTYPES,
     assert_close_to_oracle,
@@ -26,9 +27,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_dtensor import context_parallel_attention, count_comm
-from cp_dtensor.layout import DocumentZigzag, num_chunks
-from cp_dtensor.masks import MaskSpec, document_ids_from_cu_seqlens, window_hides_block
-from reference import full_attention
+from cp_dtensor.positions.layout import DocumentZigzag, num_chunks
+from cp_dtensor.positions.masks import MaskSpec, document_ids_from_cu_seqlens, window_hides_block
 
 
 def dense_mask(cfg: dict) -> torch.Tensor:
@@ -370,10 +370,10 @@ def test_window_hides_block_interval_arithmetic_matches_dense():
 def test_tile_plan_from_row_intervals_equals_pair_by_pair(data):
     """refine_block's fast path (one interval of visible keys per row, binary search) plans exactly the
     calls and masks that evaluating every (query, key) pair plans."""
-    from cp_dtensor.blocks import plan_blocks
-    from cp_dtensor.layout import shard_runs
-    from cp_dtensor.masks import positions
-    from cp_dtensor.tiles import refine_block
+    from cp_dtensor.positions.blocks import plan_blocks
+    from cp_dtensor.positions.layout import shard_runs
+    from cp_dtensor.positions.masks import positions
+    from cp_dtensor.positions.tiles import refine_block
 
     world_size = data.draw(st.sampled_from([1, 2, 4]))
     cfg = data.draw(masked_configs(world_size))
@@ -428,8 +428,8 @@ def _masked_call_error(group, ids: torch.Tensor, gen: torch.Generator) -> float:
 
 def reuse_case(world_size: int) -> dict:
     """Layers in a row with the same ids, then ids edited in three ways, then shard ids; see the test."""
-    from cp_dtensor.call import mask_spec
-    from cp_dtensor.tiles import tile_planner
+    from cp_dtensor.attention.call import mask_spec
+    from cp_dtensor.positions.tiles import tile_planner
 
     group = mp_pool.group(world_size)
     gen = torch.Generator().manual_seed(7)
@@ -489,7 +489,7 @@ def test_tile_plans_are_reused_across_layers_only_when_the_mask_is_the_same(worl
 
 
 def test_mask_arguments_are_validated():
-    from cp_dtensor.masks import check_window
+    from cp_dtensor.positions.masks import check_window
 
     for bad in [(1,), (-1, 0), (1.5, 0), "left", (True, 0)]:
         with pytest.raises(ValueError, match="window"):
@@ -502,7 +502,7 @@ def test_mask_arguments_are_validated():
 def test_plan_blocks_rejects_runs_that_overlap_without_being_equal():
     """Runs from one layout are equal or disjoint; a direct caller passing others gets a ValueError, not
     a plan that silently drops pairs (or an assert that -O strips)."""
-    from cp_dtensor.blocks import Block, plan_blocks
+    from cp_dtensor.positions.blocks import Block, plan_blocks
 
     with pytest.raises(ValueError, match=r"Query run \(0, 8\) and key run \(4, 8\)"):
         plan_blocks([(0, 8)], [(4, 8)], causal=True)

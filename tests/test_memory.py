@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cp_dtensor import estimate_context_parallel_memory_savings
-from cp_dtensor.cli import main, parse_tokens
-from cp_dtensor.memory import GIB, ModelDims, default_ffn_hidden_size, estimate_rank_memory, saved_per_token
+from cp_dtensor.estimate.cli import main, parse_tokens
+from cp_dtensor.estimate.memory import GIB, ModelDims, default_ffn_hidden_size, estimate_rank_memory, saved_per_token
 
 SEED = dict(seq_len=1_000_000, hidden_size=4096, num_layers=32, batch_size=1, cp_size=8)
 

@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 from helpers import unshard
 
-from cp_dtensor import DocumentZigzag, ModelConfig, TransformerWithCP, apply_ddp, shift_labels
+from cp_dtensor import DocumentZigzag, apply_ddp, shift_labels
+from cp_dtensor.training import ModelConfig, TransformerWithCP
 
 CONFIG = ModelConfig(vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48)
 SEQ_LEN, GLOBAL_BATCH = 16, 4
@@ -155,7 +156,8 @@ def seed_training_example() -> tuple:
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
-    from cp_dtensor import LongSequenceDataset, TransformerWithCP, apply_ddp, init_context_parallel_group
+    from cp_dtensor import apply_ddp, init_context_parallel_group
+    from cp_dtensor.training import LongSequenceDataset, TransformerWithCP
 
     # 4 ranks: 2-way CP, 2-way DP (the example's 8 GPUs: cp_size=4)
     cp_group = init_context_parallel_group(cp_size=2, timeout=mp_pool.GROUP_TIMEOUT_S)  # (test) short timeout
@@ -195,7 +197,7 @@ def seed_training_example() -> tuple:
 
 def one_process_first_step(initial: dict, input_ids: torch.Tensor) -> tuple[float, dict]:
     """Runs in a one-rank world: the seed's model from ``initial`` weights on the whole global batch."""
-    from cp_dtensor import TransformerWithCP
+    from cp_dtensor.training import TransformerWithCP
 
     model = TransformerWithCP(cp_group=mp_pool.group(1))
     with torch.no_grad():
@@ -220,7 +222,7 @@ def test_seed_attention_example_matches_one_process():
 def test_seed_training_example_sums_gradients_over_dp_and_cp():
     """The synced gradient of the first step equals one process's gradient on the whole global batch (a
     mean instead of a sum over the 4 ranks would be 4x too small), and the replicas stay identical."""
-    from cp_dtensor import LongSequenceDataset
+    from cp_dtensor.training import LongSequenceDataset
 
     results = mp_pool.run_on_ranks(4, seed_training_example)
     losses, checksums, initial, first_grads = results[0]
@@ -243,7 +245,7 @@ def test_seed_training_example_sums_gradients_over_dp_and_cp():
 
 def document_labels_case(cp_size: int, layout, ids: torch.Tensor, docs: torch.Tensor) -> dict:
     """Runs on every rank: default labels from the shards, with document ids as a shard and whole."""
-    from cp_dtensor.loss import labels_from_local_ids
+    from cp_dtensor.nn.loss import labels_from_local_ids
 
     group = mp_pool.group(cp_size, layout=layout)
     ids_local, docs_local = (group.partition_sequence(t, seq_dim=1) for t in (ids, docs))
@@ -261,7 +263,7 @@ def document_labels_case(cp_size: int, layout, ids: torch.Tensor, docs: torch.Te
 @pytest.mark.parametrize(("cp_size", "layout"), [(2, "zigzag"), (4, "zigzag"), (2, DocumentZigzag((4, 8, 4)))])
 def test_default_labels_stop_at_document_boundaries(cp_size, layout):
     """The model's default labels on ranks equal one process's shift_labels with the document ids."""
-    from cp_dtensor.layout import shard_positions
+    from cp_dtensor.positions.layout import shard_positions
 
     gen = torch.Generator().manual_seed(cp_size)
     ids = torch.randint(0, CONFIG.vocab_size, (2, SEQ_LEN), generator=gen)

@@ -8,8 +8,8 @@ import torch
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from cp_dtensor import STRATEGIES, ContextParallelAttention
-from cp_dtensor.layout import shard_positions
-from cp_dtensor.rope import apply_rope, rope_cos_sin
+from cp_dtensor.nn.rope import apply_rope, rope_cos_sin
+from cp_dtensor.positions.layout import shard_positions
 
 HIDDEN, HEADS, KV_HEADS = 32, 4, 2  # GQA: two query heads per K/V head; head dim 8
 

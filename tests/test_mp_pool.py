@@ -31,28 +31,28 @@ def test_the_first_failure_is_reported_with_its_traceback_not_the_waiting_ranks_
 
 
 def leaks_the_default_tile() -> None:
-    import cp_dtensor.masks
+    import cp_dtensor.positions.masks
 
-    cp_dtensor.masks.DEFAULT_TILE = 3
+    cp_dtensor.positions.masks.DEFAULT_TILE = 3
 
 
 def restores_the_default_tile() -> int:
     from helpers import default_tile
 
-    import cp_dtensor.masks
+    import cp_dtensor.positions.masks
 
     with default_tile(3):
-        inside = cp_dtensor.masks.DEFAULT_TILE
+        inside = cp_dtensor.positions.masks.DEFAULT_TILE
     return inside
 
 
 def test_a_task_that_leaks_module_state_fails():
-    import cp_dtensor.masks
+    import cp_dtensor.positions.masks
 
     assert mp_pool.run_on_ranks(1, restores_the_default_tile) == [3]
     with pytest.raises(RuntimeError, match=r"changed global state.*cp_dtensor\.masks\.DEFAULT_TILE.*\(256, 3\)"):
         mp_pool.run_on_ranks(1, leaks_the_default_tile)
-    assert cp_dtensor.masks.DEFAULT_TILE == 256  # (this process was never touched)
+    assert cp_dtensor.positions.masks.DEFAULT_TILE == 256  # (this process was never touched)
 
 
 def group_timeouts() -> list[float]:

@@ -20,8 +20,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from cp_dtensor import RingAttentionCommunicator, context_parallel_attention, shift_labels
-from cp_dtensor.comm import batches_p2p
-from cp_dtensor.layout import shard_positions
+from cp_dtensor.comm.p2p import batches_p2p
+from cp_dtensor.positions.layout import shard_positions
 
 DEADLOCK_TIMEOUT_S = 2.0  # a deadlock is reported after this (peers publish their ops after 0.5 s)
 
@@ -239,7 +239,8 @@ def training_step_task(sizes: dict, batch: dict) -> dict:
     backend, the model parallelized over tp and its gradients synced over dp x cp (DDP, or hooks
     under tp).
     """
-    from cp_dtensor import ModelConfig, TransformerWithCP, apply_ddp, parallelize_for_tp
+    from cp_dtensor import apply_ddp, parallelize_for_tp
+    from cp_dtensor.training import ModelConfig, TransformerWithCP
 
     cp, dp, tp = sizes["cp"], sizes["dp"], sizes["tp"]
     extra = {"tp_size": tp} if tp > 1 else {}

@@ -2,7 +2,7 @@
 
 Checked against fp64 full attention with the equivalent dense mask (built here from the definition,
 not with `AttentionMask`), its trace against the pairs that mask allows, and the production ring
-(`cp_dtensor.ring`) against the simulation: its plan skips exactly the blocks the trace skips and
+(`cp_dtensor.attention.ring`) against the simulation: its plan skips exactly the blocks the trace skips and
 computes exactly as many pairs, and on real gloo ranks it returns the same output and gradients.
 """
 
@@ -18,11 +18,7 @@ from pathlib import Path
 import mp_pool
 import pytest
 import torch
-from helpers import default_tile
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from reference import (
+from cp_dtensor.reference import (
     LAYOUTS,
     document_ids_from_lengths,
     full_attention,
@@ -33,6 +29,9 @@ from reference import (
     simulate_ring_attention,
     unshard,
 )
+from helpers import default_tile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 @dataclass(frozen=True)
@@ -291,9 +290,9 @@ PRODUCTION_LAYOUTS = ("zigzag", "contiguous")  # the layouts cp_dtensor implemen
 
 def production_plan(case: MaskCase, rank: int, tile: int):
     """cp_dtensor's RingPlan of one rank for the case, built without a process group."""
-    from cp_dtensor.layout import shard_runs
-    from cp_dtensor.masks import MaskSpec
-    from cp_dtensor.ring import RingPlan
+    from cp_dtensor.attention.ring import RingPlan
+    from cp_dtensor.positions.layout import shard_runs
+    from cp_dtensor.positions.masks import MaskSpec
 
     spec = MaskSpec(
         causal=case.causal, window=case.window, document_ids=case.document_ids, seq_len=case.real_len, tile=tile
@@ -313,7 +312,7 @@ def production_plan(case: MaskCase, rank: int, tile: int):
 
 def planned_pairs(plan, step: int, batch: int, per_row: bool) -> int:
     """Pairs the production plan computes at ``step``, counted like the trace (per batch row if per_row)."""
-    from cp_dtensor.blocks import block_pairs
+    from cp_dtensor.positions.blocks import block_pairs
 
     rows = batch if per_row else 1
     return sum(rows * block_pairs(call) if mask is None else int(mask.sum()) for call, mask in plan.calls(step))

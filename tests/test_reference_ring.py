@@ -4,11 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import assert_close_to_oracle, attention_and_grads
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from reference import (
+from cp_dtensor.reference import (
     LAYOUTS,
     full_attention,
     num_chunks,
@@ -19,6 +15,9 @@ from reference import (
     simulate_ring_attention_forward,
     unshard,
 )
+from helpers import assert_close_to_oracle, attention_and_grads
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 @dataclass(frozen=True)

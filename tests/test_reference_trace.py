@@ -4,10 +4,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from reference import (
+from cp_dtensor.reference import (
     BLOCK_KINDS,
     LAYOUTS,
     num_chunks,
@@ -15,6 +12,8 @@ from reference import (
     simulate_ring_attention,
     trace_work_per_rank,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 3
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mp_pool
 import pytest
 import torch
+from cp_dtensor.reference import simulate_ring_attention
 from helpers import (
     DTYPES,
     assert_close_to_oracle,
@@ -21,8 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_dtensor import count_comm, ring_attention
-from cp_dtensor.layout import num_chunks
-from reference import simulate_ring_attention
+from cp_dtensor.positions.layout import num_chunks
 
 WORLD_SIZES = [1, 2, 3, 4]
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import mp_pool
 import pytest
 import torch
+from cp_dtensor.reference import full_attention
 from helpers import GROUP_KWARGS, make_inputs, unshard
 
 from cp_dtensor import STRATEGIES, context_parallel_attention
-from cp_dtensor.debug import DEBUG_CHECK_TOLERANCE
-from cp_dtensor.layout import num_chunks, padded_length, shard_positions
-from reference import full_attention
+from cp_dtensor.attention.debug import DEBUG_CHECK_TOLERANCE
+from cp_dtensor.positions.layout import num_chunks, padded_length, shard_positions
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -248,13 +248,15 @@ def debug_case(strategy: str, corrupt_rank: int | None, via_env: bool, inputs: d
     """Runs on every rank: attention with the debug check; ``corrupt_rank`` scales its block outputs by 1.5."""
     import torch.distributed as dist
 
-    import cp_dtensor.block_loop
+    import cp_dtensor.local.block_loop
 
     group = strategy_group(strategy, 2)
     q, k, v = (group.partition_sequence(inputs[n], seq_dim=2).float() for n in "qkv")
-    original = cp_dtensor.block_loop.block_forward
+    original = cp_dtensor.local.block_loop.block_forward
     if dist.get_rank() == corrupt_rank:  # a wrong kernel on one rank (every strategy computes through it)
-        cp_dtensor.block_loop.block_forward = lambda *a, **kw: (lambda o, lse: (o * 1.5, lse))(*original(*a, **kw))
+        cp_dtensor.local.block_loop.block_forward = lambda *a, **kw: (lambda o, lse: (o * 1.5, lse))(
+            *original(*a, **kw)
+        )
     if via_env:
         os.environ["CP_DTENSOR_DEBUG_CHECK"] = "1"
     try:
@@ -264,7 +266,7 @@ def debug_case(strategy: str, corrupt_rank: int | None, via_env: bool, inputs: d
                 q, k, v, group, strategy=strategy, causal=True, **({} if via_env else {"debug_check": True})
             )
     finally:
-        cp_dtensor.block_loop.block_forward = original
+        cp_dtensor.local.block_loop.block_forward = original
         os.environ.pop("CP_DTENSOR_DEBUG_CHECK", None)
     messages = [str(w.message) for w in caught if "debug check" in str(w.message)]
     return {"out": out.detach(), "warnings": messages, "max_v": v.abs().max().item()}

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import mp_pool
 import torch
+from cp_dtensor.reference import full_attention
 
 from cp_dtensor import ContextParallelAttention
-from reference import full_attention
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "docs" / "examples"

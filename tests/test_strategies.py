@@ -28,8 +28,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cp_dtensor import context_parallel_attention, count_comm, init_context_parallel_group
-from cp_dtensor.comm_model import comm_bytes
-from cp_dtensor.layout import num_chunks
+from cp_dtensor.estimate.comm_model import comm_bytes
+from cp_dtensor.positions.layout import num_chunks
 
 REPO = Path(__file__).resolve().parents[1]
 

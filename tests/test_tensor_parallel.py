@@ -13,8 +13,9 @@ from helpers import TINY_JOB as TINY
 from helpers import train_case
 from torch.distributed.tensor import DTensor
 
-from cp_dtensor import ModelConfig, TransformerWithCP, apply_ddp, shift_labels
+from cp_dtensor import apply_ddp, shift_labels
 from cp_dtensor.parallel.tensor_parallel import check_tp_heads, parallelize_for_tp, tp_plan
+from cp_dtensor.training import ModelConfig, TransformerWithCP
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, GLOBAL_BATCH, LR = 16, 4, 1e-2

@@ -12,8 +12,9 @@ import mp_pool
 import pytest
 import torch
 
-from cp_dtensor import LongSequenceDataset, ModelConfig, TransformerWithCP, shift_labels
-from cp_dtensor.loss import IGNORE_INDEX
+from cp_dtensor import shift_labels
+from cp_dtensor.nn.loss import IGNORE_INDEX
+from cp_dtensor.training import LongSequenceDataset, ModelConfig, TransformerWithCP
 from cp_dtensor.training.train import TrainConfig, attention_within_own_shard, lr_at, parse_args
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 Models you did not write take ``input_ids``, ``position_ids`` and labels of the whole sequence. Under
 context parallelism each rank holds a shard of every one of them, and three things go wrong silently
-when they are cut naively (see Note [Loss across shards] in :mod:`cp_dtensor.loss`):
+when they are cut naively (see Note [Loss across shards] in :mod:`cp_dtensor.nn.loss`):
 
 * labels shifted per shard lose the target of each shard's last token (it lives on another rank),
   so labels are shifted on the WHOLE sequence first, then partitioned;
@@ -24,15 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from cp_dtensor import (
-    ContextParallelGroup,
-    ShardedLoss,
-    cross_entropy_across_shards,
-    document_ids_from_cu_seqlens,
-    shift_labels,
-)
-from cp_dtensor.chunked_loss import DEFAULT_LOSS_CHUNK_SIZE, chunked_cross_entropy_across_shards
-from cp_dtensor.parallel.grad_sync import replica_group
+from cp_dtensor.mesh.group import ContextParallelGroup
+from cp_dtensor.nn.chunked_loss import DEFAULT_LOSS_CHUNK_SIZE, chunked_cross_entropy_across_shards
+from cp_dtensor.nn.loss import ShardedLoss, cross_entropy_across_shards, shift_labels
+from cp_dtensor.positions.masks import document_ids_from_cu_seqlens
 
 __all__ = [
     "IGNORE_INDEX",
@@ -104,7 +99,7 @@ class ShardedBatch:
         Transformers computes this loss in float32.
         """
         count = (self.shift_labels != IGNORE_INDEX).sum()
-        dist.all_reduce(count, group=replica_group(self.cp_group))
+        dist.all_reduce(count, group=self.cp_group.replica_group)
         return {"labels": self.shift_labels, "shift_labels": self.shift_labels, "num_items_in_batch": count}
 
 
@@ -146,7 +141,7 @@ def shard_batch(
         labels: ``(B, L)`` in transformers' convention (the model shifts them: the target of token
             ``t`` is ``labels[t + 1]``); default ``input_ids``. Shifted here on the whole sequence.
         shift_labels: ``(B, L)`` targets already shifted (``shift_labels[t]`` is the target of token
-            ``t``), e.g. :class:`~cp_dtensor.LongSequenceDataset`'s ``labels``; used as they are.
+            ``t``), e.g. :class:`~cp_dtensor.training.LongSequenceDataset`'s ``labels``; used as they are.
         position_ids: ``(B, L)`` positions; restarts (a position that is not its predecessor + 1)
             mark packed documents. Default ``0 .. L - 1``.
         cu_seqlens: Packed documents as cumulative lengths ``[0, l_0, l_0 + l_1, ..., L]`` (one row,
@@ -208,7 +203,7 @@ def causal_lm_loss(logits: torch.Tensor, batch: ShardedBatch, *, ignore_index: i
 
     The value is the global loss on every rank (what one device reports); backward gives this rank's
     share, and summing parameter gradients over dp x cp (:func:`~cp_dtensor.apply_ddp`) gives the
-    one-device gradient (Note [Loss across shards] in :mod:`cp_dtensor.loss`). Transformers' own loss
+    one-device gradient (Note [Loss across shards] in :mod:`cp_dtensor.nn.loss`). Transformers' own loss
     gets the same gradient with :meth:`ShardedBatch.loss_inputs`, but its value is then only this
     rank's share, and it computes in float32.
 
@@ -234,7 +229,7 @@ def chunked_causal_lm_loss(
     """:func:`causal_lm_loss` from the final hidden states, never holding the ``(B, S, V)`` logits.
 
     The LM head and the loss run in tiles of ``chunk_size`` tokens, forward and backward (Note
-    [Chunked LM-head loss] in :mod:`cp_dtensor.chunked_loss`); same value and gradients. For a
+    [Chunked LM-head loss] in :mod:`cp_dtensor.nn.chunked_loss`); same value and gradients. For a
     transformers model, the hidden states are the base model's output after its final norm
     (``model.model(**batch.model_inputs()).last_hidden_state``) and the head ``model.lm_head``.
 

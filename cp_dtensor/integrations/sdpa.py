@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from cp_dtensor import ContextParallelGroup, get_strategy
+from cp_dtensor.attention.api import get_strategy
+from cp_dtensor.mesh.group import ContextParallelGroup
 
 __all__ = ["context_parallel_sdpa"]
 

@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from cp_dtensor import STRATEGIES, ContextParallelGroup, context_parallel_attention
+from cp_dtensor.attention.api import STRATEGIES, context_parallel_attention
+from cp_dtensor.mesh.group import ContextParallelGroup
 
 __all__ = ["ATTENTION_NAMES", "cp_attention_forward", "register"]
 

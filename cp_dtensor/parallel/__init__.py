@@ -6,7 +6,7 @@
 - :mod:`~cp_dtensor.parallel.checkpoint`: DCP checkpoints of a model on any of these meshes.
 
 Their public names are also exported from :mod:`cp_dtensor`. This package imports none of its modules
-itself: :mod:`cp_dtensor.loss` needs ``grad_sync``, while ``tensor_parallel`` needs the model, which
+itself: :mod:`cp_dtensor.nn.loss` needs ``grad_sync``, while ``tensor_parallel`` needs the model, which
 needs the loss.
 """
 

@@ -21,7 +21,7 @@ DTensors on the ``"tp"`` axis; ``fully_shard`` adds a ``Shard(0)`` over ``"dp_cp
 their tp placement (a 2-D DTensor on ``("dp_cp", "tp")``), and never reduces over tp.
 
 The gradient divide factor. The loss of rank ``r`` is ``S_r / N`` with ``N`` the supervised tokens
-of the GLOBAL batch (Note [Loss across shards] in :mod:`cp_dtensor.loss`), so the one-process
+of the GLOBAL batch (Note [Loss across shards] in :mod:`cp_dtensor.nn.loss`), so the one-process
 gradient is the SUM over the ``dp * cp`` ranks of their gradients. FSDP2 by default AVERAGES over
 its shard group (a reduce-scatter with ``ReduceOp.AVG``, or a sum then a division by the group
 size), which would make every gradient ``dp * cp`` times too small: a loss that is a per-rank
@@ -55,7 +55,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from cp_dtensor.group import ContextParallelGroup, _axis_options
+from cp_dtensor.mesh.group import ContextParallelGroup, _axis_options
 
 __all__ = ["apply_fsdp", "dp_cp_mesh", "decoder_blocks"]
 
@@ -86,7 +86,7 @@ def dp_cp_mesh(cp_group: ContextParallelGroup) -> DeviceMesh:
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of ``model`` that each become one FSDP unit.
 
-    ``model.layers`` (:class:`~cp_dtensor.TransformerWithCP`) or ``model.model.layers`` (Hugging Face
+    ``model.layers`` (:class:`~cp_dtensor.training.TransformerWithCP`) or ``model.model.layers`` (Hugging Face
     causal LMs such as ``LlamaForCausalLM``).
 
     Raises:
@@ -120,7 +120,7 @@ def apply_fsdp(
 
     Args:
         model: The model, on this rank's device; its loss must be a global-token mean as
-            :func:`~cp_dtensor.loss.cross_entropy_across_shards` makes it.
+            :func:`~cp_dtensor.nn.loss.cross_entropy_across_shards` makes it.
         cp_group: The group from :func:`~cp_dtensor.init_context_parallel_group`.
         mp_policy: FSDP2's mixed precision, e.g. ``MixedPrecisionPolicy(param_dtype=torch.bfloat16,
             reduce_dtype=torch.float32)`` on GPU: bf16 compute and all-gathers, fp32 gradient

@@ -6,7 +6,7 @@ Every rank of the ``("dp", "cp")`` mesh holds a full copy of the parameters. A d
 sequences; a cp rank sees other TOKENS of the same sequences. Either way its backward produces only
 the gradient of its own tokens' loss, so the full gradient is the SUM over all ``dp * cp`` ranks
 (the loss already divides by the global token count; see Note [Loss across shards] in
-:mod:`cp_dtensor.loss`). Reducing over dp alone, the usual DDP setup, silently trains each cp rank
+:mod:`cp_dtensor.nn.loss`). Reducing over dp alone, the usual DDP setup, silently trains each cp rank
 on part of each sequence and lets the replicas drift apart.
 
 Choice: PyTorch ``DistributedDataParallel`` over the whole mesh (every rank is one replica), with a
@@ -43,26 +43,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from cp_dtensor.group import ContextParallelGroup
+from cp_dtensor.mesh.group import ContextParallelGroup
 
-__all__ = ["replica_group", "apply_ddp"]
-
-
-def replica_group(cp_group: ContextParallelGroup) -> dist.ProcessGroup:
-    """The process group of every rank that holds a replica of this rank's parameters: the dp x cp ranks.
-
-    Args:
-        cp_group: The group from :func:`~cp_dtensor.init_context_parallel_group`.
-
-    Returns:
-        The world group when the mesh has no ``"tp"`` axis (the mesh spans every rank, as
-        ``init_context_parallel_group`` builds it); else the flattened ``"dp_cp"`` axis: the ranks
-        with this rank's tp index.
-    """
-    assert cp_group.mesh.size() == dist.get_world_size(), "the (dp, cp, tp) mesh must span the world"
-    if cp_group.flat_dp_cp_mesh is not None:
-        return cp_group.flat_dp_cp_mesh.get_group()
-    return dist.group.WORLD
+__all__ = ["apply_ddp"]
 
 
 def _sum_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -113,7 +96,7 @@ def apply_ddp(
 
     Args:
         model: The model, on this rank's device; its loss must be a global-token mean as
-            :func:`~cp_dtensor.loss.cross_entropy_across_shards` makes it.
+            :func:`~cp_dtensor.nn.loss.cross_entropy_across_shards` makes it.
         cp_group: The group from :func:`~cp_dtensor.init_context_parallel_group`.
         **ddp_kwargs: Passed to ``DistributedDataParallel`` (e.g. ``bucket_cap_mb``).
 
@@ -123,7 +106,7 @@ def apply_ddp(
     Raises:
         ValueError: ``ddp_kwargs`` given for a tensor-parallel model (there is no DDP to take them).
     """
-    group = replica_group(cp_group)
+    group = cp_group.replica_group
     if any(isinstance(p, DTensor) for p in model.parameters()):
         if ddp_kwargs:
             raise ValueError(f"A tensor-parallel model is synced without DDP; drop the DDP arguments {ddp_kwargs}.")

@@ -3,7 +3,7 @@
 Usage under ``torchrun --standalone --nproc-per-node 8 script.py`` (3-D: dp 2 x cp 2 x tp 2)::
 
     cp_group = init_context_parallel_group(2, tp_size=2)   # mesh ("dp", "cp", "tp") = (2, 2, 2)
-    model = parallelize_for_tp(TransformerWithCP(config, cp_group=cp_group), cp_group)
+    model = parallelize_for_tp(model, cp_group)              # the model's tp_plan(t), or one attention layer
     model = apply_ddp(model, cp_group)                      # gradients summed over dp x cp
 
 Note [Tensor parallelism inside context parallelism]
@@ -54,9 +54,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from cp_dtensor.group import ContextParallelGroup
-from cp_dtensor.module import ContextParallelAttention
-from cp_dtensor.training.model import TransformerWithCP
+from cp_dtensor.mesh.group import ContextParallelGroup
+from cp_dtensor.nn.module import ContextParallelAttention
 
 __all__ = ["ReplicateParallel", "ReplicatedKVParallel", "check_tp_heads", "parallelize_for_tp", "tp_plan"]
 
@@ -143,7 +142,20 @@ class ReplicatedKVParallel(ParallelStyle):
         return module
 
 
-def _attention_plan(attn: ContextParallelAttention, tp_size: int, prefix: str = "") -> dict[str, ParallelStyle]:
+def attention_plan(attn: ContextParallelAttention, tp_size: int, prefix: str = "") -> dict[str, ParallelStyle]:
+    """The plan of one :class:`~cp_dtensor.ContextParallelAttention`: q/k/v colwise, o rowwise.
+
+    Args:
+        attn: The attention module (its head counts pick the K/V style).
+        tp_size: ``t``.
+        prefix: Prepended to each submodule name (``"layers.*.attn."``).
+
+    Returns:
+        Submodule name to its ``ParallelStyle``.
+
+    Raises:
+        ValueError: The heads do not split over ``tp_size`` (:func:`check_tp_heads`).
+    """
     check_tp_heads(attn.num_heads, attn.num_kv_heads, tp_size)
     if attn.num_kv_heads % tp_size == 0:
         k_style, v_style = ColwiseParallel(), ColwiseParallel()
@@ -157,8 +169,11 @@ def _attention_plan(attn: ContextParallelAttention, tp_size: int, prefix: str = 
     }
 
 
-def _mlp_plan(name: str) -> dict[str, ParallelStyle]:
-    # One Replicate DTensor feeds w1 and w3, so their input gradients meet before one all-reduce.
+def swiglu_plan(name: str) -> dict[str, ParallelStyle]:
+    """The plan of a SwiGLU MLP at ``name`` (submodules ``w1``, ``w3`` colwise, ``w2`` rowwise).
+
+    One ``Replicate`` DTensor feeds ``w1`` and ``w3``, so their input gradients meet before one all-reduce.
+    """
     to_dtensor = PrepareModuleInput(
         input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=False
     )
@@ -173,37 +188,61 @@ def _mlp_plan(name: str) -> dict[str, ParallelStyle]:
 def tp_plan(module: nn.Module, tp_size: int) -> dict[str, ParallelStyle]:
     """The ``parallelize_module`` plan for ``module``, by submodule name.
 
-    See Note [Tensor parallelism inside context parallelism].
+    See Note [Tensor parallelism inside context parallelism]. A whole model states its own plan as a
+    method ``tp_plan(tp_size)`` (the demo model's is built from :func:`attention_plan` and
+    :func:`swiglu_plan`); one :class:`~cp_dtensor.ContextParallelAttention` gets :func:`attention_plan`.
 
     Args:
-        module: A :class:`~cp_dtensor.TransformerWithCP` or :class:`~cp_dtensor.ContextParallelAttention`.
+        module: A :class:`~cp_dtensor.ContextParallelAttention`, or a model with a ``tp_plan`` method.
         tp_size: ``t``.
 
     Returns:
         Submodule name (``"*"`` matches any layer index) to its ``ParallelStyle``.
 
     Raises:
-        ValueError: The heads do not split over ``tp_size`` (:func:`check_tp_heads`), or ``module`` is
-            of another type.
+        ValueError: The heads do not split over ``tp_size`` (:func:`check_tp_heads`), or ``module`` has
+            no plan.
     """
     if isinstance(module, ContextParallelAttention):
-        return _attention_plan(module, tp_size)
-    if isinstance(module, TransformerWithCP):
-        plan: dict[str, ParallelStyle] = {
-            "embed": RowwiseParallel(input_layouts=Replicate()),  # vocab-parallel: rows of the table
-            "layers.*.attn_norm": ReplicateParallel(),
-            **(_attention_plan(module.layers[0].attn, tp_size, "layers.*.attn.") if len(module.layers) else {}),
-            "layers.*.mlp_norm": ReplicateParallel(),
-            **_mlp_plan("layers.*.mlp"),
-            "norm": ReplicateParallel(),
-            "lm_head": ColwiseParallel(output_layouts=Replicate()),  # whole logits for the loss
-        }
-        return plan
+        return attention_plan(module, tp_size)
+    if callable(getattr(module, "tp_plan", None)):
+        return module.tp_plan(tp_size)
     raise ValueError(
-        f"parallelize_for_tp takes a TransformerWithCP or a ContextParallelAttention, got "
-        f"{type(module).__name__}; for other modules call torch.distributed.tensor.parallel.parallelize_module "
-        "with your own plan."
+        f"parallelize_for_tp takes a ContextParallelAttention or a model with a tp_plan(tp_size) method "
+        f"(as cp_dtensor.training.TransformerWithCP has), got {type(module).__name__}; for other modules call "
+        "torch.distributed.tensor.parallel.parallelize_module with your own plan."
     )
+
+
+def _tied_parameters(module: nn.Module) -> list[list[str]]:
+    """Names of parameters that are one tensor (tied weights), each group with more than one name."""
+    names: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _retie(module: nn.Module, tied: list[list[str]]) -> None:
+    """Make each group of ``tied`` names one parameter again, as before ``parallelize_module``.
+
+    ``parallelize_module`` distributes the uses of a tied matrix separately; when their placements
+    agree (the demo's embedding and LM head are both row-sharded over the vocab) they share one
+    DTensor again.
+
+    Raises:
+        ValueError: Tied uses got different placements.
+    """
+    for first, *others in tied:
+        param = module.get_parameter(first)
+        for name in others:
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            if getattr(owner, attr).placements != param.placements:
+                raise ValueError(
+                    f"{first} and {name} are tied but the tp plan places them differently "
+                    f"({param.placements} vs {getattr(owner, attr).placements}); give both the same style."
+                )
+            setattr(owner, attr, param)
 
 
 def parallelize_for_tp(module: nn.Module, cp_group: ContextParallelGroup) -> nn.Module:
@@ -214,10 +253,11 @@ def parallelize_for_tp(module: nn.Module, cp_group: ContextParallelGroup) -> nn.
     weights are scattered to the others, so the result is the same model split, not a new one. The
     sequence stays sharded over cp as before: inputs, outputs and the loss are local tensors, the
     same on every tp rank. Parameters become DTensors on ``cp_group.tp_mesh``; ``full_tensor()``
-    gives a whole one. See Note [Tensor parallelism inside context parallelism].
+    gives a whole one; tied weights stay tied. See Note [Tensor parallelism inside context parallelism].
 
     Args:
-        module: A :class:`~cp_dtensor.TransformerWithCP` or :class:`~cp_dtensor.ContextParallelAttention`.
+        module: A model with a ``tp_plan(tp_size)`` method (as
+            :class:`~cp_dtensor.training.TransformerWithCP`) or a :class:`~cp_dtensor.ContextParallelAttention`.
         cp_group: A group built with ``init_context_parallel_group(..., tp_size=t)``; with ``t = 1``
             (or no ``"tp"`` axis) ``module`` is returned unchanged.
 
@@ -226,16 +266,13 @@ def parallelize_for_tp(module: nn.Module, cp_group: ContextParallelGroup) -> nn.
 
     Raises:
         ValueError: The query heads do not divide by ``t``, the K/V heads and ``t`` do not divide one
-            another, or ``module`` is of another type.
+            another, or ``module`` has no plan.
     """
     tp_size = cp_group.tp_size
     if tp_size == 1:
         return module
     plan = tp_plan(module, tp_size)
+    tied = _tied_parameters(module)
     parallelize_module(module, cp_group.tp_mesh, plan)
-    if isinstance(module, TransformerWithCP) and module.config.tie_embeddings:
-        # parallelize_module distributed the two uses of the tied matrix separately; both are
-        # row-sharded over the vocab (Shard(0)), so they can share one DTensor again.
-        assert module.lm_head.weight.placements == module.embed.weight.placements
-        module.lm_head.weight = module.embed.weight
+    _retie(module, tied)
     return module

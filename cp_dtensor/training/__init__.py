@@ -11,6 +11,6 @@ One command runs the job on one process or under torchrun (``dp x cp x tp`` rank
 """
 
 from cp_dtensor.training.data import LongSequenceDataset
-from cp_dtensor.training.model import ModelConfig, TransformerWithCP
+from cp_dtensor.training.model import ModelConfig, TransformerWithCP, apply_activation_checkpointing
 
-__all__ = ["LongSequenceDataset", "ModelConfig", "TransformerWithCP"]
+__all__ = ["LongSequenceDataset", "ModelConfig", "TransformerWithCP", "apply_activation_checkpointing"]

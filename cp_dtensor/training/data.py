@@ -39,8 +39,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from cp_dtensor.layout import shard_positions
-from cp_dtensor.loss import shift_labels
+from cp_dtensor.arguments import check_positive_int
+from cp_dtensor.nn.loss import shift_labels
+from cp_dtensor.positions.layout import shard_positions
 
 __all__ = ["LongSequenceDataset"]
 
@@ -102,8 +103,7 @@ class LongSequenceDataset(Dataset):
         )
         for name in names:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+            check_positive_int(name, value)
         if num_queries > num_pairs:
             raise ValueError(f"num_queries={num_queries} must be <= num_pairs={num_pairs}.")
         if num_pairs > min(num_keys, num_values):

@@ -5,7 +5,7 @@ with RoPE on global positions, RMSNorm, SwiGLU MLP), a final RMSNorm and the LM 
 attention talks to other ranks; everything else is per token, so it runs on the local shard as is.
 
 Memory options (Note [Activation checkpointing under CP]; Note [Chunked LM-head loss] in
-:mod:`cp_dtensor.chunked_loss`): ``ModelConfig.activation_checkpointing`` recomputes each block's
+:mod:`cp_dtensor.nn.chunked_loss`): ``ModelConfig.activation_checkpointing`` recomputes each block's
 activations in the backward instead of keeping them, and ``ModelConfig.loss_chunk_size`` computes the
 LM head and loss in token tiles so the ``(B, S, V)`` logits never exist.
 
@@ -47,12 +47,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 from torch.utils.checkpoint import checkpoint
 
-from cp_dtensor.chunked_loss import chunked_cross_entropy_across_shards
-from cp_dtensor.group import ContextParallelGroup
-from cp_dtensor.loss import ShardedLoss, cross_entropy_across_shards, labels_from_local_ids
-from cp_dtensor.module import ContextParallelAttention
+from cp_dtensor.mesh.group import ContextParallelGroup
+from cp_dtensor.nn.chunked_loss import chunked_cross_entropy_across_shards
+from cp_dtensor.nn.loss import ShardedLoss, cross_entropy_across_shards, labels_from_local_ids
+from cp_dtensor.nn.module import ContextParallelAttention
+from cp_dtensor.parallel.tensor_parallel import ReplicateParallel, attention_plan, swiglu_plan
 
 __all__ = ["AC_MODES", "ModelConfig", "TransformerWithCP", "apply_activation_checkpointing"]
 
@@ -62,7 +65,7 @@ AC_MODES = ("none", "full", "selective")
 
 @dataclass
 class ModelConfig:
-    """Shape of a :class:`TransformerWithCP`. The defaults fit :class:`~cp_dtensor.LongSequenceDataset`."""
+    """Shape of a :class:`TransformerWithCP`. The defaults fit :class:`~cp_dtensor.training.LongSequenceDataset`."""
 
     vocab_size: int = 256
     """Number of token ids."""
@@ -222,6 +225,26 @@ class TransformerWithCP(nn.Module):
             raise ValueError(f"loss_chunk_size must be None or a positive integer, got {config.loss_chunk_size!r}.")
 
     @torch.no_grad()
+    def tp_plan(self, tp_size: int) -> dict[str, ParallelStyle]:
+        """This model's tensor-parallel plan (:func:`~cp_dtensor.parallelize_for_tp` calls it).
+
+        See Note [Tensor parallelism inside context parallelism] in
+        :mod:`cp_dtensor.parallel.tensor_parallel`.
+
+        Raises:
+            ValueError: The heads do not split over ``tp_size``.
+        """
+        attn = attention_plan(self.layers[0].attn, tp_size, "layers.*.attn.") if len(self.layers) else {}
+        return {
+            "embed": RowwiseParallel(input_layouts=Replicate()),  # vocab-parallel: rows of the table
+            "layers.*.attn_norm": ReplicateParallel(),
+            **attn,
+            "layers.*.mlp_norm": ReplicateParallel(),
+            **swiglu_plan("layers.*.mlp"),
+            "norm": ReplicateParallel(),
+            "lm_head": ColwiseParallel(output_layouts=Replicate()),  # whole logits for the loss
+        }
+
     def reset_parameters(self) -> None:
         """Normal(0, ``init_std``) weights; residual output projections scaled by ``1/sqrt(2 * layers)``."""
         std = self.config.init_std
@@ -249,7 +272,7 @@ class TransformerWithCP(nn.Module):
             input_ids: This rank's shard ``(B, S)`` of the token ids
                 (``cp_group.partition_sequence(ids, seq_dim=1)``).
             labels: This rank's shard ``(B, S)`` of the labels, shifted on the FULL sequence
-                (:func:`~cp_dtensor.loss.shift_labels`) and partitioned like ``input_ids``; default
+                (:func:`~cp_dtensor.nn.loss.shift_labels`) and partitioned like ``input_ids``; default
                 next-token labels of ``input_ids`` (one all-gather of the ids over cp), which never
                 cross a boundary of the ``document_ids`` given in ``attn_kwargs``.
             return_logits: Return the local logits instead of the loss.

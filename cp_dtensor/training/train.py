@@ -12,7 +12,7 @@ over the cp ranks in the zigzag layout; every attention call sees the whole sequ
 attention (or ``--strategy``); gradients are summed over dp x cp
 (Note [Gradient sync over dp x cp] in :mod:`cp_dtensor.parallel.grad_sync`).
 
-The task (:class:`~cp_dtensor.LongSequenceDataset`): key-value pairs scattered over the whole
+The task (:class:`~cp_dtensor.training.LongSequenceDataset`): key-value pairs scattered over the whole
 sequence, queried at its end, so many answers sit on another rank's shard (about half under cp=2,
 three quarters under cp=4). Chance is ``1 / --num-values``. The job ends with the held-out recall of
 the answers on the query's own cp rank and on another, and of the same weights with each rank
@@ -69,12 +69,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-from cp_dtensor.group import ContextParallelGroup, init_context_parallel_group
-from cp_dtensor.loss import IGNORE_INDEX, cross_entropy_across_shards
-from cp_dtensor.module import ContextParallelAttention
+from cp_dtensor.mesh.group import ContextParallelGroup, init_context_parallel_group
+from cp_dtensor.nn.loss import IGNORE_INDEX, cross_entropy_across_shards
+from cp_dtensor.nn.module import ContextParallelAttention
 from cp_dtensor.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cp_dtensor.parallel.fsdp import apply_fsdp
-from cp_dtensor.parallel.grad_sync import apply_ddp, replica_group
+from cp_dtensor.parallel.grad_sync import apply_ddp
 from cp_dtensor.parallel.tensor_parallel import parallelize_for_tp
 from cp_dtensor.training.data import LongSequenceDataset
 from cp_dtensor.training.model import AC_MODES, ModelConfig, TransformerWithCP
@@ -207,7 +207,7 @@ def attention_kwargs(cfg: TrainConfig, document_ids_BL: torch.Tensor) -> dict[st
             so no attention call has to all-gather them, and where the ring plans its masks.
 
     Returns:
-        Keyword arguments for :class:`~cp_dtensor.TransformerWithCP` (empty for plain causal attention).
+        Keyword arguments for :class:`~cp_dtensor.training.TransformerWithCP` (empty for plain causal attention).
     """
     kwargs: dict[str, Any] = {}
     if cfg.packed and not cfg.no_document_mask:
@@ -220,7 +220,7 @@ def attention_kwargs(cfg: TrainConfig, document_ids_BL: torch.Tensor) -> dict[st
 def local_batch(
     items: list[dict[str, torch.Tensor]], cp_group: ContextParallelGroup, device: torch.device, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """This rank's shards of ``items`` (samples of :class:`~cp_dtensor.LongSequenceDataset`).
+    """This rank's shards of ``items`` (samples of :class:`~cp_dtensor.training.LongSequenceDataset`).
 
     Labels come shifted on the full sequence from the dataset, then ids and labels are partitioned alike.
 
@@ -373,7 +373,7 @@ def _recall_counts(
             counts += torch.stack(
                 [(correct & remote).sum(), (asked & remote).sum(), (correct & ~remote).sum(), (asked & ~remote).sum()]
             ).double()
-    dist.all_reduce(counts, group=replica_group(cp_group))
+    dist.all_reduce(counts, group=cp_group.replica_group)
     return counts
 
 
@@ -388,7 +388,7 @@ def attention_within_own_shard(model: torch.nn.Module, own_shard: ContextParalle
     global positions.
 
     Args:
-        model: A :class:`~cp_dtensor.TransformerWithCP` (or any module holding
+        model: A :class:`~cp_dtensor.training.TransformerWithCP` (or any module holding
             :class:`~cp_dtensor.ContextParallelAttention` layers); restored when the block ends.
         own_shard: A group with ``cp_size=1`` (``init_context_parallel_group(1)``, called on every rank).
 

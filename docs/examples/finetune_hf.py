@@ -17,9 +17,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 
-from cp_dtensor import LongSequenceDataset, apply_ddp, init_context_parallel_group
+from cp_dtensor import apply_ddp, init_context_parallel_group
 from cp_dtensor.integrations import causal_lm_loss, shard_batch
 from cp_dtensor.integrations.transformers import register
+from cp_dtensor.training import LongSequenceDataset
 
 CONFIGS = {
     "llama": transformers.LlamaConfig,

@@ -16,14 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from cp_dtensor import (
-    ModelConfig,
-    TransformerWithCP,
-    apply_ddp,
-    apply_fsdp,
-    init_context_parallel_group,
-    shift_labels,
-)
+from cp_dtensor import apply_ddp, apply_fsdp, init_context_parallel_group, shift_labels
+from cp_dtensor.training import ModelConfig, TransformerWithCP
 
 BATCH, SEQ_LEN = 2, 64  # the global batch: one sequence per dp replica
 PLAIN = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4)

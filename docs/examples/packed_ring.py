@@ -19,7 +19,7 @@ from cp_dtensor import (
     init_context_parallel_group,
     ring_attention,
 )
-from reference import full_attention, make_mask
+from cp_dtensor.reference import full_attention, make_mask
 
 B, H, L, D = 1, 2, 64, 8
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from cp_dtensor import count_comm, init_context_parallel_group, ring_attention
-from reference import full_attention
+from cp_dtensor.reference import full_attention
 
 B, H, L, D = 1, 4, 256, 32  # batch, heads, tokens in the WHOLE sequence, head dim
 

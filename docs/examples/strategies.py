@@ -17,8 +17,8 @@ from cp_dtensor import (
     count_comm,
     init_context_parallel_group,
 )
-from cp_dtensor.comm_model import comm_bytes
-from reference import full_attention
+from cp_dtensor.estimate.comm_model import comm_bytes
+from cp_dtensor.reference import full_attention
 
 # batch, query heads, K/V heads (GQA), sequence, head dim
 B, H, H_KV, L, D = 1, 4, 2, 64, 16

@@ -12,13 +12,12 @@ import torch
 import torch.distributed as dist
 
 from cp_dtensor import (
-    ModelConfig,
-    TransformerWithCP,
     apply_ddp,
     init_context_parallel_group,
     parallelize_for_tp,
     shift_labels,
 )
+from cp_dtensor.training import ModelConfig, TransformerWithCP
 
 
 def main() -> None:

@@ -24,13 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from cp_dtensor import (
-    LongSequenceDataset,
-    ModelConfig,
-    TransformerWithCP,
-    apply_ddp,
-    init_context_parallel_group,
-)
+from cp_dtensor import apply_ddp, init_context_parallel_group
+from cp_dtensor.training import LongSequenceDataset, ModelConfig, TransformerWithCP
 
 SEQ_LEN, GLOBAL_BATCH = 256, 4
 

@@ -7,20 +7,19 @@ Three cases on P = 4 virtual ranks, 64 tokens: packed documents with the zigzag 
 window of 4 tokens with the contiguous and with the zigzag layout. ``masks_pairs.png`` colours each
 visible (query, key) pair by the rank that computes it; ``masks_blocks.png`` shows, for every
 (rank, step), whether the held block is skipped, partly visible or fully visible, and the step after
-which the ring may stop (`reference.ring_steps_needed`). Only matplotlib (Agg) and torch are needed.
+which the ring may stop (`cp_dtensor.reference.ring_steps_needed`). Only matplotlib (Agg) and torch are needed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import cp_dtensor.reference as reference
 import make_figures  # this directory; imported first, it selects Agg and puts the repo on sys.path
 import matplotlib
 import matplotlib.pyplot as plt
 import torch
 from make_figures import SAVE
-
-import reference
 
 P, S = 4, 64
 DOC_LENGTHS = [5, 22, 3, 9, 17, 8]  # shorter than a zigzag chunk (8), and longer than a shard (16)
@@ -30,7 +29,7 @@ KIND_COLORS = {"skipped": "#f2f2f2", "partial": "#9ecae1", "full": "#2171b5"}
 
 
 def cases() -> dict[str, tuple[str, dict]]:
-    """Title -> (layout, mask arguments of `reference.simulate_ring_attention`)."""
+    """Title -> (layout, mask arguments of `cp_dtensor.reference.simulate_ring_attention`)."""
     ids = reference.document_ids_from_lengths(DOC_LENGTHS, S)[None]  # (1, S)
     return {
         "packed documents, zigzag": ("zigzag", {"causal": True, "document_ids": ids}),

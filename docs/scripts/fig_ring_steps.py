@@ -5,10 +5,10 @@
 
 Writes ``ring_steps.png`` (all frames on one sheet, to step through at your own pace) and
 ``ring_steps.gif`` (the same frames as an animation). Every frame comes from the trace of
-``reference.simulate_ring_attention(..., trace=True)`` on 4 virtual ranks, causal, zigzag: which
+``cp_dtensor.reference.simulate_ring_attention(..., trace=True)`` on 4 virtual ranks, causal, zigzag: which
 rank's K/V block each rank holds at each step (``kv_source``), and what kind of block it is
 (``kind``). The backward walks the forward's schedule with the dK/dV accumulators riding along
-with their K/V block; one extra hop (``reference.ring.send_to_next_rank``) takes them home. The
+with their K/V block; one extra hop (``cp_dtensor.reference.ring.send_to_next_rank``) takes them home. The
 script checks the simulated ring's output and gradients against full attention before drawing.
 Only matplotlib (Agg, with its Pillow dependency) and torch are needed.
 """
@@ -32,8 +32,8 @@ from PIL import Image  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-import reference  # noqa: E402
-import reference.ring  # noqa: E402
+import cp_dtensor.reference as reference  # noqa: E402
+import cp_dtensor.reference as reference.ring  # noqa: E402
 
 P, SEQ_LEN = 4, 32
 RANK_COLORS = plt.get_cmap("tab10").colors

@@ -4,7 +4,7 @@
     python docs/scripts/make_figures.py --out /tmp/f # somewhere else (the docs test does this)
 
 Each ``fig_*`` function draws one figure, named after the page that shows it. Formulas are the
-ones on the pages; the ring figures come from ``reference.simulate_ring_attention(..., trace=True)``.
+ones on the pages; the ring figures come from ``cp_dtensor.reference.simulate_ring_attention(..., trace=True)``.
 Only matplotlib (Agg) and torch are needed; nothing is drawn by hand.
 """
 
@@ -23,8 +23,8 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-import reference  # noqa: E402
-import reference.ring  # noqa: E402
+import cp_dtensor.reference as reference  # noqa: E402
+import cp_dtensor.reference as reference.ring  # noqa: E402
 
 GiB = 2**30
 RANK_COLORS = plt.get_cmap("tab10").colors

@@ -1,0 +1,93 @@
+"""The executor: every strategy, every call, eager or compiled, runs through :func:`execute`.
+
+In this order, once per call: sort the keywords into the common options and the strategy's own,
+check the group (and, with ``validate``, that all ranks agree), unwrap DTensors, resolve the call
+(:func:`~cp_dtensor.attention.call.resolve_call`: checks, the mask, a shard of document ids
+gathered), plan, run the strategy's forward inside ONE autograd function (its backward reuses the
+forward's plan: nothing is resolved or gathered again), re-check the output (``debug_check``), and
+wrap it like the inputs. Under ``torch.compile`` the same steps run inside one custom operator
+instead (Note [Attention as a custom op] in :mod:`cp_dtensor.attention.compiled`).
+
+The executor finds strategies by name in :mod:`cp_dtensor.attention.registry`; it imports none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.profiler import record_function
+
+from cp_dtensor.attention import compiled
+from cp_dtensor.attention.call import resolve_call, split_options
+from cp_dtensor.attention.debug import check_call, recheck_output
+from cp_dtensor.attention.registry import Strategy, registered
+from cp_dtensor.mesh.sharding import from_local_like, global_document_ids, to_local_checked
+
+if TYPE_CHECKING:
+    from cp_dtensor.mesh.group import ContextParallelGroup
+
+__all__ = ["execute"]
+
+
+class _Attention(torch.autograd.Function):
+    """Any strategy's local forward and backward as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, strategy: Strategy, plan: Any):
+        with record_function(f"cp_dtensor.{strategy.name}.forward"):
+            out, lse, saved = strategy.forward(q, k, v, plan)
+        ctx.save_for_backward(q, k, v, out, lse, *saved)
+        ctx.strategy, ctx.plan = strategy, plan
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse, *saved = ctx.saved_tensors
+        with record_function(f"cp_dtensor.{ctx.strategy.name}.backward"):
+            dq, dk, dv = ctx.strategy.backward(dout, q, k, v, out, lse, tuple(saved), ctx.plan)
+        return dq, dk, dv, None, None
+
+
+def execute(
+    name: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cp_group: ContextParallelGroup,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """Run the strategy registered as ``name`` on one call.
+
+    Args:
+        name: The strategy's name (``"ring"``...).
+        q: Queries, local ``(B, H, S, D)`` or a sequence-sharded DTensor.
+        k: Keys, likewise ``(B, H_kv, S, D)``.
+        v: Values, likewise.
+        cp_group: The context-parallel group.
+        kwargs: The call's keyword arguments: those of
+            :class:`~cp_dtensor.attention.call.AttentionOptions` and of the strategy's ``Options``.
+
+    Returns:
+        The local output ``(B, H, S, D)`` (a DTensor if the inputs were).
+
+    Raises:
+        ValueError: As :func:`cp_dtensor.ring_attention`, or a keyword the strategy does not take.
+    """
+    strategy = registered(name)
+    common, options = split_options(name, strategy.Options, kwargs)
+    if torch.compiler.is_compiling():  # one opaque node per call: see Note [Attention as a custom op]
+        return compiled.attention(strategy, q, k, v, cp_group, common, options)
+    check_call(strategy.function, cp_group, q, k, v, common, options)
+    (q_l, k_l, v_l), like = to_local_checked((q, k, v), cp_group, seq_dim=2)
+    local = dataclasses.replace(common, document_ids=global_document_ids(common.document_ids, cp_group))
+    call = resolve_call(q_l, k_l, v_l, cp_group, local, options)
+    out = _Attention.apply(call.q, call.k, call.v, strategy, strategy.plan(call))
+    recheck_output(
+        strategy.function, out, q_l, k_l, v_l, cp_group, debug_check=common.debug_check, scale=call.scale,
+        mask=call.mask,
+    )  # fmt: skip
+    return from_local_like(out, like)

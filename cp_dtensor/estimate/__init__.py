@@ -1,0 +1,3 @@
+"""Models of memory and communication, and the ``cp-dtensor`` command line that prints them."""
+
+__all__: list[str] = []
