@@ -197,7 +197,7 @@ def test_profile_has_the_ring_labels(smoke):
         names = {row["name"] for row in rank["labels"]}
         assert {
             "cp_dtensor.ring.attn_block",
-            "cp_dtensor.attention.ring.attn_block_backward",
+            "cp_dtensor.ring.attn_block_backward",
             "cp_dtensor.ring.merge",
         } <= names
 

@@ -123,7 +123,7 @@ def allgather_backward(
         # dK/dV of the whole sequence stay in fp32 until the reduce-scatter has summed the ranks' shares
         dk_full = torch.zeros(k_full.shape, dtype=acc, device=k.device)  # (B, g, L, D)
         dv_full = torch.zeros(v_full.shape, dtype=acc, device=v.device)
-        with record_function("cp_dtensor.attention.allgather.attend_backward"):
+        with record_function("cp_dtensor.allgather.attend_backward"):
             backward_blocks(
                 dout[:, q_heads],
                 q[:, q_heads],

@@ -81,7 +81,7 @@ def backward_blocks(
     """
     dq, dk, dv = grads
     for blk, mask in calls:
-        with record_function("cp_dtensor.attention.ring.attn_block_backward"):
+        with record_function("cp_dtensor.ring.attn_block_backward"):
             dq_b, dk_b, dv_b = block_backward(
                 dout[:, :, blk.q],
                 q[:, :, blk.q],

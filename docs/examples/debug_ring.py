@@ -8,7 +8,7 @@ Run it (CPU, gloo):
 * Each rank checks its shard's shape and that the shards fit back together.
 * ``RingAttentionCommunicator.ring_forward`` starts every rotation; this wraps it to
   print each one on rank 0 (a ``breakpoint()`` there stops in the same place).
-* The profiler shows the ring's own labels (``cp_dtensor.attention.ring.*``); for the whole table,
+* The profiler shows the ring's own labels (``cp_dtensor.ring.*``); for the whole table,
   ``prof.key_averages().table(sort_by="cpu_time_total")`` (on GPUs:
   ``cuda_time_total``).
 """

@@ -4,7 +4,7 @@ Run it (CPU, gloo; 2 processes on one machine):
 
     torchrun --standalone --nproc_per_node=2 docs/examples/profile_ring.py
 
-Rank 0 prints the profiler's rows for the ring's labels (``cp_dtensor.attention.ring.*``): the
+Rank 0 prints the profiler's rows for the ring's labels (``cp_dtensor.ring.*``): the
 per-block kernels, the merges, and the time spent waiting for the next K/V block.
 """
 
@@ -34,7 +34,7 @@ def main() -> None:
             print(f"{e.key:40s} {e.count:6d} {e.cpu_time_total / 1e3:10.1f}")
         print(f"sent by rank 0: {dict(comm.calls)}, {comm.total_bytes:,} bytes")
         wanted = ("attn_block", "merge", "comm_wait")
-        assert {f"cp_dtensor.attention.ring.{w}" for w in wanted} <= {
+        assert {f"cp_dtensor.ring.{w}" for w in wanted} <= {
             e.key for e in events
         }
     dist.barrier()  # every rank done sending before gloo tears down (else it can abort)

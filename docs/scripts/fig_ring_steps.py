@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import cp_dtensor.reference as reference  # noqa: E402
-import cp_dtensor.reference as reference.ring  # noqa: E402
+import cp_dtensor.reference.ring  # noqa: E402, F401 (makes reference.ring an attribute)
 
 P, SEQ_LEN = 4, 32
 RANK_COLORS = plt.get_cmap("tab10").colors
