@@ -34,9 +34,7 @@ def main() -> None:
             print(f"{e.key:40s} {e.count:6d} {e.cpu_time_total / 1e3:10.1f}")
         print(f"sent by rank 0: {dict(comm.calls)}, {comm.total_bytes:,} bytes")
         wanted = ("attn_block", "merge", "comm_wait")
-        assert {f"cp_dtensor.ring.{w}" for w in wanted} <= {
-            e.key for e in events
-        }
+        assert {f"cp_dtensor.ring.{w}" for w in wanted} <= {e.key for e in events}
     dist.barrier()  # every rank done sending before gloo tears down (else it can abort)
     dist.destroy_process_group()
 
