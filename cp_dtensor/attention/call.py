@@ -29,7 +29,14 @@ from cp_dtensor.positions.masks import MaskSpec, check_window, positions
 if TYPE_CHECKING:
     from cp_dtensor.mesh.group import ContextParallelGroup
 
-__all__ = ["AttentionCall", "AttentionOptions", "mask_spec", "resolve_call", "split_options"]
+__all__ = [
+    "COMMON_OPTIONS",
+    "AttentionCall",
+    "AttentionOptions",
+    "mask_spec",
+    "resolve_call",
+    "split_options",
+]
 
 
 @dataclass(frozen=True)
@@ -63,15 +70,22 @@ class AttentionOptions:
 
     def static(self) -> dict[str, Any]:
         """Every option but ``document_ids`` (the one tensor), as plain values."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "document_ids"}
+        return {name: getattr(self, name) for name in COMMON_OPTIONS if name != "document_ids"}
 
 
-def split_options(strategy_name: str, options_type: type, kwargs: dict[str, Any]) -> tuple[AttentionOptions, Any]:
+COMMON_OPTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AttentionOptions))
+"""The names of :class:`AttentionOptions`' fields (read once: ``torch.compile`` traces the executor)."""
+
+
+def split_options(
+    strategy_name: str, options_type: type, own_names: tuple[str, ...], kwargs: dict[str, Any]
+) -> tuple[AttentionOptions, Any]:
     """Sort a call's keyword arguments into the common options and the strategy's own.
 
     Args:
         strategy_name: The strategy's name, for the message.
         options_type: The strategy's options dataclass.
+        own_names: Its field names (:attr:`~cp_dtensor.attention.registry.Strategy.option_names`).
         kwargs: The keyword arguments of the call.
 
     Returns:
@@ -80,15 +94,13 @@ def split_options(strategy_name: str, options_type: type, kwargs: dict[str, Any]
     Raises:
         ValueError: A keyword neither takes, naming the valid ones.
     """
-    common_names = {f.name for f in dataclasses.fields(AttentionOptions)}
-    own_names = {f.name for f in dataclasses.fields(options_type)}
-    unknown = sorted(set(kwargs) - common_names - own_names)
+    unknown = [name for name in kwargs if name not in COMMON_OPTIONS and name not in own_names]
     if unknown:
         raise ValueError(
             f"Invalid keyword argument(s) {', '.join(map(repr, unknown))} for strategy {strategy_name!r}. "
-            f"Must be among: {', '.join(sorted(common_names | own_names))}."
+            f"Must be among: {', '.join(sorted(COMMON_OPTIONS + own_names))}."
         )
-    common = AttentionOptions(**{k: v for k, v in kwargs.items() if k in common_names})
+    common = AttentionOptions(**{k: v for k, v in kwargs.items() if k in COMMON_OPTIONS})
     return common, options_type(**{k: v for k, v in kwargs.items() if k in own_names})
 
 

@@ -40,8 +40,8 @@ use the default zigzag layout with ``document_ids``).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,24 @@ from cp_dtensor.mesh.group import ContextParallelGroup
 from cp_dtensor.positions.masks import check_window
 
 __all__ = ["StaticCall", "attention"]
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _literal(value: Any) -> str:
+    """``value`` (plain values, tuples of them, dicts with string keys) as a Python literal, dict keys sorted.
+
+    Raises:
+        ValueError: A value that is not plain (it could not be a constant of a compiled graph).
+    """
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key!r}: {_literal(item)}" for key, item in sorted(value.items())) + "}"
+    if isinstance(value, (tuple, list)):
+        return "(" + "".join(f"{_literal(item)}, " for item in value) + ")"
+    if not isinstance(value, _PLAIN):
+        raise ValueError(f"attention options under torch.compile must be plain values, got {value!r}.")
+    return repr(value)
+
 
 _NUM_SAVED = 4  # the most tensors a strategy saves for its backward (the head-frame q, k, v, out)
 
@@ -82,19 +100,16 @@ class StaticCall:
     options: dict[str, Any]
 
     def encode(self) -> str:
-        """The call as canonical JSON (sorted keys): equal calls give equal strings."""
-        try:
-            return json.dumps(dataclasses.asdict(self), sort_keys=True)
-        except TypeError as error:
-            raise ValueError(f"{self.strategy} under torch.compile takes plain option values: {error}.") from None
+        """The call as a Python literal with sorted keys: equal calls give equal strings.
+
+        Written with ``repr`` and f-strings, which ``torch.compile`` traces as constants (``json`` it does not).
+        """
+        return _literal({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     @classmethod
     def decode(cls, text: str) -> StaticCall:
         """The inverse of :meth:`encode`."""
-        fields = json.loads(text)
-        window = fields["common"].get("window")
-        fields["common"]["window"] = None if window is None else tuple(window)
-        return cls(**fields)
+        return cls(**ast.literal_eval(text))
 
     def resolve(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None, *, checks: bool
@@ -245,7 +260,7 @@ def attention(
         ulysses_size=cp_group.ulysses_size,
         layout=cp_group.layout,
         common=static,
-        options=dataclasses.asdict(options),
+        options={name: getattr(options, name) for name in strategy.option_names},
     )
     out, *_ = _attention_op(q, k, v, common.document_ids, spec.encode())
     return out

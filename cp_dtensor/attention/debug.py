@@ -141,7 +141,7 @@ def check_call(
     """
     check_group(cp_group)
     args = {f.name: getattr(common, f.name) for f in dataclasses.fields(common) if f.name != "validate"}
-    args.update(dataclasses.asdict(options))
+    args.update(vars(options))
     # the effective switch is compared: its env var may differ per rank
     args["debug_check"] = enabled(args["debug_check"], DEBUG_CHECK_ENV)
     if not enabled(common.validate, VALIDATE_ENV) or cp_group.size == 1:

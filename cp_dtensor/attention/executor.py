@@ -78,7 +78,7 @@ def execute(
         ValueError: As :func:`cp_dtensor.ring_attention`, or a keyword the strategy does not take.
     """
     strategy = registered(name)
-    common, options = split_options(name, strategy.Options, kwargs)
+    common, options = split_options(name, strategy.Options, strategy.option_names, kwargs)
     if torch.compiler.is_compiling():  # one opaque node per call: see Note [Attention as a custom op]
         return compiled.attention(strategy, q, k, v, cp_group, common, options)
     check_call(strategy.function, cp_group, q, k, v, common, options)

@@ -14,6 +14,7 @@ that one field.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -46,6 +47,8 @@ class Strategy:
     name: ClassVar[str]
     function: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    option_names: ClassVar[tuple[str, ...]] = ()
+    """The field names of :attr:`Options`, set by :func:`register`."""
 
     def plan(self, call: AttentionCall) -> Any:
         """Everything the forward and backward need besides the tensors, from the resolved call.
@@ -94,6 +97,7 @@ _REGISTRY: dict[str, Strategy] = {}
 def register(strategy: Strategy) -> Strategy:
     """Make ``strategy`` findable by its name, and return it: each strategy module ends with one such line."""
     assert strategy.name not in _REGISTRY, f"strategy {strategy.name!r} registered twice"
+    type(strategy).option_names = tuple(f.name for f in dataclasses.fields(strategy.Options))
     _REGISTRY[strategy.name] = strategy
     return strategy
 

@@ -224,7 +224,6 @@ class TransformerWithCP(nn.Module):
         if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"loss_chunk_size must be None or a positive integer, got {config.loss_chunk_size!r}.")
 
-    @torch.no_grad()
     def tp_plan(self, tp_size: int) -> dict[str, ParallelStyle]:
         """This model's tensor-parallel plan (:func:`~cp_dtensor.parallelize_for_tp` calls it).
 
@@ -245,6 +244,7 @@ class TransformerWithCP(nn.Module):
             "lm_head": ColwiseParallel(output_layouts=Replicate()),  # whole logits for the loss
         }
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, ``init_std``) weights; residual output projections scaled by ``1/sqrt(2 * layers)``."""
         std = self.config.init_std
