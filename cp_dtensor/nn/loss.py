@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
@@ -123,16 +123,27 @@ def labels_from_local_ids(
 class ShardedLoss:
     """The loss of one step and the counts behind it, the same on every rank.
 
+    The counts stay a tensor until read, so that a compiled model returns this without a host sync
+    (``torch.compile(fullgraph=True)`` of a model with its loss).
+
     Attributes:
         loss: Scalar mean cross entropy over the global batch; backward gives this rank's share
             of the gradient (see Note [Loss across shards]).
-        num_tokens: Supervised tokens in the global batch (``N``).
-        num_correct: Of those, how many the argmax of the logits predicts.
+        counts: ``(2,)`` float64: supervised tokens and correct predictions in the global batch.
     """
 
     loss: torch.Tensor
-    num_tokens: int
-    num_correct: int
+    counts: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """Supervised tokens in the global batch (``N``)."""
+        return int(self.counts[0])
+
+    @property
+    def num_correct(self) -> int:
+        """Of those, how many the argmax of the logits predicts."""
+        return int(self.counts[1])
 
     @property
     def accuracy(self) -> float:
@@ -176,9 +187,10 @@ def global_mean_loss(
         The :class:`ShardedLoss`; ``loss`` equals the single-device loss on the global batch.
     """
     stats = torch.stack([local_sum.detach().double(), num_valid.double(), num_correct.double()])
-    dist.all_reduce(stats, group=cp_group.replica_group)  # see Note [Loss across shards]
-    global_sum, num_tokens, total_correct = stats.tolist()
-    denom = max(num_tokens, 1.0)
-    share = local_sum / denom
-    loss = (share - share.detach()) + global_sum / denom  # value: the global loss; gradient: our share
-    return ShardedLoss(loss=loss, num_tokens=int(num_tokens), num_correct=int(total_correct))
+    # A functional all-reduce and no .item(): the loss stays traceable by torch.compile (fullgraph).
+    stats = funcol.all_reduce(stats, "sum", cp_group.replica_group)  # see Note [Loss across shards]
+    denom = stats[1].clamp(min=1.0)
+    share = local_sum / denom.to(local_sum.dtype)
+    global_mean = (stats[0] / denom).to(local_sum.dtype)
+    loss = (share - share.detach()) + global_mean  # value: the global loss; gradient: our share
+    return ShardedLoss(loss=loss, counts=stats[1:])
