@@ -11,10 +11,10 @@ import ast
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"cp_dtensor": REPO / "cp_dtensor", "cp_dtensor.reference": REPO / "reference"}

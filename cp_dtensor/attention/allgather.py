@@ -38,7 +38,7 @@ from cp_dtensor.local.block_loop import backward_blocks, forward_blocks
 from cp_dtensor.local.kernels import accum_dtype
 from cp_dtensor.positions.layout import Run
 from cp_dtensor.positions.masks import MaskSpec
-from cp_dtensor.positions.tiles import Call
+from cp_dtensor.positions.tiles import KernelCall
 
 if TYPE_CHECKING:
     from cp_dtensor.attention.call import AttentionCall
@@ -56,7 +56,7 @@ class _GatherPlan:
     kv_heads_per_gather: int
     mask: MaskSpec | None = None
 
-    def calls(self) -> list[Call]:
+    def calls(self) -> list[KernelCall]:
         """The kernel calls of the local queries against the gathered K/V (a ring of one rank plans them)."""
         one_rank = RingPlan.one_rank(self.q_runs, self.kv_runs, causal=self.causal, scale=self.scale, mask=self.mask)
         return one_rank.calls(0)

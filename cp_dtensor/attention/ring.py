@@ -56,7 +56,7 @@ from cp_dtensor.local.block_loop import backward_blocks, forward_blocks
 from cp_dtensor.local.kernels import accum_dtype
 from cp_dtensor.positions.layout import Run, shard_runs
 from cp_dtensor.positions.masks import MaskSpec, window_hides_block
-from cp_dtensor.positions.tiles import Call, TilePlanner, tile_planner
+from cp_dtensor.positions.tiles import KernelCall, TilePlanner, tile_planner
 
 if TYPE_CHECKING:
     from cp_dtensor.attention.call import AttentionCall
@@ -100,7 +100,7 @@ class RingPlan:
             group=None, rank=0, size=1, q_runs=q_runs, kv_runs=lambda _: kv_runs, causal=causal, scale=scale, mask=mask
         )
 
-    def calls(self, step: int) -> list[Call]:
+    def calls(self, step: int) -> list[KernelCall]:
         """The kernel calls of ``step`` (local queries against the block of rank ``rank - step``) with their masks.
 
         Planned once per call by the mask's :class:`~cp_dtensor.positions.tiles.TilePlanner`, which the

@@ -16,7 +16,7 @@ from torch.profiler import record_function
 
 from cp_dtensor.local.kernels import block_backward, block_forward
 from cp_dtensor.local.merge import merge_into
-from cp_dtensor.positions.tiles import Call
+from cp_dtensor.positions.tiles import KernelCall
 
 __all__ = ["forward_blocks", "backward_blocks"]
 
@@ -25,7 +25,7 @@ def forward_blocks(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    calls: list[Call],
+    calls: list[KernelCall],
     scale: float,
     out: torch.Tensor,
     lse: torch.Tensor,
@@ -62,7 +62,7 @@ def backward_blocks(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    calls: list[Call],
+    calls: list[KernelCall],
     scale: float,
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> None:

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 from cp_dtensor.arguments import check_int, check_positive_int
+from cp_dtensor.mesh.sharding import check_sequence_dtensor
 from cp_dtensor.positions.layout import (
     Layout,
     Run,
@@ -306,14 +308,10 @@ class ContextParallelGroup:
         """
         seq_dim = _check_seq_dim(x_local, seq_dim)
         if isinstance(x_local, DTensor):
-            from cp_dtensor.mesh.sharding import check_sequence_dtensor
-
             check_sequence_dtensor(x_local, self, seq_dim)
             return x_local.full_tensor()
         if self.size == 1:
             return x_local
-        import torch.distributed._functional_collectives as funcol
-
         # all_gather_tensor_autograd is deprecated (a warning per call) in favour of the newer name
         gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
         stacked = gather(x_local.movedim(seq_dim, 0).contiguous(), 0, self.process_group)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -38,6 +39,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from cp_dtensor.comm.collectives import relayout
 from cp_dtensor.comm.counter import record_comm
 from cp_dtensor.positions.layout import check_seq_len
+
+if TYPE_CHECKING:
+    from cp_dtensor.mesh.group import ContextParallelGroup
 
 __all__ = [
     "SequenceDTensor",
@@ -58,12 +62,12 @@ class SequenceDTensor:
         seq_len: The global sequence length.
     """
 
-    cp_group: object
+    cp_group: ContextParallelGroup
     seq_dim: int
     seq_len: int
 
 
-def check_sequence_dtensor(t: DTensor, cp_group, seq_dim: int) -> int:
+def check_sequence_dtensor(t: DTensor, cp_group: ContextParallelGroup, seq_dim: int) -> int:
     """Raise ``ValueError`` unless ``t`` is ``Shard(seq_dim)`` on ``cp_group.cp_mesh``; return ``seq_dim`` >= 0."""
     seq_dim = seq_dim % t.dim()
     placements = tuple(t.placements)
@@ -77,7 +81,9 @@ def check_sequence_dtensor(t: DTensor, cp_group, seq_dim: int) -> int:
     return seq_dim
 
 
-def to_local_checked(tensors: Sequence[torch.Tensor], cp_group, seq_dim: int):
+def to_local_checked(
+    tensors: Sequence[torch.Tensor], cp_group: ContextParallelGroup, seq_dim: int
+) -> tuple[list[torch.Tensor], SequenceDTensor | None]:
     """Local shards of ``tensors`` in ``cp_group``'s layout; DTensors must be ``Shard(seq_dim)`` on the cp mesh.
 
     A DTensor's local shard is a contiguous chunk of the natural-order sequence; unless the group's
@@ -137,7 +143,7 @@ def from_local_like(out: torch.Tensor, like: SequenceDTensor | None) -> torch.Te
     return DTensor.from_local(out, group.cp_mesh, [Shard(like.seq_dim)], run_check=False)
 
 
-def global_document_ids(document_ids, cp_group):
+def global_document_ids(document_ids: torch.Tensor | None, cp_group: ContextParallelGroup) -> torch.Tensor | None:
     """``document_ids`` as :func:`~cp_dtensor.attention.call.mask_spec` takes them: a DTensor becomes its ``(B, L)``.
 
     A DTensor of ids is ``Shard(1)`` (natural order, gathered once: ``B * L`` integers, counted as

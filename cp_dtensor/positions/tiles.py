@@ -47,9 +47,9 @@ from cp_dtensor.positions.blocks import Block, plan_blocks
 from cp_dtensor.positions.layout import Run
 from cp_dtensor.positions.masks import MaskSpec, positions, window_hides_block
 
-__all__ = ["Call", "TilePlanner", "refine_block", "tile_edges", "tile_planner"]
+__all__ = ["KernelCall", "TilePlanner", "refine_block", "tile_edges", "tile_planner"]
 
-Call = tuple[Block, "torch.Tensor | None"]  # a kernel call and its mask (None: all visible)
+KernelCall = tuple[Block, "torch.Tensor | None"]  # a kernel call and its mask (None: all visible)
 
 
 def _groups(flags: list[int], split_at: int | None = None) -> list[tuple[int, int]]:
@@ -190,7 +190,7 @@ class TilePlanner:
     def __init__(self, mask: MaskSpec | None) -> None:
         self.mask = mask
         self._ids = None if mask is None or mask.document_ids is None else mask.document_ids.clone()
-        self._calls: dict[tuple, list[Call]] = {}
+        self._calls: dict[tuple, list[KernelCall]] = {}
 
     def matches(self, mask: MaskSpec | None) -> bool:
         """True when ``mask`` hides exactly the pairs this planner's mask hides (compared by content)."""
@@ -204,7 +204,7 @@ class TilePlanner:
             return self._ids is None and ids is None
         return self._ids.shape == ids.shape and self._ids.dtype == ids.dtype and torch.equal(self._ids, ids)
 
-    def calls(self, q_runs: list[Run], kv_runs: list[Run], causal: bool) -> list[Call]:
+    def calls(self, q_runs: list[Run], kv_runs: list[Run], causal: bool) -> list[KernelCall]:
         """The kernel calls of local queries at ``q_runs`` against a K/V block at ``kv_runs``.
 
         Args:
@@ -221,7 +221,7 @@ class TilePlanner:
             self._calls[key] = self._plan(q_runs, kv_runs, causal)
         return self._calls[key]
 
-    def _plan(self, q_runs: list[Run], kv_runs: list[Run], causal: bool) -> list[Call]:
+    def _plan(self, q_runs: list[Run], kv_runs: list[Run], causal: bool) -> list[KernelCall]:
         blocks = plan_blocks(q_runs, kv_runs, causal)
         mask = self.mask
         if mask is None or mask.only_causal:
