@@ -191,9 +191,5 @@ class AllGatherKV(Strategy):
         """``(dq, dk, dv)``: see :meth:`Strategy.backward <cp_dtensor.attention.registry.Strategy.backward>`."""
         return allgather_backward(dout, q, k, v, out, lse, plan)
 
-    def fake(self, q, k, v, cp_group, options):
-        """Empty ``(lse, saved)``: see :meth:`Strategy.fake <cp_dtensor.attention.registry.Strategy.fake>`."""
-        return q.new_empty(q.shape[:3], dtype=accum_dtype(q.dtype)), ()
-
 
 ALLGATHER = register(AllGatherKV())

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from cp_dtensor.local.kernels import accum_dtype
+
 if TYPE_CHECKING:
     from cp_dtensor.attention.call import AttentionCall
     from cp_dtensor.mesh.group import ContextParallelGroup
@@ -86,9 +88,10 @@ class Strategy:
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """``(lse, saved)`` as empty tensors of the forward's shapes, for the compiler.
 
-        From shapes and sizes alone: no planning, no communication; shapes may be symbolic.
+        From shapes and sizes alone: no planning, no communication; shapes may be symbolic. This
+        default serves strategies whose queries stay in place (``lse`` ``(B, H, S)``, nothing saved).
         """
-        raise NotImplementedError
+        return q.new_empty(q.shape[:3], dtype=accum_dtype(q.dtype)), ()
 
 
 _REGISTRY: dict[str, Strategy] = {}
