@@ -49,7 +49,8 @@ def ring_attention(
         v: Local values, same shape as ``k``.
         cp_group: The group from :func:`~cp_dtensor.init_context_parallel_group`.
         **kwargs: ``causal``, ``scale``, ``document_ids``, ``window``, ``seq_len``, ``validate``,
-            ``debug_check``: see :class:`~cp_dtensor.attention.call.AttentionOptions`.
+            ``debug_check``: see :class:`~cp_dtensor.attention.call.AttentionOptions`; and the ring's
+            own ``batched_p2p`` (:class:`~cp_dtensor.attention.ring.RingOptions`).
 
     Returns:
         The local output ``(B, H, S_local, D)`` in ``q``'s dtype (a DTensor if ``q`` was one).
@@ -78,7 +79,7 @@ def ulysses_attention(
         k: Local keys ``(B, H_kv, S_local, D)``.
         v: Local values, same shape as ``k``.
         cp_group: The group from :func:`~cp_dtensor.init_context_parallel_group`, any layout.
-        **kwargs: As :func:`ring_attention`.
+        **kwargs: The common ones of :func:`ring_attention`.
 
     Returns:
         The local output ``(B, H, S_local, D)``, as :func:`ring_attention`.
@@ -101,7 +102,7 @@ def allgather_kv_attention(
         k: Local keys ``(B, H_kv, S_local, D)``; gathered un-expanded.
         v: Local values, same shape as ``k``.
         cp_group: The group from :func:`~cp_dtensor.init_context_parallel_group`, any layout.
-        **kwargs: As :func:`ring_attention`, and ``kv_heads_per_gather``
+        **kwargs: The common ones of :func:`ring_attention`, and ``kv_heads_per_gather``
             (:class:`~cp_dtensor.attention.allgather.AllGatherOptions`).
 
     Returns:
@@ -126,7 +127,7 @@ def hybrid_attention(
         k: Local keys ``(B, H_kv, S_local, D)``.
         v: Local values, same shape as ``k``.
         cp_group: A group built with ``init_context_parallel_group(cp_size, ulysses_size=u)``.
-        **kwargs: As :func:`ring_attention`.
+        **kwargs: The common ones of :func:`ring_attention`.
 
     Returns:
         The local output ``(B, H, S_local, D)``, as :func:`ring_attention`.

@@ -43,6 +43,7 @@ global sequence length, ``S = L / P`` local sequence length, ``D`` head dim, ``P
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
     from cp_dtensor.attention.call import AttentionCall
     from cp_dtensor.mesh.group import ContextParallelGroup
 
-__all__ = ["RING", "Ring", "RingPlan", "make_plan", "ring_backward", "ring_forward"]
+__all__ = ["RING", "Ring", "RingOptions", "RingPlan", "make_plan", "ring_backward", "ring_forward"]
 
 
 @dataclass
@@ -79,6 +80,8 @@ class RingPlan:
         causal: Causal masking on global positions.
         scale: Softmax scale.
         mask: Windows, documents and padding (see :mod:`cp_dtensor.positions.masks`); ``None`` for none.
+        batched: Post each rotation as one ``batch_isend_irecv`` (``True``) or lone ``isend``/``irecv``
+            (``False``); ``None`` decides by backend (Note [Point-to-point on NCCL] in :mod:`cp_dtensor.comm.p2p`).
     """
 
     group: dist.ProcessGroup | None
@@ -89,6 +92,7 @@ class RingPlan:
     causal: bool
     scale: float
     mask: MaskSpec | None = None
+    batched: bool | None = None
     _planner: TilePlanner | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -142,7 +146,7 @@ def ring_forward(
         ``(out, lse)``: ``out`` ``(B, H, S, D)`` in ``q``'s dtype and ``lse`` ``(B, H, S)`` in fp32
         (fp64 for fp64 inputs).
     """
-    comm = RingAttentionCommunicator(plan.group, "ring_send")
+    comm = RingAttentionCommunicator(plan.group, "ring_send", batched=plan.batched)
     acc = accum_dtype(q.dtype)  # fp32, or fp64 for fp64 inputs
     out = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, S, D)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)  # (B, H, S)
@@ -181,8 +185,8 @@ def ring_backward(
     Returns:
         ``(dq, dk, dv)`` in the dtypes of ``q``, ``k``, ``v``.
     """
-    kv_comm = RingAttentionCommunicator(plan.group, "ring_send")
-    grad_comm = RingAttentionCommunicator(plan.group, "ring_send_grad")
+    kv_comm = RingAttentionCommunicator(plan.group, "ring_send", batched=plan.batched)
+    grad_comm = RingAttentionCommunicator(plan.group, "ring_send_grad", batched=plan.batched)
     dout = dout.contiguous()
     acc = accum_dtype(q.dtype)  # fp32, or fp64 for fp64 inputs
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, S, D), stays home
@@ -229,15 +233,34 @@ def make_plan(
     )
 
 
+@dataclass(frozen=True)
+class RingOptions:
+    """The ring's own keyword arguments.
+
+    Attributes:
+        batched_p2p: Post each rotation's sends and receives as one ``batch_isend_irecv`` (``True``)
+            or as lone ``isend``/``irecv`` (``False``). ``None`` (default): by backend, grouped on
+            NCCL and lone on gloo (Note [Point-to-point on NCCL] in :mod:`cp_dtensor.comm.p2p`).
+            Every rank must pass the same value.
+    """
+
+    batched_p2p: bool | None = None
+
+
 class Ring(Strategy):
     """Ring attention as a :class:`~cp_dtensor.attention.registry.Strategy`: K/V blocks travel, queries stay."""
 
     name = "ring"
     function = "ring_attention"
+    Options = RingOptions
 
     def plan(self, call: AttentionCall) -> RingPlan:
         """The plan of ``call``: see :meth:`Strategy.plan <cp_dtensor.attention.registry.Strategy.plan>`."""
-        return make_plan(call.cp_group, call.q.shape[2], call.causal, call.scale, call.mask)
+        batched = call.options.batched_p2p
+        if batched is not None and not isinstance(batched, bool):
+            raise ValueError(f"batched_p2p must be None, True or False, got {batched!r}.")
+        plan = make_plan(call.cp_group, call.q.shape[2], call.causal, call.scale, call.mask)
+        return dataclasses.replace(plan, batched=batched)
 
     def forward(self, q, k, v, plan):
         """``(out, lse, saved)``: see :meth:`Strategy.forward <cp_dtensor.attention.registry.Strategy.forward>`."""
