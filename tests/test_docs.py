@@ -569,7 +569,7 @@ def test_the_build_fails_on_a_broken_link_and_on_a_docstring_warning(tmp_path: P
         _copy_project(root)
     page = link / "docs" / "index.md"
     page.write_text(page.read_text() + "\n[a broken link](no-such-page.md)\n")
-    module = doc / "cp_dtensor" / "layout.py"
+    module = doc / "cp_dtensor" / "positions" / "layout.py"
     # an Args entry for a parameter the function does not have: griffe warns
     entry = r"\1Args:\n\1    no_such_argument: Documented but absent.\n"
     module.write_text(re.sub(r"(?m)^( *)Args:\n", entry, module.read_text(), count=1))
