@@ -50,7 +50,9 @@ def test_a_task_that_leaks_module_state_fails():
     import cp_dtensor.positions.masks
 
     assert mp_pool.run_on_ranks(1, restores_the_default_tile) == [3]
-    with pytest.raises(RuntimeError, match=r"changed global state.*cp_dtensor\.positions\.masks\.DEFAULT_TILE.*\(256, 3\)"):
+    with pytest.raises(
+        RuntimeError, match=r"changed global state.*cp_dtensor\.positions\.masks\.DEFAULT_TILE.*\(256, 3\)"
+    ):
         mp_pool.run_on_ranks(1, leaks_the_default_tile)
     assert cp_dtensor.positions.masks.DEFAULT_TILE == 256  # (this process was never touched)
 

@@ -89,10 +89,20 @@ def _destroy_default_process_group() -> None:
 
 
 # Every live group, by key: compiled attention names its group by key (Note [Attention as a custom op]
-# in cp_dtensor.attention.compiled). Weak values: a group nobody holds is dropped, so the registry
-# stays as small as the set of groups in use; the counter keeps keys unique for the process's life.
-_GROUPS: weakref.WeakValueDictionary[str, ContextParallelGroup] = weakref.WeakValueDictionary()
+# in cp_dtensor.attention.compiled). A key names a group and the copies with_layout makes of it (same
+# meshes); each is held weakly, so a key lives as long as any of them and the registry stays as small
+# as the set of groups in use. The counter keeps keys unique for the process's life.
+_GROUPS: dict[str, list[weakref.ref[ContextParallelGroup]]] = {}
 _NEXT_KEY = itertools.count()
+
+
+def _register(group: ContextParallelGroup) -> None:
+    """Hold ``group`` weakly under its key, and forget the groups that are gone (and keys with none left)."""
+    for key in list(_GROUPS):
+        _GROUPS[key] = [ref for ref in _GROUPS[key] if ref() is not None]
+        if not _GROUPS[key]:
+            del _GROUPS[key]
+    _GROUPS.setdefault(group.key, []).append(weakref.ref(group))
 
 
 @dataclass
@@ -124,7 +134,7 @@ class ContextParallelGroup:
     def __post_init__(self) -> None:
         if not self.key:
             self.key = f"cp_group_{next(_NEXT_KEY)}"
-            _GROUPS[self.key] = self
+            _register(self)
             # Slice the sub-meshes now: torch.compile cannot enter a cached_property's lock (Python 3.11).
             self.cp_mesh, self.dp_mesh  # noqa: B018
 
@@ -135,7 +145,7 @@ class ContextParallelGroup:
         Raises:
             ValueError: No live group has ``key`` (the group was garbage-collected, or made in another process).
         """
-        group = _GROUPS.get(key)
+        group = next((g for ref in _GROUPS.get(key, []) if (g := ref()) is not None), None)
         if group is None:
             raise ValueError(
                 f"No live ContextParallelGroup has key {key!r}: keep the group that a compiled model was traced "
@@ -157,6 +167,7 @@ class ContextParallelGroup:
         for name in ("cp_mesh", "dp_mesh"):  # sliced sub-meshes carry over (slicing is not free)
             if name in self.__dict__:
                 new.__dict__[name] = self.__dict__[name]
+        _register(new)  # the key lives as long as any copy does
         return new
 
     @functools.cached_property
