@@ -9,6 +9,10 @@ parallelism, checkpoints and the estimators. The demo model and job live in
 ``ARCHITECTURE.md``.
 """
 
+# First: an ImportError naming the torch version needed, before any module can fail on an old torch.
+from cp_dtensor import _torch_version  # noqa: F401
+
+# isort: split
 from cp_dtensor.attention.api import (
     STRATEGIES,
     allgather_kv_attention,
