@@ -1,14 +1,19 @@
-"""The package a user installs.
+"""The package a user installs: its torch floor and the wheel built from this tree.
 
 * ``test_torch_version_*``: ``import cp_dtensor`` refuses a torch older than the tested one, naming it;
   ``test_torch_floor_is_one_number``: pyproject.toml, README.md and the check agree on that floor.
+* ``test_wheel_*``: the wheel built from this tree has one top-level name, ``cp_dtensor`` (the oracle
+  as ``cp_dtensor.reference``), every package folder of the tree, the ``py.typed`` marker and the
+  license.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,9 @@ import pytest
 from cp_dtensor._torch_version import MIN_TORCH, check_torch_version
 
 REPO = Path(__file__).resolve().parents[1]
+# Not copied to the build: what .gitignore ignores (a stale build/lib would leak removed modules
+# into the wheel) and the git directory.
+NOT_SOURCE = (".git", ".venv", "build", "dist", "site", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis")
 
 
 @pytest.mark.parametrize("version", ["2.13.0", "2.13.0+cpu", "2.13.0a0+git1234", "2.14.1", "3.0.0"])
@@ -44,3 +52,40 @@ def test_torch_floor_is_one_number() -> None:
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert f"torch>={floor}" in dependencies
     assert f"needs torch >= {floor}" in (REPO / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel ``pip wheel .`` builds from a clean copy of this tree (build backend of this venv)."""
+    src, out = tmp_path_factory.mktemp("src") / "cp_dtensor", tmp_path_factory.mktemp("dist")
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(*NOT_SOURCE))
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"pip wheel failed:\n{proc.stdout}\n{proc.stderr}"
+    (path,) = out.glob("*.whl")
+    return path
+
+
+def source_packages() -> set[str]:
+    """Every package folder of the tree, by its installed name: ``cp_dtensor.*`` and ``reference``."""
+    names = set()
+    for top, installed_as in (("cp_dtensor", "cp_dtensor"), ("reference", "cp_dtensor/reference")):
+        for init in (REPO / top).rglob("__init__.py"):
+            names.add(str(Path(installed_as) / init.parent.relative_to(REPO / top)).removesuffix("/."))
+    return names
+
+
+def test_wheel_has_one_top_level_name(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert tops == {"cp_dtensor", wheel.name.split("-py")[0] + ".dist-info"}, sorted(tops)
+    top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["cp_dtensor"]
+
+
+def test_wheel_ships_every_package_the_typing_marker_and_the_license(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {name.removesuffix("/__init__.py") for name in names if name.endswith("/__init__.py")}
+    assert packages == source_packages(), "pyproject.toml's packages list and the folders differ"
+    assert "cp_dtensor/py.typed" in names
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
