@@ -210,8 +210,9 @@ def output_matches(shown: str, printed: str) -> bool:
     return doctest.OutputChecker().check_output(norm(shown), norm(printed), doctest.ELLIPSIS)
 
 
-def run_page(page: Path, cwd: Path) -> tuple[list[Step], dict]:
-    """Run a page's blocks in a fresh interpreter in ``cwd``, with no repository file importable.
+def run_page(page: Path, cwd: Path, python: str = sys.executable) -> tuple[list[Step], dict]:
+    """Run a page's blocks in a fresh interpreter (``python``, default this one's) in ``cwd``, with no
+    repository file importable.
 
     ``python -P`` keeps the runner's own directory off ``sys.path`` and ``PYTHONPATH`` is dropped, so the
     blocks see what ``pip install`` installed (``cp_dtensor``, ``reference``), not ``bench/``, ``tests/``
@@ -225,7 +226,7 @@ def run_page(page: Path, cwd: Path) -> tuple[list[Step], dict]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["MPLBACKEND"] = "Agg"
     proc = subprocess.run(
-        [sys.executable, "-P", str(RUN_PAGE), "blocks.json", "result.json"],
+        [python, "-P", str(RUN_PAGE), "blocks.json", "result.json"],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -236,10 +237,10 @@ def run_page(page: Path, cwd: Path) -> tuple[list[Step], dict]:
     return steps, json.loads((cwd / "result.json").read_text())
 
 
-def page_problems(page: Path, cwd: Path) -> list[str]:
-    """Why a page's blocks fail as a reader would run them: a raised error, a printing block without its
-    Output block, or an Output block that does not match what the block printed."""
-    steps, result = run_page(page, cwd)
+def page_problems(page: Path, cwd: Path, python: str = sys.executable) -> list[str]:
+    """Why a page's blocks fail as a reader would run them (with ``python``): a raised error, a printing
+    block without its Output block, or an Output block that does not match what the block printed."""
+    steps, result = run_page(page, cwd, python)
     problems = []
     for step, printed in zip(steps, result["outputs"]):
         where = f"{page.name}:{step.block.first_line}"

@@ -1,14 +1,22 @@
-"""The package a user installs: its torch floor and the wheel built from this tree.
+"""The package a user installs: the wheel, installed (not editable) into a fresh environment, works alone.
 
 * ``test_torch_version_*``: ``import cp_dtensor`` refuses a torch older than the tested one, naming it;
   ``test_torch_floor_is_one_number``: pyproject.toml, README.md and the check agree on that floor.
 * ``test_wheel_*``: the wheel built from this tree has one top-level name, ``cp_dtensor`` (the oracle
   as ``cp_dtensor.reference``), every package folder of the tree, the ``py.typed`` marker and the
   license.
+* ``test_installed_*``: the wheel is ``pip install``-ed into a fresh venv, which sees torch (and its
+  dependencies) through a ``.pth`` line naming this environment's site-packages, and nothing of the
+  repository. A path line of a ``.pth`` file adds the folder without running the ``.pth`` files in
+  it, so this environment's editable install stays off: ``import cp_dtensor`` finds the wheel's copy,
+  and the first test asserts it. Each command then runs with the venv's python from an empty folder:
+  the import, ring attention on 2 gloo ranks forward and backward (``tests/smoke_installed.py``),
+  ``cp-dtensor --help``, and one docs page through the page runner of ``tests/test_docs.py``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -17,10 +25,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from cp_dtensor._torch_version import MIN_TORCH, check_torch_version
 
 REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "tests" / "smoke_installed.py"
+DOCS_PAGE = REPO / "docs" / "ring.md"  # seconds to run; imports the oracle, cp_dtensor.reference
 # Not copied to the build: what .gitignore ignores (a stale build/lib would leak removed modules
 # into the wheel) and the git directory.
 NOT_SOURCE = (".git", ".venv", "build", "dist", "site", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis")
@@ -89,3 +100,60 @@ def test_wheel_ships_every_package_the_typing_marker_and_the_license(wheel: Path
     assert packages == source_packages(), "pyproject.toml's packages list and the folders differ"
     assert "cp_dtensor/py.typed" in names
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
+
+
+@pytest.fixture(scope="module")
+def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with the wheel installed and torch seen through a ``.pth`` line; its folder."""
+    root = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
+    python = root / "bin" / "python"
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # The folder pip put torch in, with its dependencies (numpy, sympy, ...); it is not processed
+    # as a site dir, so its .pth files (this repository's editable install) do not run.
+    (Path(purelib) / "torch_of_the_test_env.pth").write_text(str(Path(torch.__file__).parents[1]) + "\n")
+    install = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index"]
+    proc = subprocess.run([*install, str(wheel)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"pip install of the wheel failed:\n{proc.stdout}\n{proc.stderr}"
+    return root
+
+
+def run_installed(argv: list[str], cwd: Path, timeout: float = 180) -> str:
+    """Run ``argv`` in ``cwd`` (an empty folder) with no ``PYTHONPATH``; its output, or a failed test."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{argv} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_installed_package_is_the_wheel_not_the_tree(wheel: Path, venv: Path, tmp_path: Path) -> None:
+    code = (
+        "import importlib.metadata, cp_dtensor, cp_dtensor.reference, cp_dtensor.training\n"
+        "print(cp_dtensor.__file__, cp_dtensor.reference.__file__, importlib.metadata.version('cp-dtensor'))"
+    )
+    *files, version = run_installed([venv / "bin" / "python", "-c", code], tmp_path).split()
+    for file in files:
+        assert Path(file).is_relative_to(venv), f"{file} is not the installed wheel's (under {venv})"
+    assert wheel.name.startswith(f"cp_dtensor-{version}-")
+
+
+def test_installed_ring_attention_on_two_ranks(venv: Path, tmp_path: Path) -> None:
+    script = shutil.copy(SMOKE, tmp_path)  # run from the empty folder: sys.path[0] holds only the script
+    assert "matches one process" in run_installed([venv / "bin" / "python", script], tmp_path)
+
+
+def test_installed_cli_help(venv: Path, tmp_path: Path) -> None:
+    assert "estimate" in run_installed([venv / "bin" / "cp-dtensor", "--help"], tmp_path)
+
+
+def test_installed_docs_page_runs(venv: Path, tmp_path: Path) -> None:
+    from test_docs import page_problems
+
+    problems = page_problems(DOCS_PAGE, tmp_path, python=str(venv / "bin" / "python"))
+    assert not problems, "\n\n".join(problems)
