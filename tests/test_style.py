@@ -1,0 +1,23 @@
+"""The style checks: ``ruff check`` and ``ruff format --check`` over the tree, as pyproject.toml configures them.
+
+A test, so that the README's test command runs them too. ruff comes with the ``docs`` extra, pinned
+(its formatting moves between releases); the test fails, rather than skips, without it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("args", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"])
+def test_ruff(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ruff", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    if "No module named ruff" in proc.stderr:
+        pytest.fail('ruff is not installed: pip install -e ".[docs]" (it pins the version CI uses)')
+    assert proc.returncode == 0, f"ruff {' '.join(args)} (fix: ruff check --fix . && ruff format .):\n{proc.stdout}"
