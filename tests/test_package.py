@@ -12,6 +12,7 @@
   and the first test asserts it. Each command then runs with the venv's python from an empty folder:
   the import, ring attention on 2 gloo ranks forward and backward (``tests/smoke_installed.py``),
   ``cp-dtensor --help``, and one docs page through the page runner of ``tests/test_docs.py``.
+* ``test_changelog_starts_with_this_version``: CHANGELOG.md's newest entry is pyproject's version.
 """
 
 from __future__ import annotations
@@ -157,3 +158,10 @@ def test_installed_docs_page_runs(venv: Path, tmp_path: Path) -> None:
 
     problems = page_problems(DOCS_PAGE, tmp_path, python=str(venv / "bin" / "python"))
     assert not problems, "\n\n".join(problems)
+
+
+def test_changelog_starts_with_this_version() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    (first,) = re.findall(r"^## (\S+)", (REPO / "CHANGELOG.md").read_text(), re.M)[:1]
+    assert first == version, f"CHANGELOG.md starts with {first}, pyproject.toml says {version}"
