@@ -68,7 +68,8 @@ def test_torch_floor_is_one_number() -> None:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel ``pip wheel .`` builds from a clean copy of this tree (build backend of this venv)."""
+    """The wheel ``pip wheel .`` builds from a clean copy of this tree, with this venv's setuptools (no
+    download: torch 2.13 requires setuptools >= 77.0.3, what pyproject's build-system asks for)."""
     src, out = tmp_path_factory.mktemp("src") / "cp_dtensor", tmp_path_factory.mktemp("dist")
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(*NOT_SOURCE))
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)]
