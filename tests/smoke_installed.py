@@ -18,9 +18,9 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from cp_dtensor.reference import full_attention
 
 from cp_dtensor import init_context_parallel_group, ring_attention
+from cp_dtensor.reference import full_attention
 
 WORLD_SIZE = 2
 B, H, L, D = 1, 2, 64, 16  # batch, heads, tokens in the WHOLE sequence, head dim

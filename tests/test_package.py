@@ -71,7 +71,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel ``pip wheel .`` builds from a clean copy of this tree, with this venv's setuptools (no
     download: torch 2.13 requires setuptools >= 77.0.3, what pyproject's build-system asks for)."""
     src, out = tmp_path_factory.mktemp("src") / "cp_dtensor", tmp_path_factory.mktemp("dist")
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(*NOT_SOURCE))
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(*NOT_SOURCE))
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"pip wheel failed:\n{proc.stdout}\n{proc.stderr}"
