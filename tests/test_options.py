@@ -10,9 +10,9 @@ from __future__ import annotations
 import mp_pool
 import pytest
 import torch
-from cp_dtensor.reference import full_attention
 
 from cp_dtensor import context_parallel_attention, count_comm, ring_attention
+from cp_dtensor.reference import full_attention
 
 # fp64, the same kernels and merges as full attention up to summation order: ~1e-15; 1e-12 leaves room.
 TOL = 1e-12
