@@ -162,12 +162,40 @@ def cp_attention_forward(
     return out_BHSD.transpose(1, 2).contiguous(), None
 
 
-def _no_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> None:
+@functools.cache
+def _routes_attention(model_type: str | None) -> bool:
+    """Whether the transformers model of ``model_type`` calls its attention through ``AttentionInterface``.
+
+    transformers marks such models with ``_supports_attention_backend``; a model without it (Bloom,
+    MPT, ...) computes attention itself and would never call ours.
+    """
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    model_class = getattr(transformers, MODEL_MAPPING_NAMES.get(model_type, ""), None)
+    return bool(getattr(model_class, "_supports_attention_backend", False))
+
+
+def _no_mask(*args, attention_mask: torch.Tensor | None = None, config: Any = None, **kwargs) -> None:
     """The mask function registered with each name: the masks are made inside the strategy, on global positions.
 
+    transformers calls it when a model builds its masks, before any layer runs: the place to refuse a
+    model that would drop the mask and attend on its own shard alone.
+
     Raises:
-        ValueError: A 2-D padding ``attention_mask`` that hides a token (express padding as documents).
+        ValueError: The model does not route attention through ``AttentionInterface`` (it would compute
+            attention itself, without our masks or the other ranks' keys), or a 2-D padding
+            ``attention_mask`` hides a token (express padding as documents).
     """
+    model_type = getattr(config, "model_type", None)
+    if not _routes_attention(model_type):
+        raise ValueError(
+            f"The transformers model of type {model_type!r} does not call its attention through transformers' "
+            "AttentionInterface (its class lacks _supports_attention_backend), so a context-parallel "
+            "attn_implementation would never run: it would attend within each rank's shard, without the mask. "
+            "Use a model that does (Llama, Qwen2, Mistral, Gemma, ... build it with attn_implementation="
+            "'cp_ring'), or call F.scaled_dot_product_attention under cp_dtensor.integrations.context_parallel_sdpa."
+        )
     if attention_mask is not None and not bool(attention_mask.all()):
         _reject(
             "attention_mask",
