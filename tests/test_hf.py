@@ -104,6 +104,57 @@ def compare_task(family: str, cp_size: int, dp_size: int, packed: bool, strategi
 CASES = [(4, 1, ["ring", "ulysses", "allgather", "hybrid"]), (2, 2, ["ring", "ulysses", "allgather"])]
 
 
+def padded_task(packed: bool, strategy: str) -> tuple[float, float]:
+    """50 tokens (not a multiple of 2 * cp = 8) on 4 ranks with pad=True, against one process on the 50 tokens."""
+    import transformers
+
+    from cp_dtensor.integrations import causal_lm_loss, shard_batch
+    from cp_dtensor.integrations.transformers import register
+
+    register()
+    config = make_config("llama")
+    torch.manual_seed(0)
+    ref_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").double()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB, (1, 50), generator=gen)
+    pos = torch.cat([torch.arange(21), torch.arange(29)])[None] if packed else None
+    ref_loss, ref_grads = reference(ref_model, ids, pos)
+    model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=f"cp_{strategy}")
+    model = model.double()
+    model.load_state_dict(ref_model.state_dict())
+    g = group(4)
+    batch = shard_batch(ids, g, position_ids=pos, pad=True)
+    loss = causal_lm_loss(model(**batch.model_inputs()).logits, batch).loss
+    loss.backward()
+    grad_err = 0.0
+    for name, p in model.named_parameters():
+        dist.all_reduce(p.grad)  # sum over cp, as apply_ddp does
+        grad_err = max(grad_err, (p.grad - ref_grads[name]).abs().max().item())
+    return (loss.detach() - ref_loss).abs().item(), grad_err
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
+def test_a_length_that_does_not_split_is_padded_and_exact(packed, strategy):
+    for loss_err, grad_err in run_on_ranks(4, padded_task, packed, strategy):
+        assert loss_err < TOL and grad_err < TOL, (loss_err, grad_err)
+
+
+def unpadded_task() -> str:
+    from cp_dtensor.integrations import shard_batch
+
+    try:
+        shard_batch(torch.zeros(1, 50, dtype=torch.long), group(4))
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def test_a_length_that_does_not_split_names_pad_true():
+    for message in run_on_ranks(4, unpadded_task):
+        assert "seq_len=50" in message and "multiple of 8" in message and "pad=True" in message, message
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("cp_size,dp_size,strategies", CASES, ids=["cp4", "dp2xcp2"])

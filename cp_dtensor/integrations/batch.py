@@ -27,6 +27,7 @@ import torch.distributed as dist
 from cp_dtensor.mesh.group import ContextParallelGroup
 from cp_dtensor.nn.chunked_loss import DEFAULT_LOSS_CHUNK_SIZE, chunked_cross_entropy_across_shards
 from cp_dtensor.nn.loss import ShardedLoss, cross_entropy_across_shards, shift_labels
+from cp_dtensor.positions.layout import num_chunks, padded_length
 from cp_dtensor.positions.masks import document_ids_from_cu_seqlens
 
 __all__ = [
@@ -115,6 +116,28 @@ def _targets(
     return shift_labels(labels_BL, document_ids=document_ids, ignore_index=ignore_index)
 
 
+def _pad(
+    length: int,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    shift_labels: torch.Tensor,
+    document_ids: torch.Tensor | None,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's ``(B, L)`` tensors padded to ``(B, length)``; padding is document ``-1`` with no target."""
+    batch, seq_len = input_ids.shape
+    extra = length - seq_len
+    steps = torch.arange(1, extra + 1, device=position_ids.device)
+    if document_ids is None:
+        document_ids = torch.zeros_like(input_ids, dtype=torch.long)
+    return (
+        torch.cat([input_ids, input_ids.new_zeros(batch, extra)], dim=1),
+        torch.cat([position_ids, position_ids[:, -1:] + steps], dim=1),
+        torch.cat([shift_labels, shift_labels.new_full((batch, extra), ignore_index)], dim=1),
+        torch.cat([document_ids, document_ids.new_full((batch, extra), -1)], dim=1),
+    )
+
+
 def _check_rows(name: str, x: torch.Tensor | None, shape: torch.Size) -> None:
     if x is not None and (not isinstance(x, torch.Tensor) or x.shape != shape):
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -130,6 +153,7 @@ def shard_batch(
     position_ids: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    pad: bool = False,
 ) -> ShardedBatch:
     """Cut this dp rank's rows of whole sequences into this cp rank's shard.
 
@@ -147,6 +171,10 @@ def shard_batch(
         cu_seqlens: Packed documents as cumulative lengths ``[0, l_0, l_0 + l_1, ..., L]`` (one row,
             ``B = 1``); positions then restart at every document.
         ignore_index: Target value of tokens without a target.
+        pad: Append padding up to the next length the group's layout splits (a multiple of
+            ``2 * cp_size`` under zigzag): padded tokens get document id ``-1`` (never attended, never
+            attending), no target (``ignore_index``) and positions that continue the row's last one,
+            so the loss and every real token's output equal those of the unpadded batch.
 
     Returns:
         The :class:`ShardedBatch`.
@@ -154,8 +182,8 @@ def shard_batch(
     Raises:
         ValueError: ``input_ids`` is not ``(B, L)``; a tensor argument has another shape; both
             ``labels`` and ``shift_labels``, or both ``position_ids`` and ``cu_seqlens``, are given;
-            ``cu_seqlens`` with ``B > 1`` or not ending at ``L``; ``L`` does not split (the message
-            names the multiple).
+            ``cu_seqlens`` with ``B > 1`` or not ending at ``L``; ``L`` does not split and ``pad``
+            is off (the message names the multiple and ``pad=True``).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -185,6 +213,18 @@ def shard_batch(
             document_ids = None  # one document per row: the plain causal mask
     if shift_labels is None:
         shift_labels = _targets(input_ids, labels, document_ids, ignore_index)
+    padded = padded_length(seq_len, cp_group.size, cp_group.layout)
+    if padded != seq_len:
+        if not isinstance(pad, bool) or not pad:
+            raise ValueError(
+                f"input_ids has seq_len={seq_len}, which does not split over cp_size={cp_group.size} with the "
+                f"{cp_group.layout!r} layout (it needs a multiple of {num_chunks(cp_group.size, cp_group.layout)}); "
+                f"pass shard_batch(..., pad=True) to pad it to {padded} tokens (padding is never attended and "
+                "has no target)."
+            )
+        input_ids, position_ids, shift_labels, document_ids = _pad(
+            padded, input_ids, position_ids, shift_labels, document_ids, ignore_index
+        )
 
     def part(x: torch.Tensor) -> torch.Tensor:
         return cp_group.partition_sequence(x, seq_dim=1)
