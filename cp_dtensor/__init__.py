@@ -4,7 +4,8 @@ Shard a long sequence across the ranks of a ``DeviceMesh`` axis and compute exac
 whole sequence with ring attention (or the other strategies), forward and backward.
 
 The face of the library: the strategies, the group, the module and losses, data and gradient
-parallelism, checkpoints and the estimators. The demo model and job live in
+parallelism, the ``ContextParallel`` style for ``parallelize_module`` plans, checkpoints and the
+estimators. The demo model and job live in
 :mod:`cp_dtensor.training` (not imported here); the layers of the package are described in
 ``ARCHITECTURE.md``.
 """
@@ -26,6 +27,7 @@ from cp_dtensor.comm.counter import CommCounter, count_comm
 from cp_dtensor.comm.p2p import RingAttentionCommunicator
 from cp_dtensor.estimate.comm_model import CommVolume, comm_bytes
 from cp_dtensor.estimate.memory import estimate_context_parallel_memory_savings
+from cp_dtensor.integrations.parallel_style import ContextParallel
 from cp_dtensor.mesh.group import ContextParallelGroup, init_context_parallel_group
 from cp_dtensor.nn.chunked_loss import chunked_cross_entropy_across_shards, chunked_linear_cross_entropy
 from cp_dtensor.nn.loss import ShardedLoss, cross_entropy_across_shards, shift_labels
@@ -42,6 +44,7 @@ __all__ = [
     "STRATEGIES",
     "CommCounter",
     "CommVolume",
+    "ContextParallel",
     "ContextParallelAttention",
     "ContextParallelGroup",
     "DocumentZigzag",

@@ -8,6 +8,11 @@
 Their public names are also exported from :mod:`cp_dtensor`. This package imports none of its modules
 itself: :mod:`cp_dtensor.nn.loss` needs ``grad_sync``, while ``tensor_parallel`` needs the model, which
 needs the loss.
+
+Context parallelism as a ``ParallelStyle``, one entry of a ``parallelize_module`` plan beside the
+tensor-parallel styles, is :class:`cp_dtensor.ContextParallel`, in
+:mod:`cp_dtensor.integrations.parallel_style`: it routes attention through the SDPA mode and
+transformers' attention function, which live in that layer.
 """
 
 __all__ = ["checkpoint", "fsdp", "grad_sync", "tensor_parallel"]
