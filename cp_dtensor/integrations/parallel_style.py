@@ -83,7 +83,7 @@ from cp_dtensor.mesh.group import ContextParallelGroup
 from cp_dtensor.mesh.sharding import SequenceDTensor, from_local_like, to_local_checked
 from cp_dtensor.nn.module import ContextParallelAttention
 
-__all__ = ["CALL_KEYWORDS", "ContextParallel"]
+__all__ = ["CALL_KEYWORDS", "ContextParallel", "attention_kind"]
 
 CALL_KEYWORDS = ("cp_group", "cp_document_ids")
 """Keyword arguments of a parallelized module's call that the style takes off (see Note [ContextParallel in a plan])."""
@@ -160,7 +160,7 @@ class ContextParallel(ParallelStyle):
             module.cp_group, module.strategy = self.cp_group, self.strategy
         calls: list[_Call] = []  # one entry per call in progress, from the pre-hook to the hook
         module.register_forward_pre_hook(functools.partial(self._before, kind, calls), with_kwargs=True)
-        module.register_forward_hook(functools.partial(self._after, kind, calls), always_call=True)
+        module.register_forward_hook(functools.partial(self._after, calls), always_call=True)
         return module
 
     def _before(self, kind: str, calls: list, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -182,7 +182,7 @@ class ContextParallel(ParallelStyle):
             call.mode.__enter__()  # last: nothing after it can raise and leave the mode on
         return args, kwargs
 
-    def _after(self, kind: str, calls: list, module: nn.Module, args: tuple, output: Any) -> Any:
+    def _after(self, calls: list, module: nn.Module, args: tuple, output: Any) -> Any:
         """Leave the mode, restore the module's group, check an SDPA call was made, wrap outputs as the inputs were."""
         if not calls:  # an earlier pre-hook raised before ours ran
             return None
