@@ -448,7 +448,8 @@ def plot_results(report: dict, path) -> None:
 
     mib = 2**20
     cases = report["cases"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    # one panel per row: at most 7.4 inches wide, so that the page's column shows it at full size
+    fig, (left, right) = plt.subplots(2, 1, figsize=(7.2, 8.0))
     labels = [f"L={c['summary']['seq_len'] // 1024}K\nP={c['summary']['cp_size']}" for c in cases]
     xs = range(len(cases))
     measured = [c["summary"]["measured_peak_bytes"] / mib for c in cases]
@@ -456,11 +457,21 @@ def plot_results(report: dict, path) -> None:
     left.bar([x - 0.2 for x in xs], measured, width=0.4, label="measured (allocator events)", color="tab:blue")
     left.bar([x + 0.2 for x in xs], estimated, width=0.4, label="estimate", color="tab:orange")
     for x, m, e in zip(xs, measured, estimated):
-        left.annotate(f"{100 * (e / m - 1):+.1f}%", (x, max(m, e)), ha="center", va="bottom", fontsize=7)
+        error = round(100 * (e / m - 1), 1) + 0.0  # + 0.0: no "-0.0%"
+        left.annotate(
+            f"{error:+.1f}%",
+            (x, max(m, e)),
+            xytext=(0, 2),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    left.set_ylim(0, 1.12 * max(*measured, *estimated))  # room for the labels inside the axes
     left.set_xticks(list(xs), labels, fontsize=8)
     left.set_ylabel("peak memory per rank (MiB)")
     left.set_title("Per-rank peak: estimate vs measurement")
-    left.legend()
+    left.legend(loc="upper left", fontsize=8)
     for cp_size, color in zip(
         sorted({c["summary"]["cp_size"] for c in cases}), ("tab:blue", "tab:green", "tab:red", "tab:purple")
     ):
@@ -486,7 +497,7 @@ def plot_results(report: dict, path) -> None:
     right.set_xlabel("sequence length L (tokens)")
     right.set_ylabel("peak minus weights, grads, AdamW (MiB)")
     right.set_title("Activation peak per rank: linear in L / P")
-    right.legend(fontsize=7, ncol=2)
+    right.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)

@@ -68,7 +68,9 @@ def who_computes(trace, layout: str) -> torch.Tensor:
 
 def fig_masks_pairs(out: Path) -> None:
     cmap = matplotlib.colors.ListedColormap(["white", *RANK_COLORS[:P]])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
+    # 2 x 2, the legend in the fourth cell: at most 7.4 inches wide, shown at full size in the column
+    fig, grid = plt.subplots(2, 2, figsize=(7.2, 7.4))
+    axes = grid.flat
     for ax, (title, (layout, mask)) in zip(axes, cases().items()):
         owner = who_computes(run(layout, mask), layout)
         ax.imshow(owner + 1, cmap=cmap, vmin=0, vmax=P, interpolation="nearest")
@@ -76,15 +78,17 @@ def fig_masks_pairs(out: Path) -> None:
         ax.set_xlabel("key position")
         ax.set_ylabel("query position")
     handles = [plt.Rectangle((0, 0), 1, 1, color=RANK_COLORS[r]) for r in range(P)]
-    fig.legend(handles, [f"rank {r}" for r in range(P)], loc="center right", fontsize=9)
-    fig.suptitle("Who computes each visible (query, key) pair (white: hidden by the mask)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    grid[1, 1].axis("off")
+    grid[1, 1].legend(handles, [f"rank {r}" for r in range(P)], loc="center", fontsize=10, frameon=False)
+    fig.suptitle("Who computes each visible (query, key) pair\n(white: hidden by the mask)", fontsize=11)
+    fig.tight_layout()
     fig.savefig(out / "masks_pairs.png", **SAVE)
     plt.close(fig)
 
 
 def fig_masks_blocks(out: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    # one case per row: at most 7.4 inches wide, shown at full size in the column
+    fig, axes = plt.subplots(3, 1, figsize=(6.4, 8.4))
     kinds_seen = set()
     for ax, (title, (layout, mask)) in zip(axes, cases().items()):
         trace = run(layout, mask)
@@ -113,7 +117,7 @@ def fig_masks_blocks(out: Path) -> None:
     shown = [kind for kind in KIND_COLORS if kind in kinds_seen]
     handles = [plt.Rectangle((0, 0), 1, 1, color=KIND_COLORS[kind]) for kind in shown]
     fig.legend(handles, [labels[kind] for kind in shown], loc="lower center", ncol=len(shown), fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(out / "masks_blocks.png", **SAVE)
     plt.close(fig)
 

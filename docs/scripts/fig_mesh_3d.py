@@ -46,7 +46,7 @@ def draw_node(ax: plt.Axes, grid: torch.Tensor, dp_rank: int) -> None:
             rank = int(grid[dp_rank, cp_rank, tp_rank])
             cell = plt.Rectangle((tp_rank + 0.06, y + 0.1), 0.88, 0.8, color=TP_COLORS[tp_rank])
             ax.add_patch(cell)
-            ax.text(tp_rank + 0.5, y + 0.5, str(rank), ha="center", va="center", fontsize=10)
+            ax.text(tp_rank + 0.5, y + 0.5, str(rank), ha="center", va="center", fontsize=9)
     for tp_rank in range(TP):  # one column = one cp ring (stride TP), inside this node
         ring = FancyBboxPatch(
             (tp_rank + 0.02, 0.04),
@@ -73,25 +73,26 @@ def draw_node(ax: plt.Axes, grid: torch.Tensor, dp_rank: int) -> None:
 def fig_mesh_3d(out: Path) -> None:
     """Eight panels, one per node (= one dp replica): its cp rings and tp groups."""
     grid = rank_grid(DP, CP, TP)
-    fig, axes = plt.subplots(2, DP // 2, figsize=(9.5, 6.4))
+    # at most 7.4 inches wide: the page's column shows it at full size
+    fig, axes = plt.subplots(2, DP // 2, figsize=(7.4, 6.4))
     for dp_rank, ax in enumerate(axes.flat):
         draw_node(ax, grid, dp_rank)
     fig.suptitle(
         f"{DP * CP * TP} GPUs on {DP * CP * TP // GPUS_PER_NODE} nodes: {CP}-way CP x "
-        f'{TP}-way TP x {DP}-way DP, mesh ("dp", "cp", "tp") = ({DP}, {CP}, {TP})',
-        fontsize=12,
+        f'{TP}-way TP x {DP}-way DP,\nmesh ("dp", "cp", "tp") = ({DP}, {CP}, {TP})',
+        fontsize=11,
     )
     fig.text(
         0.5,
         0.005,
         "row: a tp group (2 consecutive ranks) splits the heads and MLP width\n"
-        "boxed column: a cp ring (4 ranks, stride 2) shares one sequence; both stay in the node\n"
-        "one colour: the 32 ranks (dp x cp) that hold the same weight shard and sum its gradient",
+        "boxed column: a cp ring (4 ranks, stride 2) shares one sequence;\nboth stay in the node\n"
+        "one colour: the 32 ranks (dp x cp) that hold the same weight shard\nand sum its gradient",
         ha="center",
         va="bottom",
         fontsize=9.5,
     )
-    fig.subplots_adjust(bottom=0.16, top=0.88, wspace=0.45, hspace=0.35)
+    fig.subplots_adjust(bottom=0.22, top=0.86, wspace=0.5, hspace=0.4)
     fig.savefig(out / "mesh_3d.png", **SAVE)
     plt.close(fig)
 

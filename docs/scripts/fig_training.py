@@ -45,15 +45,17 @@ def fig_training_curve(summary: dict, out: Path) -> None:
     """Loss and recall accuracy per step, then the held-out recall by where the queried pair sits."""
     curve = summary["curve"]
     steps = [c["step"] for c in curve]
-    fig, (ax_loss, ax_acc, ax_split) = plt.subplots(1, 3, figsize=(14, 3.8), width_ratios=(1, 1, 0.8))
+    # loss and accuracy above, the held-out split below: at most 7.4 inches wide, shown at full size
+    fig = plt.figure(figsize=(7.4, 7.2))
+    grid = fig.add_gridspec(2, 2, height_ratios=(1, 1.05))
+    ax_loss, ax_acc = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    ax_split = fig.add_subplot(grid[1, :])
 
     num_values = summary["config"]["num_values"]
     ax_loss.plot(steps, [c["loss"] for c in curve], color="C0", lw=1, label="train loss")
-    ax_loss.axhline(
-        math.log(num_values), color="gray", ls="--", lw=1, label=f"ln {num_values}: a uniform guess among the values"
-    )
+    ax_loss.axhline(math.log(num_values), color="gray", ls="--", lw=1, label=f"ln {num_values}: a uniform guess")
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss (mean over the answers of the global batch)")
+    ax_loss.set_ylabel("loss (mean over the global batch)")
     ax_loss.set_ylim(0, None)
     ax_loss.grid(True, alpha=0.3)
     ax_loss.legend(loc="upper right", fontsize=8)
@@ -82,16 +84,17 @@ def fig_training_curve(summary: dict, out: Path) -> None:
     config = summary["config"]
     fig.suptitle(
         f"{summary['world_size']} ranks = dp {summary['dp']} x cp {summary['cp']} ({summary['device']}, "
-        f"{summary['backend']}): {config['seq_len']} tokens/sequence, {config['batch_size']} sequences/step",
+        f"{summary['backend']}): {config['seq_len']} tokens/sequence,\n{config['batch_size']} sequences/step",
         fontsize=10,
     )
+    fig.tight_layout()
     fig.savefig(out / "training_curve.png", **SAVE)
     plt.close(fig)
 
 
 def _held_out_by_rank(summary: dict, ax) -> None:
     """Held-out recall of answers whose pair sits on the query's cp rank or another, with and without CP."""
-    groups = ("pair on the\nquery's cp rank", "pair on\nanother cp rank")
+    groups = ("pair on the query's cp rank", "pair on another cp rank")
     bars = {
         "context-parallel attention": (summary["eval_accuracy_local"], summary["eval_accuracy_remote"]),
         "each rank on its own shard": (summary["own_shard_accuracy_local"], summary["own_shard_accuracy_remote"]),
@@ -102,11 +105,11 @@ def _held_out_by_rank(summary: dict, ax) -> None:
         for x, v in zip(xs, values):
             ax.text(x, v + 0.02, f"{v:.0%}", ha="center", fontsize=8)
     ax.axhline(summary["chance_accuracy"], color="gray", ls="--", lw=1, label="chance")
-    ax.set_xticks(range(len(groups)), groups, fontsize=8)
-    ax.set_ylim(0, 1.45)  # room above the bars for the legend
+    ax.set_xticks(range(len(groups)), groups, fontsize=9)
+    ax.set_ylim(0, 1.3)  # room above the bars for the legend
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("held-out recall, same weights")
-    ax.legend(loc="upper center", fontsize=7, ncol=1)
+    ax.legend(loc="upper center", fontsize=8, ncol=3)
 
 
 def main() -> None:

@@ -69,21 +69,29 @@ def fig_blocks_merge(out: Path) -> None:
     assert torch.allclose(merged, p_full, atol=1e-6)
     x = torch.arange(n)
     colors = ["C0"] * (n // 2) + ["C1"] * (n // 2)
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharex=True)
+    # two panels above, the merge below: at most 7.4 inches wide, so that the column shows it at full size
+    fig = plt.figure(figsize=(7.2, 5.8))
+    grid = fig.add_gridspec(2, 2)
+    axes = [fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])]
+    top = 1.5 * max(p_a.max(), p_b.max()).item()  # headroom: the legends sit above the bars
     axes[0].bar(x, p_full, color=colors)
     axes[0].set_title("softmax over all 16 keys")
     axes[1].bar(x[a], p_a, color="C0", label="block A (sums to 1)")
     axes[1].bar(x[b], p_b, color="C1", label="block B (sums to 1)")
     axes[1].set_title("each block on its own")
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="upper center", ncol=1)
     axes[2].bar(x, merged, color=colors)
-    axes[2].plot(x, p_full, "k.", label="full softmax")
+    axes[2].plot(x, p_full, "k.", ms=9, label="full softmax")
     axes[2].set_title(rf"merged: A $\times$ {1 - w_b:.2f}, B $\times$ {w_b:.2f}  ($\sigma(\ell_B-\ell_A)$)")
-    axes[2].legend(fontsize=8)
+    axes[2].legend(fontsize=8, loc="upper right")
     for ax in axes:
         ax.set_xlabel("key index")
         ax.set_xticks(range(0, n, 2))
+    for ax in axes[:2]:
+        ax.set_ylim(0, top)
+    axes[2].set_ylim(0, 1.35 * p_full.max().item())
     axes[0].set_ylabel("attention weight")
+    axes[2].set_ylabel("attention weight")
     fig.tight_layout()
     fig.savefig(out / "blocks_merge.png", **SAVE)
     plt.close(fig)
@@ -181,12 +189,12 @@ def fig_causal_load_balance(out: Path) -> None:
     """Page 4: causal work per rank, contiguous vs zigzag, from the reference trace (P = 4)."""
     P, S = 4, 32
     cmap = matplotlib.colors.ListedColormap(["white", *RANK_COLORS[:P]])
-    fig, axes = plt.subplots(2, 2, figsize=(9, 8), gridspec_kw={"width_ratios": [1.1, 1]})
+    fig, axes = plt.subplots(2, 2, figsize=(7.2, 6.6), gridspec_kw={"width_ratios": [1.1, 1]})
     for row, layout in enumerate(("contiguous", "zigzag")):
         trace = _trace(P, causal=True, layout=layout, seq_len=S)
         owner = _who_computes(trace, S, P, layout)
         axes[row, 0].imshow(owner + 1, cmap=cmap, vmin=0, vmax=P, interpolation="nearest")
-        axes[row, 0].set_title(f"{layout}: who computes each (query, key) pair", fontsize=10)
+        axes[row, 0].set_title(f"{layout}: who computes each pair", fontsize=10)
         axes[row, 0].set_xlabel("key position")
         axes[row, 0].set_ylabel("query position")
         work = reference.trace_work_per_rank(trace, P)
