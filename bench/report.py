@@ -6,8 +6,10 @@
 The page is hand-written prose with generated blocks between ``<!-- BEGIN bench:NAME -->`` and
 ``<!-- END bench:NAME -->``; only those blocks are rewritten. Nothing is measured here. The same
 blocks are rendered into ``bench/README.md`` (the maintainers' appendix, not part of the site):
-the performance targets and the full provenance of each result file (commit and uncommitted
-files), which the reader's page leaves out.
+the performance targets, the full provenance of each result file (commit, uncommitted files,
+machine load), which the reader's page leaves out, and the tables of the runs that were measured
+under load or on uncommitted code, which the page no longer shows. A block under a table names
+its commands only; commits and load averages live in the appendix's provenance table.
 """
 
 from __future__ import annotations
@@ -72,22 +74,15 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def code_of(result: dict) -> str:
-    """The code a result was measured with, in reader terms: one clean commit, or why there is none."""
-    m = result["machine"]
-    if m.get("uncommitted_library_files"):
-        return f"code: a work-in-progress state after commit `{m['git_commit']}`, not one clean commit"
-    return f"code: commit `{m['git_commit']}`"
+def is_clean(result: dict) -> bool:
+    """Whether a result ran one clean commit (no uncommitted library file)."""
+    return not result["machine"].get("uncommitted_library_files")
 
 
 def provenance(results: list[dict]) -> str:
-    """The commands, code and dates of the results behind a table."""
-    lines = []
-    for r in results:
-        m = r["machine"]
-        start = m["load_average_at_start"]
-        load = f"1-min load average {start[0]:.1f} at start, {m['load_average_at_end'][0]:.1f} at end" if start else ""
-        lines.append(f"`{r['command']}` ({code_of(r)}; {r['date']}, {r['duration_s']:.0f} s, {load})")
+    """The commands behind a table and how long each ran (the commit and the machine's load of each
+    result are the appendix's, ``block_provenance``)."""
+    lines = [f"`{r['command']}` ({r['duration_s']:.0f} s)" for r in results]
     return "<small>" + "<br>".join(lines) + "</small>" if lines else ""
 
 
@@ -112,14 +107,18 @@ def block_machine() -> str:
 
 
 def block_provenance() -> str:
-    """For the maintainers: every result file of the page with its commit and uncommitted files."""
+    """For the maintainers: every result file of the page with its commit, uncommitted files and load."""
     rows = []
     for r in sorted(_ours(), key=lambda r: r["date"]):
         m = r["machine"]
         dirty = sorted(f.split()[-1] for f in m.get("uncommitted_library_files", []))
         name = r["command"].split("--out ")[-1].split()[0] if "--out " in r["command"] else r["benchmark"]
-        rows.append([f"`{name}`", r["date"], f"`{m['git_commit']}`", ", ".join(dirty) if dirty else "none (clean)"])
-    return md_table(["result", "measured", "commit", "uncommitted library files"], rows)
+        start, end = m.get("load_average_at_start"), m.get("load_average_at_end")
+        load = f"{start[0]:.1f} to {end[0]:.1f}" if start and end else "-"
+        rows.append(
+            [f"`{name}`", r["date"], f"`{m['git_commit']}`", ", ".join(dirty) if dirty else "none (clean)", load]
+        )
+    return md_table(["result", "measured", "commit", "uncommitted library files", "1-min load, start to end"], rows)
 
 
 def block_cost() -> str:
@@ -451,10 +450,7 @@ def block_gpu() -> str:
         ["seq", "P", "efficiency fwd", "efficiency fwd+bwd", "slowest rank's share"], [x[:5] for x in rows]
     )
     rates = md_table(["seq", "P", "TFLOP/s full", "TFLOP/s blocks", "max abs err"], [[*x[:2], *x[5:]] for x in rows])
-    return (
-        f"{r['device']}, torch {r['torch']}, CUDA {r['cuda']}, {r['date']}, code of commit `{GPU_COMMIT}`: "
-        f"`{r['command']}`\n\n{efficiency}\n\n{rates}"
-    )
+    return f"{r['device']}, torch {r['torch']}, CUDA {r['cuda']}: `{r['command']}`\n\n{efficiency}\n\n{rates}"
 
 
 def block_memory_harness() -> str:
@@ -484,6 +480,151 @@ def block_memory_harness() -> str:
         f"The memory harness's measurement of the small transformer ({what}, fp32, forward + backward; "
         f"command, machine and code on the [Memory](memory.md) page):\n\n" + md_table(header, rows)
     )
+
+
+# ----------------------------------------------------------------------------------------- summary
+# The page's summary: only results measured on one commit on a quiet machine (their provenance is the
+# appendix's block "summary-sources"); each row says what a reader can do with it.
+SUMMARY_SOURCES = {
+    "PyTorch's CP": "peers_torch_p4",
+    "GPU kernels": "gpu_blocks",
+    "torch.compile": "compile_step",
+    "memory estimate, CPU": "memory_cpu",
+    "memory estimate, GPU": "gpu/memory_gpu",
+    "memory options": "memory_options_all_on_16k",
+    "their time": "memory_options_time",
+}
+
+
+def _long_sequence_bytes_per_token(options: dict) -> float:
+    """The estimator's per-rank bytes per token of the sequence past the point where the peak moves
+    (the memory options' model at P = 4, between 64K and 256K tokens)."""
+    from bench.memory_options import MODEL
+    from cp_dtensor import estimate_context_parallel_memory_savings as estimate
+
+    shape = dict(**MODEL, dtype="fp32", batch_size=1, cp_size=4, **options)
+    low, high = (estimate(seq_len=n, **shape)["with_cp_gb"] * 2**30 for n in (65536, 262144))
+    return (high - low) / (262144 - 65536)
+
+
+def block_summary() -> str:
+    rows = []
+    torch_cp = load(SUMMARY_SOURCES["PyTorch's CP"])
+    if torch_cp:
+        case = next(e for e in torch_cp["cases"] if e["case"]["seq_len"] == 16384)
+        ag, a2a = (
+            case["contenders"][n]["ours_over_theirs_wall"]["median"] for n in ("torch-allgather", "torch-alltoall")
+        )
+        rows.append(
+            [
+                "[Ring vs PyTorch's CP](#against-pytorchs-context-parallelism), CPU, 4 ranks, 16K tokens",
+                f"wall time {ag:.2f}x its all-gather rotation's, {a2a:.2f}x its all-to-all's",
+                "Either is fine: same kernels, same blocks",
+            ]
+        )
+    gpu = load(SUMMARY_SOURCES["GPU kernels"])
+    if gpu:
+        p8 = sorted((x for x in gpu["results"] if x["P"] == 8), key=lambda x: -x["seq_len"])
+        rates = ", ".join(f"{x['efficiency_fwd_bwd']['median']:.2f} at {_k(x['seq_len'] // 8)}" for x in p8)
+        rows.append(
+            [
+                f"[Ring kernels on a GPU](#the-block-kernels-on-one-gpu) vs one flash call, {gpu['device']}, 8 ranks",
+                f"{rates} tokens per rank",
+                "Keep 16K or more tokens per GPU",
+            ]
+        )
+    comp = load(SUMMARY_SOURCES["torch.compile"])
+    if comp:
+        rows.append(
+            [
+                "[`torch.compile`](#torchcompile) of the job's step, CPU, cp 2",
+                f"{comp['eager_over_compiled']['median']:.2f}x faster at the median; "
+                f"{comp['compile_s']:.0f} s to compile once",
+                "Compile long runs; skip it for short tests",
+            ]
+        )
+    cpu, gpu_mem = load(SUMMARY_SOURCES["memory estimate, CPU"]), load(SUMMARY_SOURCES["memory estimate, GPU"])
+    if cpu and gpu_mem:
+        worst = max(abs(c["summary"]["relative_error"]) for c in cpu["cases"])
+        errors = [c["summary"]["relative_error"] for c in gpu_mem["cases"]]
+        rows.append(
+            [
+                "[Memory estimate](memory.md#checked-against-the-real-model) vs the allocator's peak",
+                f"CPU: within {worst:.1%} ({len(cpu['cases'])} cases); "
+                f"{gpu_mem['device']}: {min(errors):+.0%} to {max(errors):+.0%}",
+                "Plan with it; on CUDA it is an upper bound",
+            ]
+        )
+    check = load(SUMMARY_SOURCES["memory options"])
+    if check:
+        base = _long_sequence_bytes_per_token({})
+        both = _long_sequence_bytes_per_token({"loss_chunk_size": 256, "activation_checkpointing": "full"})
+        worst = max(r["peak_bytes"] for r in check["ranks"])
+        error = next(r for r in check["ranks"] if r["peak_bytes"] == worst)["estimate"]["total"] / worst - 1
+        rows.append(
+            [
+                "[Chunked loss + full activation checkpointing]"
+                "(memory.md#fitting-more-tokens-chunked-loss-and-activation-checkpointing)",
+                f"{base / both:.1f}x fewer bytes per token on long sequences (estimator; "
+                f"{error:+.1%} against a measured peak at {_k(check['seq_len'])} tokens)",
+                "Turn both on when memory binds",
+            ]
+        )
+    times = load(SUMMARY_SOURCES["their time"])
+    if times:
+        t = times["vs_today"]
+        rows.append(
+            [
+                "[Their cost in step time](memory.md#what-each-option-costs-in-time), CPU, 2 ranks",
+                f"both {t['all on (chunked + full AC)']['median']:.2f}x, selective checkpointing alone "
+                f"{t['selective AC']['median']:.2f}x",
+                "Try selective first",
+            ]
+        )
+    return md_table(["question", "measured", "what to do"], rows)
+
+
+def block_summary_sources() -> str:
+    """For the maintainers: where each row of the page's summary comes from."""
+    rows = []
+    for what, name in SUMMARY_SOURCES.items():
+        r = load(name)
+        if r is None:
+            continue
+        m = r.get("machine")
+        commit = GPU_COMMIT if name.startswith("gpu") else None
+        if isinstance(m, dict) and m.get("git_commit"):
+            commit = m["git_commit"] + ("" if is_clean(r) else " (uncommitted library files)")
+        commit = commit or r.get("commit") or SUMMARY_COMMITS.get(name, "-")
+        if isinstance(m, dict):
+            load_avg = m.get("load_average_at_end") or m.get("loadavg_1m")
+            load_avg = load_avg[0] if isinstance(load_avg, list) else load_avg
+        else:
+            load_avg = (r.get("load_average_after") or [None])[0]
+        rows.append(
+            [
+                what,
+                f"`bench/results/{name}.json`",
+                f"`{commit}`",
+                "-" if load_avg is None else f"{load_avg:.1f}",
+                SUMMARY_NOTES.get(name, ""),
+            ]
+        )
+    return md_table(["summary row", "result", "code", "1-min load at the end", "note"], rows)
+
+
+# Commits of results whose JSON records none (from the commits that added them; see the notes below).
+SUMMARY_COMMITS = {"memory_cpu": "ff24753", "memory_options_all_on_16k": "2d16121", "compile_step": "fcbdb4f"}
+SUMMARY_NOTES = {
+    "peers_torch_p4": "clean tree; load 2.6 at the start",
+    "gpu_blocks": "one H200 to itself; the JSON records no commit: 36e713c added it and changed only "
+    "results and docs, so the code is its parent",
+    "compile_step": "empty compile cache; whether the tree was clean is not recorded",
+    "memory_cpu": "bytes, not time: load does not change them; committed with the code it measured",
+    "gpu/memory_gpu": "same run as gpu_blocks",
+    "memory_options_all_on_16k": "bytes; the row's factor is the estimator's, this file checks it",
+    "memory_options_time": "both options alternate with the baseline in the same processes",
+}
 
 
 # ------------------------------------------------------------------------------------------ targets
@@ -575,6 +716,8 @@ def block_targets() -> str:
 
 
 BLOCKS = {
+    "summary": block_summary,
+    "summary-sources": block_summary_sources,
     "machine": block_machine,
     "targets": block_targets,
     "cost": block_cost,
