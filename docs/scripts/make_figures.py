@@ -210,7 +210,174 @@ def fig_causal_load_balance(out: Path) -> None:
     plt.close(fig)
 
 
-FIGURES = [fig_why_cp_memory, fig_blocks_merge, fig_ring_schedule, fig_backward_ring, fig_causal_load_balance]
+def fig_home_overview(out: Path) -> None:
+    """Home: context parallelism in one picture, from the reference ring's trace (P = 4, zigzag, causal)."""
+    P, S = 4, 16
+    positions = reference.shard_indices(S, P, "zigzag")
+    owner_of_token = torch.empty(S, dtype=torch.long)
+    for rank, idx in enumerate(positions):
+        owner_of_token[idx] = rank
+    trace = _trace(P, causal=True, layout="zigzag", seq_len=S)
+    owner = _who_computes(trace, S, P, "zigzag")
+    assert (owner >= 0).sum() == S * (S + 1) // 2  # every visible pair computed, once
+    fig = plt.figure(figsize=(7.4, 2.9))
+    grid = fig.add_gridspec(1, 3, width_ratios=(1.3, 1, 1), wspace=0.4, top=0.85)
+    seq, ring, pairs = (fig.add_subplot(grid[0, i]) for i in range(3))
+    # 1. the sequence, cut into shards
+    for t in range(S):
+        rank = int(owner_of_token[t])
+        seq.add_patch(plt.Rectangle((t, 0), 0.9, 2.4, color=RANK_COLORS[rank]))
+        seq.text(t + 0.45, 1.2, str(rank), ha="center", va="center", fontsize=8, color="white", fontweight="bold")
+    seq.set_xlim(-0.2, S)
+    seq.set_ylim(-1.6, 4.0)
+    seq.axis("off")
+    seq.text(S / 2, 3.0, f"{S} tokens; the rank that holds each", ha="center", fontsize=8)
+    seq.text(S / 2, -0.9, "every layer holds L / P tokens", ha="center", fontsize=8)
+    # 2. the ring that brings every rank the other shards' keys and values
+    angles = [90 - 360 * r / P for r in range(P)]
+    xy = [(torch.tensor(a).deg2rad().cos().item(), torch.tensor(a).deg2rad().sin().item()) for a in angles]
+    for r, (x, y) in enumerate(xy):
+        ring.add_patch(plt.Circle((x, y), 0.34, color=RANK_COLORS[r]))
+        ring.text(x, y, f"{r}", ha="center", va="center", fontsize=10, color="white", fontweight="bold")
+        nx, ny = xy[(r + 1) % P]
+        ring.annotate(
+            "",
+            xy=(x + 0.62 * (nx - x), y + 0.62 * (ny - y)),
+            xytext=(x + 0.38 * (nx - x), y + 0.38 * (ny - y)),
+            arrowprops={"arrowstyle": "->", "color": "gray", "lw": 1.5},
+        )
+    ring.text(0, 0, "K/V\nblocks", ha="center", va="center", fontsize=8, color="gray")
+    ring.set_xlim(-1.45, 1.45)
+    ring.set_ylim(-1.45, 1.45)
+    ring.set_aspect("equal")
+    ring.axis("off")
+    # 3. who computes which (query, key) pair: every pair once, the work shared evenly
+    cmap = matplotlib.colors.ListedColormap(["white", *RANK_COLORS[:P]])
+    pairs.imshow(owner + 1, cmap=cmap, vmin=0, vmax=P, interpolation="nearest")
+    pairs.set_xticks([])
+    pairs.set_yticks([])
+    pairs.set_xlabel("key", fontsize=8)
+    pairs.set_ylabel("query", fontsize=8)
+    titles = ("1. split the sequence", "2. pass K/V around a ring", "3. who computes each pair")
+    for ax, title in zip((seq, ring, pairs), titles):  # one baseline for the three titles
+        box = ax.get_position()
+        fig.text((box.x0 + box.x1) / 2, 0.93, title, ha="center", fontsize=10)
+    fig.savefig(out / "home_overview.png", **SAVE)
+    plt.close(fig)
+
+
+def fig_why_cp_split(out: Path) -> None:
+    """Page 1: what each device holds of one sequence's activations under DP, TP, PP and CP (P = 4).
+
+    A grid of layers (rows) by tokens (columns); a cell's colour is the device that holds it. TP splits
+    every cell (the hidden width) into P slices; CP's columns follow the zigzag layout of
+    ``reference.shard_indices``.
+    """
+    P, layers, S = 4, 4, 16
+    zigzag = reference.shard_indices(S, P, "zigzag")
+    cp_owner = {int(t): r for r, idx in enumerate(zigzag) for t in idx}
+    panels = {
+        "data parallel: a whole sequence per device": lambda layer, t: [0],
+        "tensor parallel: a slice of every activation": lambda layer, t: list(range(P)),
+        "pipeline parallel: a quarter of the layers": lambda layer, t: [layer * P // layers],
+        "context parallel: a quarter of the tokens": lambda layer, t: [cp_owner[t]],
+    }
+    fig, axes = plt.subplots(2, 2, figsize=(7.4, 4.6))
+    for ax, (title, holders) in zip(axes.flat, panels.items()):
+        for layer in range(layers):
+            for t in range(S):
+                devices = holders(layer, t)
+                height = 0.86 / len(devices)
+                for i, d in enumerate(devices):
+                    ax.add_patch(
+                        plt.Rectangle((t + 0.05, layer + 0.07 + i * height), 0.9, height, color=RANK_COLORS[d])
+                    )
+        ax.set_xlim(0, S)
+        ax.set_ylim(layers, 0)
+        ax.set_xticks([0.5, S - 0.5], ["token 0", f"token {S - 1}"], fontsize=8)
+        ax.set_yticks([r + 0.5 for r in range(layers)], [f"layer {r}" for r in range(layers)], fontsize=8)
+        ax.tick_params(length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
+        ax.set_title(title, fontsize=9)
+    axes[0, 0].text(S / 2, layers + 0.75, "(devices 1-3 need other sequences)", ha="center", fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=RANK_COLORS[d]) for d in range(P)]
+    fig.legend(handles, [f"device {d}" for d in range(P)], loc="lower center", ncol=P, fontsize=8, frameon=False)
+    fig.suptitle("Who holds the activations of one sequence, 4 devices", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(out / "why_cp_split.png", **SAVE)
+    plt.close(fig)
+
+
+def fig_overlap_timeline(out: Path) -> None:
+    """Page 6: one rank's ring steps on two clocks, compute and send, from page 6's formulas.
+
+    The compute of each forward step is proportional to the (query, key) pairs the reference ring's
+    trace gives rank 0 under the causal zigzag layout (P = 4); the send is one K/V block. Hardware:
+    H100 over NVLink (989 TFLOP/s dense bf16, 450 GB/s per direction), 32 query and 8 K/V heads of
+    128, bf16. Two block sizes: below and above the threshold of page 6.
+    """
+    P, H, H_KV, D, F, B = 4, 32, 8, 128, 989e12, 450e9
+    trace = _trace(P, causal=True, layout="zigzag", seq_len=8 * P)
+    pairs = [e.pairs for e in sorted(trace, key=lambda e: e.step) if e.rank == 0]
+    share = [n / (pairs[0] * 2) for n in pairs]  # of a full c x c block (step 0 is the causal half)
+    fig, axes = plt.subplots(2, 1, figsize=(7.4, 4.4))
+    for ax, c in zip(axes, (512, 8192)):
+        compute = [4 * c * c * H * D * f / F * 1e6 for f in share]  # microseconds
+        send = 2 * c * H_KV * D * 2 / B * 1e6
+        rows = {"compute": 1.6, "send / receive": 0.6}
+        t = 0.0
+        for step, cost in enumerate(compute):
+            last = step == P - 1
+            ax.add_patch(plt.Rectangle((t, rows["compute"]), cost, 0.7, fc="C0", ec="white", lw=1.5))
+            ax.text(
+                t + cost / 2,
+                rows["compute"] + 0.35,
+                f"step {step}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if cost > 0.08 * sum(compute) else "black",
+            )
+            if not last:  # the last block is not passed on
+                ax.add_patch(plt.Rectangle((t, rows["send / receive"]), send, 0.7, fc="C1", ec="white", lw=1.5))
+                wide = send > 0.08 * sum(compute)  # a narrow bar gets its label beside it
+                ax.text(
+                    t + (send / 2 if wide else send * 1.15),
+                    rows["send / receive"] + 0.35,
+                    f"K/V for step {step + 1}",
+                    ha="center" if wide else "left",
+                    va="center",
+                    fontsize=7,
+                    color="white" if wide else "black",
+                )
+            t += cost if last else max(cost, send)  # the next step needs the next block
+        ax.set_yticks([r + 0.35 for r in rows.values()], list(rows))
+        ax.set_ylim(0.3, 2.6)
+        ax.set_xlim(0, t * 1.02)
+        ax.set_xlabel("time (µs)", fontsize=8)
+        hidden = all(cost >= send for cost in compute[:-1])
+        verdict = "sends hidden behind compute" if hidden else "compute waits for the sends"
+        ax.set_title(f"c = {c:,} tokens per rank: {verdict} ({t:,.0f} µs)", fontsize=9)
+        ax.tick_params(labelsize=8)
+        for side in ("top", "right", "left"):
+            ax.spines[side].set_visible(False)
+    fig.suptitle("Rank 0's causal forward on 4 ranks: each step posts its send, then computes", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "overlap_timeline.png", **SAVE)
+    plt.close(fig)
+
+
+FIGURES = [
+    fig_home_overview,
+    fig_why_cp_memory,
+    fig_why_cp_split,
+    fig_blocks_merge,
+    fig_ring_schedule,
+    fig_backward_ring,
+    fig_causal_load_balance,
+    fig_overlap_timeline,
+]
 
 
 def main(figures: list | None = None, description: str = __doc__) -> None:
