@@ -9,7 +9,10 @@ sizes c (tokens per rank), each rank times, as the median of 7 rounds:
   receiving the previous rank's, as the ring does;
 * both: the send posted first, the compute run while it is in flight, then
   the wait, which is what a ring step costs. ``both / max`` is 1.00 when the
-  send is perfectly hidden, and 2.00 at worst (equal parts, no overlap).
+  send is perfectly hidden and 2.00 when nothing overlaps (equal parts run
+  one after the other). It can exceed 2: on a CPU the send's copies and the
+  attention compete for the same cores, so each runs slower together than
+  alone (on a machine busy with other jobs, ratios near 3 for small blocks).
 
 From the largest block it derives the machine's F (FLOP/s) and B (bytes/s)
 and the Ring Attention condition c >= F * H_kv * bytes / (2 * H * B).
