@@ -19,9 +19,9 @@ from pathlib import Path
 
 import mp_pool
 import torch
-from cp_dtensor.reference import full_attention
 
 from cp_dtensor import ContextParallelAttention
+from cp_dtensor.reference import full_attention
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "docs" / "examples"
@@ -103,8 +103,8 @@ def test_memory_estimate_prints_the_estimators_numbers() -> None:
         float(re.search(label + number, out).group(1).replace(",", ""))
         for label in (r"Without CP: ", r"With CP: +", r"Savings: +", r"Reduction: +", r"Max seq len \(theoretical\): ")
     )
-    assert abs(saved - (without - with_cp)) <= 0.1 + 1e-9  # each printed to 0.1 GB
-    assert abs(reduction - without / with_cp) <= 0.05 + 1e-3  # printed to 0.1x, from numbers rounded to 0.1 GB
+    assert abs(saved - (without - with_cp)) <= 0.1 + 1e-9  # each printed to 0.1 GiB
+    assert abs(reduction - without / with_cp) <= 0.05 + 1e-3  # printed to 0.1x, from numbers rounded to 0.1 GiB
     assert with_cp < without and 0 < max_len < 1_000_000  # 8-way CP helps, but 1M tokens do not fit 80 GiB
 
 

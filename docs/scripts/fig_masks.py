@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cp_dtensor.reference as reference
 import make_figures  # this directory; imported first, it selects Agg and puts the repo on sys.path
 import matplotlib
 import matplotlib.pyplot as plt
 import torch
 from make_figures import SAVE
+
+import cp_dtensor.reference as reference
 
 P, S = 4, 64
 DOC_LENGTHS = [5, 22, 3, 9, 17, 8]  # shorter than a zigzag chunk (8), and longer than a shard (16)
