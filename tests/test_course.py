@@ -162,3 +162,21 @@ def test_memory_units_are_the_estimators() -> None:
         if int(m[1]) != estimator_bytes_per_parameter(m[2])
     ]
     assert not wrong, "\n".join(wrong)
+
+
+# ---- the table of contents -------------------------------------------------------------------------------
+
+
+def test_long_names_in_the_contents_break_at_underscores_and_words() -> None:
+    """docs/scripts/hook_toc_breaks.py: a zero-width space after inner underscores and inside CamelCase
+    names of a title's text, never inside a tag (the API page's contents wrap long names there)."""
+    sys.path.insert(0, str(DOCS / "scripts"))
+    try:
+        from hook_toc_breaks import ZERO_WIDTH_SPACE as Z
+        from hook_toc_breaks import breakable
+    finally:
+        sys.path.remove(str(DOCS / "scripts"))
+    title = '<code class="doc_symbol doc-symbol-toc">func</code>&nbsp;estimate_memory RingPlan _private'
+    assert breakable(title) == (
+        f'<code class="doc_symbol doc-symbol-toc">func</code>&nbsp;estimate_{Z}memory Ring{Z}Plan _private'
+    )
