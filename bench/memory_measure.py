@@ -38,10 +38,17 @@ so each rank measures two ways:
 On CUDA the allocator does keep statistics: the peak is ``torch.cuda.max_memory_allocated()`` over
 the same window (after ``reset_peak_memory_stats``).
 
-The step: gradients and AdamW state exist before the measured step (one short warm-up step makes
-them, and ``zero_grad(set_to_none=False)`` keeps the gradients), then forward and backward of the
-loss at the full length. The optimizer update is outside the window; its transient is proportional
-to the parameters, not to the sequence.
+FSDP on gloo: FSDP's all-gathers and reduce-scatters go point to point
+(:class:`PointToPointAllGather`, :class:`PointToPointReduceScatter`). gloo runs a collective on a
+worker thread, which holds the collective's tensors until the OS schedules it again after it has
+reported completion. FSDP frees an all-gather's output right after copying it out; when the worker
+thread still holds it then, the last reference, and so the free, falls to that thread, outside the
+profiler's view, and the running sum keeps a whole block's weights that are gone: a peak one block
+higher, at random, more often on a busy machine. gloo's all-gather also makes two transient copies of
+the gathered buffer, one on each thread, which NCCL does not. A send or a receive runs on the calling
+thread and holds nothing once waited for, so every free lands where FSDP makes it, and the peak is
+the same on every run and counts FSDP's own buffers. What still runs on gloo's threads are the
+step's few-byte collectives (the loss's token count and sum): a late free of theirs is noise.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 __all__ = [
     "SMALL_MODEL",
+    "PointToPointAllGather",
+    "PointToPointReduceScatter",
     "estimate_for",
     "grad_sync_table",
     "markdown_table",
@@ -153,6 +162,72 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
+def _exchange(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], group) -> None:
+    """Send ``sends[peer]`` to and receive ``recvs[peer]`` from each peer (group ranks), on this thread."""
+    ops = []
+    for peer in sorted(set(sends) | set(recvs)):
+        peer_rank = dist.get_global_rank(group, peer)
+        if peer in sends:
+            ops.append(dist.P2POp(dist.isend, sends[peer], peer_rank, group))
+        if peer in recvs:
+            ops.append(dist.P2POp(dist.irecv, recvs[peer], peer_rank, group))
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+
+
+class PointToPointAllGather:
+    """FSDP2's all-gather (``FSDPModule.set_custom_all_gather``) as sends and receives on the calling thread.
+
+    See Note [Measuring peak memory on CPU]. The output is allocated as FSDP's default does.
+    """
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The all-gather's output buffer: ``torch.empty``, as FSDP's default."""
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
+        """Every rank's ``input_tensor`` into its chunk of ``output_tensor``; returns no work (it is done)."""
+        chunks, me = output_tensor.chunk(group.size()), group.rank()
+        if chunks[me].data_ptr() != input_tensor.data_ptr():  # FSDP's copy-in already wrote it in place
+            chunks[me].copy_(input_tensor)
+        peers = [p for p in range(group.size()) if p != me]
+        _exchange({p: input_tensor for p in peers}, {p: chunks[p] for p in peers}, group)
+        return None
+
+
+class PointToPointReduceScatter(PointToPointAllGather):
+    """FSDP2's reduce-scatter (``FSDPModule.set_custom_reduce_scatter``), a sum, as sends and receives.
+
+    Allocates nothing: the first peer's chunk arrives in the output itself, each further one in the
+    input's chunk sent the step before (FSDP keeps the input only until the reduction is done, and
+    never reads it again). apply_fsdp makes FSDP sum (``set_force_sum_reduction_for_comms``), the
+    only reduction this supports.
+    """
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
+        """This rank's chunk of the sum over ranks of ``input_tensor``, into ``output_tensor``."""
+        assert op == dist.ReduceOp.SUM, f"apply_fsdp sums gradients; got {op}"
+        chunks, me = input_tensor.chunk(group.size()), group.rank()
+        peers = [p for p in range(group.size()) if p != me]
+        for i, peer in enumerate(peers):
+            into = output_tensor if i == 0 else chunks[peers[i - 1]]  # sent already: free to reuse
+            _exchange({peer: chunks[peer]}, {peer: into}, group)
+            if i > 0:
+                output_tensor += into
+        output_tensor += chunks[me]
+        return None
+
+
+def _fsdp_point_to_point(model: torch.nn.Module) -> None:
+    """Every FSDP unit of ``model`` all-gathers and reduce-scatters with sends and receives."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_custom_all_gather(PointToPointAllGather())
+            module.set_custom_reduce_scatter(PointToPointReduceScatter())
+
+
 GRAD_SYNCS = {"none": "replicated", "ddp": "ddp", "fsdp": "fsdp"}  # --grad-sync -> the estimator's param_sharding
 
 
@@ -217,7 +292,8 @@ def measure_case(
         rss: Also run one unprofiled step and report the RSS cross-check (CPU only).
         grad_sync: ``"none"`` (the bare model on every rank), ``"ddp"``
             (:func:`~cp_dtensor.apply_ddp`) or ``"fsdp"`` (:func:`~cp_dtensor.apply_fsdp`: weights,
-            gradients and AdamW state sharded over the ranks).
+            gradients and AdamW state sharded over the ranks; on CPU its all-gathers go point to
+            point, see Note [Measuring peak memory on CPU]).
 
     Returns:
         A dict with the case, this rank's measured ``peak_bytes`` (static + step), its ``static``
@@ -233,6 +309,8 @@ def measure_case(
     torch.manual_seed(seed)
     net = TransformerWithCP(config, cp_group=group).to(device=device, dtype=_DTYPES[dtype])
     net = {"none": lambda m, g: m, "ddp": apply_ddp, "fsdp": apply_fsdp}[grad_sync](net, group)
+    if grad_sync == "fsdp" and device.type == "cpu":
+        _fsdp_point_to_point(net)  # see Note [Measuring peak memory on CPU]
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen)
