@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import cp_dtensor.reference as reference
 import torch
 import torch.distributed as dist
 
+import cp_dtensor.reference as reference
 from cp_dtensor import ContextParallelAttention, context_parallel_attention, init_context_parallel_group
 from cp_dtensor.attention.api import STRATEGIES
 

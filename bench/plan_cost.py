@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from cp_dtensor.reference import document_ids_from_lengths
 
 from cp_dtensor.attention.ring import RingPlan
 from cp_dtensor.positions.layout import shard_runs
 from cp_dtensor.positions.masks import MaskSpec
 from cp_dtensor.positions.tiles import TilePlanner
+from cp_dtensor.reference import document_ids_from_lengths
 
 CASES = [  # (name, L, P, document length or None, window or None)
     ("packed 1K, P=2, documents of 256", 1024, 2, 256, None),

@@ -32,9 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from cp_dtensor.reference import full_attention
 
 from cp_dtensor.positions.layout import shard_positions
+from cp_dtensor.reference import full_attention
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 GROUP_KWARGS = {"hybrid": {"ulysses_size": 2}}  # what a strategy needs of its group: hybrid a Ulysses axis (u = 2)

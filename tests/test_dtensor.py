@@ -7,11 +7,11 @@ from __future__ import annotations
 import mp_pool
 import pytest
 import torch
-from cp_dtensor.reference import full_attention
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from cp_dtensor import ContextParallelAttention, context_parallel_attention, count_comm
 from cp_dtensor.positions.layout import DocumentZigzag, shard_positions
+from cp_dtensor.reference import full_attention
 
 B, H, HKV, D = 2, 4, 2, 8
 # fp64 end to end: only the summation order differs from the oracle.

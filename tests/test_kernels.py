@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cp_dtensor.reference import full_attention
 
 from cp_dtensor.local.kernels import accum_dtype, block_backward, block_forward
 from cp_dtensor.local.merge import merge_into
+from cp_dtensor.reference import full_attention
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import mp_pool
 import pytest
 import torch
-from cp_dtensor.reference import shard_indices as reference_shard_indices
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,6 +18,7 @@ from cp_dtensor.positions.layout import (
     shard_positions,
     shard_runs,
 )
+from cp_dtensor.reference import shard_indices as reference_shard_indices
 
 
 def causal_document_work(ids_L: torch.Tensor, positions: torch.Tensor) -> int:

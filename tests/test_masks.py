@@ -9,7 +9,6 @@ import weakref
 import mp_pool
 import pytest
 import torch
-from cp_dtensor.reference import full_attention
 from helpers import (
     DTYPES,
     assert_close_to_oracle,
@@ -29,6 +28,7 @@ from hypothesis import strategies as st
 from cp_dtensor import context_parallel_attention, count_comm
 from cp_dtensor.positions.layout import DocumentZigzag, num_chunks
 from cp_dtensor.positions.masks import MaskSpec, document_ids_from_cu_seqlens, window_hides_block
+from cp_dtensor.reference import full_attention
 
 
 def dense_mask(cfg: dict) -> torch.Tensor:

@@ -3,10 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from cp_dtensor.reference.attention import attention_block, full_attention
-from cp_dtensor.reference.ring import merge
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from cp_dtensor.reference.attention import attention_block, full_attention
+from cp_dtensor.reference.ring import merge
 
 SETTINGS = settings(derandomize=True, deadline=None, max_examples=60)
 

@@ -18,6 +18,10 @@ from pathlib import Path
 import mp_pool
 import pytest
 import torch
+from helpers import default_tile
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from cp_dtensor.reference import (
     LAYOUTS,
     document_ids_from_lengths,
@@ -29,9 +33,6 @@ from cp_dtensor.reference import (
     simulate_ring_attention,
     unshard,
 )
-from helpers import default_tile
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 @dataclass(frozen=True)

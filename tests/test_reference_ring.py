@@ -4,6 +4,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import assert_close_to_oracle, attention_and_grads
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from cp_dtensor.reference import (
     LAYOUTS,
     full_attention,
@@ -15,9 +19,6 @@ from cp_dtensor.reference import (
     simulate_ring_attention_forward,
     unshard,
 )
-from helpers import assert_close_to_oracle, attention_and_grads
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ from fractions import Fraction
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from cp_dtensor.reference import (
     BLOCK_KINDS,
     LAYOUTS,
@@ -12,8 +15,6 @@ from cp_dtensor.reference import (
     simulate_ring_attention,
     trace_work_per_rank,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 3
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import mp_pool
 import pytest
 import torch
-from cp_dtensor.reference import simulate_ring_attention
 from helpers import (
     DTYPES,
     assert_close_to_oracle,
@@ -23,6 +22,7 @@ from hypothesis import strategies as st
 
 from cp_dtensor import count_comm, ring_attention
 from cp_dtensor.positions.layout import num_chunks
+from cp_dtensor.reference import simulate_ring_attention
 
 WORLD_SIZES = [1, 2, 3, 4]
 

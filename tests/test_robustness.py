@@ -17,12 +17,12 @@ from pathlib import Path
 import mp_pool
 import pytest
 import torch
-from cp_dtensor.reference import full_attention
 from helpers import GROUP_KWARGS, make_inputs, unshard
 
 from cp_dtensor import STRATEGIES, context_parallel_attention
 from cp_dtensor.attention.debug import DEBUG_CHECK_TOLERANCE
 from cp_dtensor.positions.layout import num_chunks, padded_length, shard_positions
+from cp_dtensor.reference import full_attention
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
