@@ -148,6 +148,9 @@ def full_attention(
     causal: bool = False,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
+    score_mod=None,
 ) -> torch.Tensor:
     """Plain attention, ``softmax(Q K^T * scale) V``, with the whole score matrix in memory.
 
@@ -164,6 +167,13 @@ def full_attention(
         scale: Multiplier of the scores; defaults to ``1 / sqrt(D)``.
         mask: Optional bool tensor broadcastable to (B, H, S_q, S_k); True means "may attend".
             Combined with ``causal`` by logical and.
+        sinks: Optional attention sinks, shape (H,): one more logit per head in every row's softmax,
+            whose value is zero (GPT-OSS). Differentiable.
+        softcap: Optional logit soft-capping: each score ``s`` becomes ``softcap * tanh(s / softcap)`` (Gemma 2).
+        score_mod: Optional ``score_mod(score, b, h, q_idx, kv_idx)`` (FlexAttention's form), applied
+            after ``softcap`` to the whole score matrix with broadcast indices: ``b`` (B, 1, 1, 1),
+            ``h`` (1, H, 1, 1), ``q_idx`` (1, 1, S_q, 1), ``kv_idx`` (1, 1, 1, S_k) (the positions of
+            the whole sequence, 0 to S - 1).
 
     Returns:
         Output, shape (B, H, S_q, D). A query row with no visible key gets 0 (and zero gradient).
@@ -176,8 +186,20 @@ def full_attention(
     k = expand_kv_heads(k, q.shape[1])  # (B, H, S_k, D)
     v = expand_kv_heads(v, q.shape[1])  # (B, H, S_k, D)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, S_q, S_k)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if score_mod is not None:
+        b, h, i, j = (torch.arange(n, device=q.device) for n in scores.shape)  # every index of the score matrix
+        modified = score_mod(scores, b.view(-1, 1, 1, 1), h.view(1, -1, 1, 1), i.view(1, 1, -1, 1), j.view(1, 1, 1, -1))
+        scores = modified.expand(scores.shape)
     allowed = _allowed_pairs(q.shape[2], k.shape[2], causal, mask, q.device)
-    probs = _masked_softmax(scores, allowed)  # (B, H, S_q, S_k)
+    if sinks is not None:  # the sink is one more key per head, always visible, whose value is zero
+        rows = scores.shape[:3]  # (B, H, S_q)
+        scores = torch.cat([scores, sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*rows, 1)], dim=-1)
+        always = torch.ones(*rows, 1, dtype=torch.bool, device=q.device)
+        allowed = torch.cat([allowed.expand(*rows, k.shape[2]), always], dim=-1)  # (B, H, S_q, S_k + 1)
+        v = torch.cat([v, v.new_zeros(v.shape[0], v.shape[1], 1, v.shape[3])], dim=2)  # (B, H, S_k + 1, D)
+    probs = _masked_softmax(scores, allowed)  # (B, H, S_q, S_k) (+ 1 with sinks)
     return probs @ v  # (B, H, S_q, D)
 
 

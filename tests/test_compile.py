@@ -40,13 +40,18 @@ def attend_case(world_size: int, strategy: str, ulysses_size: int | None) -> lis
     extra = {} if ulysses_size is None else {"ulysses_size": ulysses_size}
     group = mp_pool.group(world_size, **extra)
 
-    def step(*tensors):  # (q, k, v) fp64, (q, k, v) fp32, document ids: causal, then documents + window
-        ids = tensors[-1]
+    def step(*tensors):  # (q, k, v) fp64, (q, k, v) fp32, document ids, sinks fp64, sinks fp32
+        ids = tensors[6]
         outs = []
         for i in range(2):
             q, k, v = tensors[3 * i : 3 * i + 3]
             outs.append(context_parallel_attention(q, k, v, group, strategy=strategy, causal=True))
             outs.append(context_parallel_attention(q, k, v, group, strategy=strategy, document_ids=ids, window=(5, 0)))
+            outs.append(
+                context_parallel_attention(
+                    q, k, v, group, strategy=strategy, causal=True, sinks=tensors[7 + i], softcap=0.5
+                )
+            )
         return outs
 
     torch._dynamo.reset()
@@ -62,10 +67,14 @@ def attend_case(world_size: int, strategy: str, ulysses_size: int | None) -> lis
                     tensors += [group.partition_sequence(x[n], seq_dim=2).requires_grad_() for n in "qkv"]
                     douts.append(group.partition_sequence(x["dout"], seq_dim=2))
                 ids = group.partition_sequence(_inputs(seed, torch.float64)["ids"], seq_dim=1)
-                outs = fn(*tensors, ids)
-                loss = sum((o * douts[i // 2]).sum() for i, o in enumerate(outs))
+                sinks = [
+                    torch.linspace(-2.0, 2.0, H, dtype=dtype).requires_grad_()
+                    for dtype in (torch.float64, torch.float32)
+                ]
+                outs = fn(*tensors, ids, *sinks)
+                loss = sum((o * douts[i // 3]).sum() for i, o in enumerate(outs))
                 loss.backward()
-                results[name] = [o.detach() for o in outs] + [t.grad for t in tensors]
+                results[name] = [o.detach() for o in outs] + [t.grad for t in tensors + sinks]
             errors.append(
                 [
                     (a.dtype, (a - b).abs().max().item())
@@ -316,6 +325,28 @@ def document_zigzag_case() -> str:
     except Exception as e:  # torch._dynamo reports the ValueError raised while tracing
         return str(e)
     return "no error"
+
+
+def score_mod_case() -> str:
+    """Runs on every rank: a score_mod under compile; returns the error's text."""
+    from cp_dtensor import ring_attention
+
+    group = mp_pool.group(2)
+    q = torch.randn(1, 2, 8, 8)
+
+    def step(q):
+        return ring_attention(q, q, q, group, causal=True, score_mod=lambda s, b, h, i, j: s + (j - i))
+
+    try:
+        torch.compile(step, fullgraph=True, backend="eager")(q)
+    except Exception as e:  # torch._dynamo reports the ValueError raised while tracing
+        return str(e)
+    return "no error"
+
+
+def test_a_score_function_under_compile_is_refused_by_name():
+    for message in mp_pool.run_on_ranks(2, score_mod_case):
+        assert "does not take score_mod" in message and "eagerly" in message, message
 
 
 def test_a_document_zigzag_layout_under_compile_names_the_fix():

@@ -36,8 +36,10 @@ from cp_dtensor.attention.ring import RingPlan
 from cp_dtensor.comm.collectives import all_gather, group_size, reduce_scatter
 from cp_dtensor.local.block_loop import backward_blocks, forward_blocks
 from cp_dtensor.local.kernels import accum_dtype
+from cp_dtensor.local.logits import BoundLogits, LogitSpec
+from cp_dtensor.local.merge import add_sinks, sink_grad
 from cp_dtensor.positions.layout import Run
-from cp_dtensor.positions.masks import MaskSpec
+from cp_dtensor.positions.masks import MaskSpec, positions
 from cp_dtensor.positions.tiles import KernelCall
 
 if TYPE_CHECKING:
@@ -55,6 +57,19 @@ class _GatherPlan:
     scale: float
     kv_heads_per_gather: int
     mask: MaskSpec | None = None
+    logits: LogitSpec | None = None
+
+    def bound_logits(self, q_heads: slice) -> BoundLogits | None:
+        """The logit spec of the query heads ``q_heads`` at the positions of the local and the gathered tokens."""
+        if self.logits is None or not self.logits.tiled:
+            return None
+        heads = self.logits.for_heads(q_heads.start, q_heads.stop - q_heads.start)
+        return heads.bind(positions(self.q_runs), positions(self.kv_runs))
+
+    @property
+    def sinks(self) -> torch.Tensor | None:
+        """The sink logits ``(H,)``, or ``None``."""
+        return None if self.logits is None else self.logits.sinks
 
     def calls(self) -> list[KernelCall]:
         """The kernel calls of the local queries against the gathered K/V (a ring of one rank plans them)."""
@@ -95,7 +110,11 @@ def allgather_forward(
         with record_function("cp_dtensor.allgather.attend"):
             merged = torch.zeros(q.shape[2], dtype=torch.bool)  # host: rows merged into (see forward_blocks)
             out_h, lse_h = out[:, q_heads], lse[:, q_heads]
-            forward_blocks(q[:, q_heads], k_full, v_full, calls, plan.scale, out_h, lse_h, merged)
+            forward_blocks(
+                q[:, q_heads], k_full, v_full, calls, plan.scale, out_h, lse_h, merged, plan.bound_logits(q_heads)
+            )
+    if plan.sinks is not None:  # one correction after every block: Note [Attention sinks] in local/merge.py
+        add_sinks(out, lse, plan.sinks)
     return out.to(q.dtype), lse
 
 
@@ -111,7 +130,7 @@ def allgather_backward(
     """Backward on local tensors (shapes as in :func:`allgather_forward`).
 
     Returns:
-        ``(dq, dk, dv)`` in the dtypes of ``q``, ``k``, ``v``.
+        ``(dq, dk, dv, dsinks)``: as :func:`cp_dtensor.attention.ring.ring_backward`.
     """
     dout = dout.contiguous()
     calls, num_ranks, acc = plan.calls(), group_size(plan.group), accum_dtype(q.dtype)
@@ -134,13 +153,15 @@ def allgather_backward(
                 calls,
                 plan.scale,
                 (dq[:, q_heads], dk_full, dv_full),
+                plan.bound_logits(q_heads),
             )
         # (2, B, g, P * S, D) -> (P, 2, B, g, S, D): entry r is rank r's shard of the gradient
         dkv_N = torch.stack([dk_full, dv_full]).unflatten(3, (num_ranks, -1)).permute(3, 0, 1, 2, 4, 5)
         with record_function("cp_dtensor.allgather.reduce_scatter"):
             dkv = reduce_scatter(dkv_N, plan.group)  # (2, B, g, S, D), summed over ranks
         dk[:, kv_heads], dv[:, kv_heads] = dkv[0], dkv[1]
-    return dq.to(q.dtype), dk, dv
+    dsinks = None if plan.sinks is None else sink_grad(dout, out, lse, plan.sinks)
+    return dq.to(q.dtype), dk, dv, dsinks
 
 
 @dataclass(frozen=True)
@@ -181,6 +202,7 @@ class AllGatherKV(Strategy):
             scale=call.scale,
             kv_heads_per_gather=min(per_gather, num_kv_heads),
             mask=call.mask,
+            logits=call.logits,
         )
 
     def forward(self, q, k, v, plan):
@@ -188,7 +210,7 @@ class AllGatherKV(Strategy):
         return (*allgather_forward(q, k, v, plan), ())
 
     def backward(self, dout, q, k, v, out, lse, saved, plan):
-        """``(dq, dk, dv)``: see :meth:`Strategy.backward <cp_dtensor.attention.registry.Strategy.backward>`."""
+        """``(dq, dk, dv, dsinks)``: see :meth:`Strategy.backward <cp_dtensor.attention.registry.Strategy.backward>`."""
         return allgather_backward(dout, q, k, v, out, lse, plan)
 
 

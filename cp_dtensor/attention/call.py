@@ -15,6 +15,7 @@ global (padded) length, ``D`` head dim, ``P`` cp ranks.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,8 @@ import torch.distributed as dist
 
 from cp_dtensor.attention.checks import check_qkv, resolve_scale
 from cp_dtensor.comm.counter import record_comm
+from cp_dtensor.local.kernels import accum_dtype
+from cp_dtensor.local.logits import LogitSpec
 from cp_dtensor.positions import masks
 from cp_dtensor.positions.masks import MaskSpec, check_window, positions
 
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMMON_OPTIONS",
+    "TENSOR_OPTIONS",
     "AttentionCall",
     "AttentionOptions",
     "mask_spec",
@@ -58,6 +62,19 @@ class AttentionOptions:
             all-gather); also on with ``CP_DTENSOR_VALIDATE=1``. See :mod:`cp_dtensor.attention.debug`.
         debug_check: Recompute this rank's output with fp64 attention of the gathered sequence and
             warn on mismatch (small runs only); also on with ``CP_DTENSOR_DEBUG_CHECK=1``.
+        sinks: Attention sinks (GPT-OSS): one learned logit per query head ``(H,)`` in every row's
+            softmax denominator, with no value; differentiable (its gradient is this rank's share,
+            summed over ranks by the data-parallel reduction). See Note [Attention sinks] in
+            :mod:`cp_dtensor.local.merge`.
+        softcap: Logit soft-capping (Gemma 2): each logit ``s`` becomes ``softcap * tanh(s / softcap)``.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` in FlexAttention's form, on
+            GLOBAL query and key positions and global heads, applied after ``softcap``; written with
+            tensor operations (it is called on broadcast tensors of a tile). See Note [Score
+            functions under context parallelism] in :mod:`cp_dtensor.local.logits`.
+        mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` in FlexAttention's form, on GLOBAL
+            positions, and-ed with the other mask rules; tiles it hides are skipped. It must not
+            depend on ``h`` (every head shares the mask; use ``score_mod`` returning ``-inf`` for a
+            mask per head).
     """
 
     causal: bool = False
@@ -67,14 +84,21 @@ class AttentionOptions:
     seq_len: int | None = None
     validate: bool = False
     debug_check: bool = False
+    sinks: torch.Tensor | None = None
+    softcap: float | None = None
+    score_mod: Callable | None = None
+    mask_mod: Callable | None = None
 
     def static(self) -> dict[str, Any]:
-        """Every option but ``document_ids`` (the one tensor), as plain values."""
-        return {name: getattr(self, name) for name in COMMON_OPTIONS if name != "document_ids"}
+        """Every option but the tensors (``document_ids``, ``sinks``), as plain values."""
+        return {name: getattr(self, name) for name in COMMON_OPTIONS if name not in TENSOR_OPTIONS}
 
 
 COMMON_OPTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AttentionOptions))
 """The names of :class:`AttentionOptions`' fields (read once: ``torch.compile`` traces the executor)."""
+
+TENSOR_OPTIONS: tuple[str, ...] = ("document_ids", "sinks")
+"""The options that are tensors: inputs of the compiled operator, not constants of its graph."""
 
 
 def split_options(
@@ -116,8 +140,9 @@ class AttentionCall:
         seq_len: The global (padded) sequence length ``L = P * S``.
         causal: Causal masking on global positions.
         scale: The softmax scale (resolved: ``D ** -0.5`` by default).
-        mask: Causality, windows, documents and padding on global positions.
+        mask: Causality, windows, documents, padding and ``mask_mod`` on global positions.
         options: The strategy's own options (its ``Options`` dataclass).
+        logits: Soft-capping, ``score_mod`` and sinks (detached), or ``None`` for plain logits.
     """
 
     q: torch.Tensor
@@ -129,6 +154,7 @@ class AttentionCall:
     scale: float
     mask: MaskSpec
     options: Any = None
+    logits: LogitSpec | None = None
 
 
 def resolve_call(
@@ -163,11 +189,47 @@ def resolve_call(
         document_ids=common.document_ids,
         window=common.window,
         seq_len=common.seq_len,
+        mask_mod=common.mask_mod,
+        num_heads=q.shape[1],
     )
     seq_len = q.shape[2] * cp_group.size
     cp_group.runs(seq_len)  # raises ValueError if the local length does not fit the layout
     scale = resolve_scale(common.scale, q.shape[-1])
-    return AttentionCall(q, k, v, cp_group, seq_len, common.causal, scale, mask, options)
+    logits = logit_spec(q, sinks=common.sinks, softcap=common.softcap, score_mod=common.score_mod)
+    return AttentionCall(q, k, v, cp_group, seq_len, common.causal, scale, mask, options, logits)
+
+
+def logit_spec(
+    q_local: torch.Tensor,
+    *,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
+    score_mod: Callable | None = None,
+) -> LogitSpec | None:
+    """Validate the logit arguments of a call into a :class:`~cp_dtensor.local.logits.LogitSpec` (``None`` if none).
+
+    Raises:
+        ValueError: naming the bad argument and the expected form.
+    """
+    num_heads = q_local.shape[1]
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (num_heads,):
+            raise ValueError(
+                f"sinks must be a floating-point tensor of shape ({num_heads},) (one logit per query head on this "
+                f"rank), got {getattr(sinks, 'shape', sinks)!r}."
+            )
+        sinks = sinks.detach().to(q_local.device, accum_dtype(q_local.dtype))
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0 or softcap == float("inf")
+    ):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}.")
+    if score_mod is not None and not callable(score_mod):
+        raise ValueError(
+            f"score_mod must be None or a function (score, b, h, q_idx, kv_idx) -> score, got {score_mod!r}."
+        )
+    if sinks is None and softcap is None and score_mod is None:
+        return None
+    return LogitSpec(softcap=None if softcap is None else float(softcap), score_mod=score_mod, sinks=sinks)
 
 
 def mask_spec(
@@ -178,6 +240,8 @@ def mask_spec(
     document_ids: torch.Tensor | None = None,
     window: tuple[int | None, int | None] | None = None,
     seq_len: int | None = None,
+    mask_mod: Callable | None = None,
+    num_heads: int = 1,
 ) -> MaskSpec:
     """Validate the mask arguments of an attention call and build its :class:`MaskSpec`.
 
@@ -201,8 +265,11 @@ def mask_spec(
         if seq_len == total:
             seq_len = None
     tile = masks.DEFAULT_TILE  # read at call time: tests set small tiles
+    if mask_mod is not None:
+        masks.check_mask_mod(mask_mod, batch=batch, num_heads=num_heads, seq_len=total)
+    extra = dict(mask_mod=mask_mod, batch=batch) if mask_mod is not None else {}
     if document_ids is None:
-        return MaskSpec(causal=causal, window=window, seq_len=seq_len, tile=tile)
+        return MaskSpec(causal=causal, window=window, seq_len=seq_len, tile=tile, **extra)
     if not isinstance(document_ids, torch.Tensor) or document_ids.is_floating_point() or document_ids.dim() != 2:
         raise ValueError(
             "document_ids must be an integer tensor (batch, seq), got "
@@ -220,7 +287,7 @@ def mask_spec(
     else:  # a shard: gathered at every call (a collective is never skipped on some ranks only)
         # the collective runs on q's device
         ids = _gather_ids(cp_group, document_ids.to(q_local.device)).to("cpu", torch.int64)
-    return MaskSpec(causal=causal, window=window, document_ids=ids, seq_len=seq_len, tile=tile)
+    return MaskSpec(causal=causal, window=window, document_ids=ids, seq_len=seq_len, tile=tile, **extra)
 
 
 def _gather_ids(cp_group: ContextParallelGroup, ids_local: torch.Tensor) -> torch.Tensor:

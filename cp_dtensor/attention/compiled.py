@@ -24,15 +24,17 @@ static about a call travels as ONE string, a :class:`StaticCall` in JSON: the st
 group's :attr:`~cp_dtensor.ContextParallelGroup.key` (under which every group registers itself when
 it is made), the cp size, the Ulysses size and the layout (everything a fake output shape depends
 on, so that no graph cache, Inductor's on-disk one included, can hand a graph traced for one world to
-another), the common options but ``document_ids``, and the strategy's own options. The string is a
+another), the common options but the tensors, and the strategy's own options. The string is a
 constant of the traced program: the compiled graph guards on it, and a second step with new data of
-the same shapes runs the same graph, with no recompilation. ``document_ids`` is a tensor input, so
-new documents are new data, not a new graph; the operator builds the mask and its tile plans from it
+the same shapes runs the same graph, with no recompilation. ``document_ids`` and ``sinks`` are
+tensor inputs (the backward operator returns the sinks' gradient), so new documents are new data,
+not a new graph; the operator builds the mask and its tile plans from them
 at run time, on the host, exactly as eager does.
 
 The whole call runs inside the operator: the checks of :func:`~cp_dtensor.attention.call.resolve_call`
 (a ``ValueError`` is raised when the compiled step runs), ``validate`` and ``debug_check``. Not
-supported under compile, with a ``ValueError`` saying so: DTensor inputs (pass local shards, as
+supported under compile, with a ``ValueError`` saying so: ``score_mod`` and ``mask_mod`` (a Python
+function is not a constant a graph can hold), DTensor inputs (pass local shards, as
 :class:`~cp_dtensor.training.TransformerWithCP` does) and a
 :class:`~cp_dtensor.positions.layout.DocumentZigzag` layout (its segments change with every batch;
 use the default zigzag layout with ``document_ids``).
@@ -112,7 +114,14 @@ class StaticCall:
         return cls(**ast.literal_eval(text))
 
     def resolve(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None, *, checks: bool
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        document_ids: torch.Tensor | None,
+        sinks: torch.Tensor | None,
+        *,
+        checks: bool,
     ):
         """The strategy, its resolved call and its plan; ``checks`` runs ``check_call`` first.
 
@@ -122,7 +131,7 @@ class StaticCall:
         strategy = registered(self.strategy)
         cp_group = ContextParallelGroup.from_key(self.group).with_layout(self.layout)
         assert cp_group.size == self.cp_size, "a group key names one mesh"
-        common = AttentionOptions(document_ids=document_ids, **self.common)
+        common = AttentionOptions(document_ids=document_ids, sinks=sinks, **self.common)
         options = strategy.Options(**self.options)
         if checks:
             check_call(strategy.function, cp_group, q, k, v, common, options)
@@ -138,19 +147,24 @@ def _padded(saved: tuple[torch.Tensor, ...], like: torch.Tensor) -> list[torch.T
 
 @torch.library.custom_op("cp_dtensor::attention", mutates_args=())
 def _attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None, static: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    document_ids: torch.Tensor | None,
+    sinks: torch.Tensor | None,
+    static: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, lse, *saved, ids)``: ``ids`` the global ``(B, L)`` document ids the call resolved (empty for none)."""
     spec = StaticCall.decode(static)
-    strategy, call, plan = spec.resolve(q, k, v, document_ids, checks=True)
+    strategy, call, plan = spec.resolve(q, k, v, document_ids, sinks, checks=True)
     out, lse, saved = strategy.forward(call.q, call.k, call.v, plan)
     recheck_output(
         strategy.function, out, q, k, v, call.cp_group, debug_check=spec.common["debug_check"], scale=call.scale,
-        mask=call.mask,
+        mask=call.mask, logits=call.logits,
     )  # fmt: skip
     ids = call.mask.document_ids
     ids = torch.empty(0, dtype=torch.int64) if ids is None else ids
-    return _unaliased([out, lse, *_padded(saved, q), ids], (q, k, v, document_ids))
+    return _unaliased([out, lse, *_padded(saved, q), ids], (q, k, v, document_ids, sinks))
 
 
 def _unaliased(outputs: list[torch.Tensor], inputs: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor, ...]:
@@ -167,7 +181,7 @@ def _unaliased(outputs: list[torch.Tensor], inputs: tuple[torch.Tensor | None, .
 
 
 @_attention_op.register_fake
-def _(q, k, v, document_ids, static):
+def _(q, k, v, document_ids, sinks, static):
     spec = StaticCall.decode(static)
     strategy = registered(spec.strategy)
     cp_group = ContextParallelGroup.from_key(spec.group)
@@ -189,32 +203,39 @@ def _attention_backward_op(
     lse: torch.Tensor,
     saved: list[torch.Tensor],
     ids: torch.Tensor,
+    sinks: torch.Tensor | None,
     static: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` of ``cp_dtensor::attention``, from the forward's outputs and its global ids."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dsinks)`` of ``cp_dtensor::attention``, from the forward's outputs and its global ids.
+
+    ``dsinks`` is empty when the call has no sinks.
+    """
     spec = StaticCall.decode(static)
-    strategy, call, plan = spec.resolve(q, k, v, ids if ids.numel() else None, checks=False)
+    strategy, call, plan = spec.resolve(q, k, v, ids if ids.numel() else None, sinks, checks=False)
     saved = () if saved[0].numel() == 0 else tuple(saved)
-    dq, dk, dv = strategy.backward(dout, call.q, call.k, call.v, out, lse, saved, plan)
-    return _unaliased([dq, dk, dv], (dout, q, k, v, out, lse, *saved, ids))
+    dq, dk, dv, dsinks = strategy.backward(dout, call.q, call.k, call.v, out, lse, saved, plan)
+    dsinks = q.new_empty(0) if dsinks is None else dsinks.to(sinks.dtype)
+    return _unaliased([dq, dk, dv, dsinks], (dout, q, k, v, out, lse, *saved, ids, sinks))
 
 
 @_attention_backward_op.register_fake
-def _(dout, q, k, v, *_):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, q, k, v, out, lse, saved, ids, sinks, static):
+    dsinks = q.new_empty(0) if sinks is None else sinks.new_empty(sinks.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, _, static = inputs
+    q, k, v, _, sinks, static = inputs
     out, lse, *saved, ids = output
     ctx.save_for_backward(q, k, v, out, lse, ids, *saved)
-    ctx.static = static
+    ctx.sinks, ctx.static = sinks, static
 
 
 def _backward(ctx, dout, *_):
     q, k, v, out, lse, ids, *saved = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, saved, ids, ctx.static)
-    return dq, dk, dv, None, None
+    sinks = None if ctx.sinks is None else ctx.sinks.detach()
+    dq, dk, dv, dsinks = _attention_backward_op(dout, q, k, v, out, lse, saved, ids, sinks, ctx.static)
+    return dq, dk, dv, None, None if sinks is None else dsinks, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -239,7 +260,7 @@ def attention(
     Raises:
         ValueError: DTensor inputs or a layout that is not a name (not supported under compile).
     """
-    if any(isinstance(x, DTensor) for x in (q, k, v, common.document_ids)):
+    if any(isinstance(x, DTensor) for x in (q, k, v, common.document_ids, common.sinks)):
         raise ValueError(
             f"{strategy.function} under torch.compile takes local shards (cp_group.partition_sequence), not "
             "DTensors; call it eagerly for DTensor inputs."
@@ -252,6 +273,13 @@ def attention(
             f"{type(cp_group.layout).__name__}: its segments change with every batch. Use the zigzag layout "
             "with document_ids."
         )
+    functions = [name for name in ("score_mod", "mask_mod") if getattr(common, name) is not None]
+    if functions:
+        raise ValueError(
+            f"{strategy.function} under torch.compile does not take {' or '.join(functions)} (a Python function "
+            "cannot be a constant of the compiled graph); call attention eagerly (torch.compiler.disable on the "
+            "attention call) or use softcap, sinks and the mask arguments, which compile."
+        )
     static = dict(common.static(), window=check_window(common.window))
     spec = StaticCall(
         strategy=strategy.name,
@@ -262,5 +290,5 @@ def attention(
         common=static,
         options={name: getattr(options, name) for name in strategy.option_names},
     )
-    out, *_ = _attention_op(q, k, v, common.document_ids, spec.encode())
+    out, *_ = _attention_op(q, k, v, common.document_ids, common.sinks, spec.encode())
     return out

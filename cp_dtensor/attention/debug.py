@@ -4,10 +4,11 @@ Both are off by default (they communicate and compute more); every attention str
 
 * **validate** (``validate=True`` or ``CP_DTENSOR_VALIDATE=1``): before anything else, each rank of
   the cp group all-gathers a summary of its call (function, layout, cp size, the shape, dtype and
-  device type of every tensor, ``causal``, ``scale``, the mask arguments, the debug switch) with
+  device type of every tensor, ``causal``, ``scale``, the mask arguments, the names of score and mask
+  functions, the debug switch) with
   ``all_gather_object``. If any rank differs, every rank raises the same ``ValueError`` listing what
   differs per rank, instead of hanging in the ring or mixing mismatched data. A global
-  ``document_ids`` (``(B, L)``, the same on every rank) is compared by content too.
+  ``document_ids`` (``(B, L)``, the same on every rank) and the ``sinks`` are compared by content too.
 * **debug check** (``debug_check=True`` or ``CP_DTENSOR_DEBUG_CHECK=1``): after the forward, every
   rank all-gathers ``q``, ``k``, ``v``, recomputes fp64 attention of the whole sequence with
   :func:`cp_dtensor.reference.full_attention` and the call's mask, and warns (``RuntimeWarning``, naming the
@@ -33,6 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from cp_dtensor.attention.checks import check_group
 from cp_dtensor.comm.counter import record_comm
+from cp_dtensor.local.logits import LogitSpec
 from cp_dtensor.positions.masks import MaskSpec, positions
 from cp_dtensor.reference import full_attention  # the project's fp64 oracle, shipped inside the package
 
@@ -71,6 +73,8 @@ def _describe(value: object, content: bool = False) -> str:
             digest = hashlib.sha1(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:12]
             text += f" content sha1 {digest}"
         return text
+    if callable(value):  # a score or mask function: its name (its repr holds a per-process address)
+        return f"function {getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
 
@@ -92,7 +96,8 @@ def _summary(name: str, cp_group, q, k, v, args: dict) -> dict[str, str]:
     summary = {"function": name, "layout": repr(cp_group.layout), "cp size": str(cp_group.size)}
     summary.update({"q": _describe(q), "k": _describe(k), "v": _describe(v)})
     for key, value in args.items():
-        summary[key] = _describe(value, content=key == "document_ids" and _is_global_ids(value, q, cp_group.size))
+        content = key == "sinks" or (key == "document_ids" and _is_global_ids(value, q, cp_group.size))
+        summary[key] = _describe(value, content=content)
     return summary
 
 
@@ -167,6 +172,7 @@ def recheck_output(
     scale: float,
     causal: bool = False,
     mask: MaskSpec | None = None,
+    logits: LogitSpec | None = None,
 ) -> None:
     """The last line of every strategy: with the debug check on, compare ``out`` with an fp64 reference.
 
@@ -183,6 +189,7 @@ def recheck_output(
         scale: The resolved softmax scale.
         causal: Causal masking, when ``mask`` is not given.
         mask: Every visibility rule of the call (:class:`~cp_dtensor.positions.masks.MaskSpec`); default causal only.
+        logits: Soft-capping, ``score_mod`` and sinks of the call, or ``None``.
 
     Warns:
         RuntimeWarning: naming the rank, the max abs error and the tolerance, on mismatch.
@@ -196,7 +203,11 @@ def recheck_output(
         seq_len = q_full.shape[2]
         all_pos = torch.arange(seq_len)  # masks are evaluated on the host, like the ring's plans
         visible = mask.visible(all_pos, all_pos)[:, None].to(q_full.device)  # (B or 1, 1, L, L)
-        expected_full = full_attention(q_full, k_full, v_full, scale=scale, mask=visible)  # (B, H, L, D)
+        extra = {}
+        if logits is not None:
+            sinks = None if logits.sinks is None else logits.sinks.double()
+            extra = dict(sinks=sinks, softcap=logits.softcap, score_mod=logits.score_mod)
+        expected_full = full_attention(q_full, k_full, v_full, scale=scale, mask=visible, **extra)  # (B, H, L, D)
         expected = expected_full[:, :, positions(cp_group.runs(seq_len)).to(q_full.device)]  # this rank's rows
         error = (out.detach().double() - expected).abs().max().item()
         tolerance = DEBUG_CHECK_TOLERANCE[q.dtype] * max(1.0, v_full.abs().max().item())

@@ -24,7 +24,7 @@ from cp_dtensor.attention import compiled
 from cp_dtensor.attention.call import resolve_call, split_options
 from cp_dtensor.attention.debug import check_call, recheck_output
 from cp_dtensor.attention.registry import Strategy, registered
-from cp_dtensor.mesh.sharding import from_local_like, global_document_ids, to_local_checked
+from cp_dtensor.mesh.sharding import from_local_like, global_document_ids, local_sinks, to_local_checked
 
 if TYPE_CHECKING:
     from cp_dtensor.mesh.group import ContextParallelGroup
@@ -36,11 +36,13 @@ class _Attention(torch.autograd.Function):
     """Any strategy's local forward and backward as one autograd node."""
 
     @staticmethod
-    def forward(ctx, q, k, v, strategy: Strategy, plan: Any):
+    def forward(ctx, q, k, v, sinks, strategy: Strategy, plan: Any):
+        # ``sinks`` is an input for its gradient only: the plan holds the detached values it computes with
         with record_function(f"cp_dtensor.{strategy.name}.forward"):
             out, lse, saved = strategy.forward(q, k, v, plan)
         ctx.save_for_backward(q, k, v, out, lse, *saved)
         ctx.strategy, ctx.plan = strategy, plan
+        ctx.sinks_dtype = None if sinks is None else sinks.dtype
         return out
 
     @staticmethod
@@ -48,8 +50,9 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, *saved = ctx.saved_tensors
         with record_function(f"cp_dtensor.{ctx.strategy.name}.backward"):
-            dq, dk, dv = ctx.strategy.backward(dout, q, k, v, out, lse, tuple(saved), ctx.plan)
-        return dq, dk, dv, None, None
+            dq, dk, dv, dsinks = ctx.strategy.backward(dout, q, k, v, out, lse, tuple(saved), ctx.plan)
+        dsinks = None if dsinks is None or ctx.sinks_dtype is None else dsinks.to(ctx.sinks_dtype)
+        return dq, dk, dv, dsinks, None, None
 
 
 def execute(
@@ -84,10 +87,12 @@ def execute(
     check_call(strategy.function, cp_group, q, k, v, common, options)
     (q_l, k_l, v_l), like = to_local_checked((q, k, v), cp_group, seq_dim=2)
     local = dataclasses.replace(common, document_ids=global_document_ids(common.document_ids, cp_group))
+    sinks = local_sinks(common.sinks)
+    local = dataclasses.replace(local, sinks=sinks)
     call = resolve_call(q_l, k_l, v_l, cp_group, local, options)
-    out = _Attention.apply(call.q, call.k, call.v, strategy, strategy.plan(call))
+    out = _Attention.apply(call.q, call.k, call.v, sinks, strategy, strategy.plan(call))
     recheck_output(
         strategy.function, out, q_l, k_l, v_l, cp_group, debug_check=common.debug_check, scale=call.scale,
-        mask=call.mask,
+        mask=call.mask, logits=call.logits,
     )  # fmt: skip
     return from_local_like(out, like)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from cp_dtensor.attention.registry import register
 from cp_dtensor.attention.ring import RingPlan
-from cp_dtensor.attention.ulysses import HeadExchange, HeadStrategy, check_heads
+from cp_dtensor.attention.ulysses import HeadExchange, HeadStrategy, check_heads, head_logits
 
 if TYPE_CHECKING:
     from cp_dtensor.attention.call import AttentionCall
@@ -77,6 +77,7 @@ class Hybrid(HeadStrategy):
             causal=call.causal,
             scale=call.scale,
             mask=call.mask,
+            logits=head_logits(call, u, cp_group.ulysses_mesh.get_local_rank()),
         )
         return exchange, plan
 

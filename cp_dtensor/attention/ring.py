@@ -55,8 +55,10 @@ from cp_dtensor.attention.registry import Strategy, register
 from cp_dtensor.comm.p2p import RingAttentionCommunicator
 from cp_dtensor.local.block_loop import backward_blocks, forward_blocks
 from cp_dtensor.local.kernels import accum_dtype
+from cp_dtensor.local.logits import BoundLogits, LogitSpec
+from cp_dtensor.local.merge import add_sinks, sink_grad
 from cp_dtensor.positions.layout import Run, shard_runs
-from cp_dtensor.positions.masks import MaskSpec, window_hides_block
+from cp_dtensor.positions.masks import MaskSpec, positions, window_hides_block
 from cp_dtensor.positions.tiles import KernelCall, TilePlanner, tile_planner
 
 if TYPE_CHECKING:
@@ -82,6 +84,7 @@ class RingPlan:
         mask: Windows, documents and padding (see :mod:`cp_dtensor.positions.masks`); ``None`` for none.
         batched: Post each rotation as one ``batch_isend_irecv`` (``True``) or lone ``isend``/``irecv``
             (``False``); ``None`` decides by backend (Note [Point-to-point on NCCL] in :mod:`cp_dtensor.comm.p2p`).
+        logits: Soft-capping, a score function and sinks of the heads this ring attends with, or ``None``.
     """
 
     group: dist.ProcessGroup | None
@@ -93,16 +96,25 @@ class RingPlan:
     scale: float
     mask: MaskSpec | None = None
     batched: bool | None = None
+    logits: LogitSpec | None = None
     _planner: TilePlanner | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def one_rank(
-        cls, q_runs: list[Run], kv_runs: list[Run], *, causal: bool, scale: float, mask: MaskSpec | None = None
+        cls,
+        q_runs: list[Run],
+        kv_runs: list[Run],
+        *,
+        causal: bool,
+        scale: float,
+        mask: MaskSpec | None = None,
+        logits: LogitSpec | None = None,
     ) -> RingPlan:
         """A ring of one rank: local queries at ``q_runs`` against one K/V block at ``kv_runs``, no sends."""
         return cls(
-            group=None, rank=0, size=1, q_runs=q_runs, kv_runs=lambda _: kv_runs, causal=causal, scale=scale, mask=mask
-        )
+            group=None, rank=0, size=1, q_runs=q_runs, kv_runs=lambda _: kv_runs, causal=causal, scale=scale,
+            mask=mask, logits=logits,
+        )  # fmt: skip
 
     def calls(self, step: int) -> list[KernelCall]:
         """The kernel calls of ``step`` (local queries against the block of rank ``rank - step``) with their masks.
@@ -113,6 +125,17 @@ class RingPlan:
         if self._planner is None:
             self._planner = tile_planner(self.mask)
         return self._planner.calls(self.q_runs, self.kv_runs((self.rank - step) % self.size), self.causal)
+
+    def bound_logits(self, step: int) -> BoundLogits | None:
+        """:attr:`logits` at the global positions of the local queries and the block of ``step``."""
+        if self.logits is None or not self.logits.tiled:
+            return None
+        return self.logits.bind(positions(self.q_runs), positions(self.kv_runs((self.rank - step) % self.size)))
+
+    @property
+    def sinks(self) -> torch.Tensor | None:
+        """The sink logits of this ring's heads ``(H,)``, or ``None``."""
+        return None if self.logits is None else self.logits.sinks
 
     @property
     def num_steps(self) -> int:
@@ -156,9 +179,11 @@ def ring_forward(
     for step in range(num_steps):
         if step + 1 < num_steps:
             comm.ring_forward(kv)  # the next block travels while we compute on this one
-        forward_blocks(q, kv[0], kv[1], plan.calls(step), plan.scale, out, lse, merged)
+        forward_blocks(q, kv[0], kv[1], plan.calls(step), plan.scale, out, lse, merged, plan.bound_logits(step))
         if step + 1 < num_steps:
             kv = comm.wait()
+    if plan.sinks is not None:  # one correction after every block: Note [Attention sinks]
+        add_sinks(out, lse, plan.sinks)
     return out.to(q.dtype), lse
 
 
@@ -183,7 +208,8 @@ def ring_backward(
         plan: The ring's ranks and layout.
 
     Returns:
-        ``(dq, dk, dv)`` in the dtypes of ``q``, ``k``, ``v``.
+        ``(dq, dk, dv, dsinks)``: the gradients in the dtypes of ``q``, ``k``, ``v``; ``dsinks`` ``(H,)``
+        this rank's share of the sinks' gradient (Note [Attention sinks]), ``None`` without sinks.
     """
     kv_comm = RingAttentionCommunicator(plan.group, "ring_send", batched=plan.batched)
     grad_comm = RingAttentionCommunicator(plan.group, "ring_send_grad", batched=plan.batched)
@@ -197,7 +223,8 @@ def ring_backward(
             kv_comm.ring_forward(kv)
         dk_blk = torch.zeros(k.shape, dtype=acc, device=k.device)  # (B, H_kv, S_kv, D)
         dv_blk = torch.zeros(v.shape, dtype=acc, device=v.device)
-        backward_blocks(dout, q, kv[0], kv[1], out, lse, plan.calls(step), plan.scale, (dq, dk_blk, dv_blk))
+        grads = (dq, dk_blk, dv_blk)
+        backward_blocks(dout, q, kv[0], kv[1], out, lse, plan.calls(step), plan.scale, grads, plan.bound_logits(step))
         if step > 0:  # the accumulator of this block, filled by the ranks it visited before
             dk_in, dv_in = grad_comm.wait()
             dk_blk += dk_in
@@ -211,11 +238,17 @@ def ring_backward(
             kv = kv_comm.wait()
     if plan.size > 1 and num_steps > 1:
         dk_blk, dv_blk = grad_comm.wait()
-    return dq.to(q.dtype), dk_blk.to(k.dtype), dv_blk.to(v.dtype)
+    dsinks = None if plan.sinks is None else sink_grad(dout, out, lse, plan.sinks)
+    return dq.to(q.dtype), dk_blk.to(k.dtype), dv_blk.to(v.dtype), dsinks
 
 
 def make_plan(
-    cp_group: ContextParallelGroup, seq_len_local: int, causal: bool, scale: float, mask: MaskSpec | None = None
+    cp_group: ContextParallelGroup,
+    seq_len_local: int,
+    causal: bool,
+    scale: float,
+    mask: MaskSpec | None = None,
+    logits: LogitSpec | None = None,
 ) -> RingPlan:
     """The :class:`RingPlan` of ``cp_group`` for local shards of ``seq_len_local`` tokens."""
     size, rank = cp_group.size, cp_group.rank  # read the mesh once, not at every step
@@ -230,6 +263,7 @@ def make_plan(
         causal=causal,
         scale=scale,
         mask=mask,
+        logits=logits,
     )
 
 
@@ -259,7 +293,7 @@ class Ring(Strategy):
         batched = call.options.batched_p2p
         if batched is not None and not isinstance(batched, bool):
             raise ValueError(f"batched_p2p must be None, True or False, got {batched!r}.")
-        plan = make_plan(call.cp_group, call.q.shape[2], call.causal, call.scale, call.mask)
+        plan = make_plan(call.cp_group, call.q.shape[2], call.causal, call.scale, call.mask, call.logits)
         return dataclasses.replace(plan, batched=batched)
 
     def forward(self, q, k, v, plan):
@@ -267,7 +301,7 @@ class Ring(Strategy):
         return (*ring_forward(q, k, v, plan), ())
 
     def backward(self, dout, q, k, v, out, lse, saved, plan):
-        """``(dq, dk, dv)``: see :meth:`Strategy.backward <cp_dtensor.attention.registry.Strategy.backward>`."""
+        """``(dq, dk, dv, dsinks)``: see :meth:`Strategy.backward <cp_dtensor.attention.registry.Strategy.backward>`."""
         return ring_backward(dout, q, k, v, out, lse, plan)
 
 

@@ -43,6 +43,7 @@ from cp_dtensor.attention.registry import Strategy, register
 from cp_dtensor.attention.ring import RingPlan, ring_backward, ring_forward
 from cp_dtensor.comm.collectives import all_to_all
 from cp_dtensor.local.kernels import accum_dtype
+from cp_dtensor.local.logits import LogitSpec
 from cp_dtensor.positions.layout import Run
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ __all__ = [
     "HeadStrategy",
     "Ulysses",
     "check_heads",
+    "head_logits",
     "heads_backward",
     "heads_forward",
     "kv_replication",
@@ -221,16 +223,23 @@ def heads_backward(
         plan: The ring over the groups.
 
     Returns:
-        ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v``; the gradients of repeated K/V heads summed.
+        ``(dq, dk, dv, dsinks)``: shaped like ``q``, ``k``, ``v``, the gradients of repeated K/V heads
+        summed; ``dsinks`` ``(H,)`` this rank's share of the sinks' gradient (zero outside its head
+        group), ``None`` without sinks.
     """
     q_h, k_h, v_h, out_h = saved or (q, k, v, out)
     (dout_h,) = exchange.to_heads([dout])
-    dq_h, dk_h, dv_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse_h, plan)
+    dq_h, dk_h, dv_h, dsinks_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse_h, plan)
     dq, dk, dv = exchange.to_sequences([dq_h, dk_h, dv_h])  # one all-to-all, as autograd does in eager mode
     r = kv_replication(k.shape[1], exchange.size)
     if r > 1:  # head i * r + j is copy j of K/V head i
         dk, dv = dk.unflatten(1, (-1, r)).sum(2), dv.unflatten(1, (-1, r)).sum(2)
-    return dq, dk, dv
+    dsinks = None
+    if dsinks_h is not None:  # this rank attended with heads head_offset .. head_offset + h - 1
+        dsinks = dsinks_h.new_zeros(q.shape[1])
+        offset = plan.logits.head_offset
+        dsinks[offset : offset + len(dsinks_h)] = dsinks_h
+    return dq, dk, dv, dsinks
 
 
 def heads_fake(q: torch.Tensor, k: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -246,6 +255,14 @@ def heads_fake(q: torch.Tensor, k: torch.Tensor, size: int) -> tuple[torch.Tenso
     return q.new_empty(b, h // size, size * s, dtype=acc), (q_h, kv_h, torch.empty_like(kv_h), torch.empty_like(q_h))
 
 
+def head_logits(call: AttentionCall, size: int, member: int) -> LogitSpec | None:
+    """The call's logit spec for the head group of ``member`` of an exchange of ``size`` ranks."""
+    if call.logits is None:
+        return None
+    heads = call.q.shape[1] // size
+    return call.logits.for_heads(member * heads, heads)
+
+
 class HeadStrategy(Strategy):
     """A strategy that exchanges token shards for head shards around a ring (Ulysses, hybrid).
 
@@ -257,7 +274,7 @@ class HeadStrategy(Strategy):
         return heads_forward(q, k, v, *plan)
 
     def backward(self, dout, q, k, v, out, lse, saved, plan):
-        """``(dq, dk, dv)``: see :meth:`Strategy.backward <cp_dtensor.attention.registry.Strategy.backward>`."""
+        """``(dq, dk, dv, dsinks)``: see :meth:`Strategy.backward <cp_dtensor.attention.registry.Strategy.backward>`."""
         return heads_backward(dout, q, k, v, out, lse, saved, *plan)
 
     def exchange_size(self, cp_group: ContextParallelGroup) -> int:
@@ -290,7 +307,10 @@ class Ulysses(HeadStrategy):
             group=cp_group.process_group if cp_group.size > 1 else None,
             member_runs=tuple(tuple(cp_group.runs(call.seq_len, r)) for r in range(cp_group.size)),
         )
-        plan = RingPlan.one_rank(exchange.runs, exchange.runs, causal=call.causal, scale=call.scale, mask=call.mask)
+        plan = RingPlan.one_rank(
+            exchange.runs, exchange.runs, causal=call.causal, scale=call.scale, mask=call.mask,
+            logits=head_logits(call, exchange.size, cp_group.rank),
+        )  # fmt: skip
         return exchange, plan
 
 

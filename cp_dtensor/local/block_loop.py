@@ -15,6 +15,7 @@ import torch
 from torch.profiler import record_function
 
 from cp_dtensor.local.kernels import block_backward, block_forward
+from cp_dtensor.local.logits import BoundLogits
 from cp_dtensor.local.merge import merge_into
 from cp_dtensor.positions.tiles import KernelCall
 
@@ -30,6 +31,7 @@ def forward_blocks(
     out: torch.Tensor,
     lse: torch.Tensor,
     merged: torch.Tensor,
+    logits: BoundLogits | None = None,
 ) -> None:
     """Attend ``q`` to one K/V block through ``calls`` and merge the results into ``out`` and ``lse``.
 
@@ -43,12 +45,15 @@ def forward_blocks(
         lse: Running log-sum-exp ``(B, H, S)``, updated in place.
         merged: Host bool ``(S,)``: rows some call was merged into; updated in place. The first merge
             into a row is told so from here, so the merge never reads ``lse`` back from the device.
+        logits: Soft-capping or a score function at the global positions of ``q``'s rows and the
+            block's keys, or ``None``.
     """
     for blk, mask in calls:
         with record_function("cp_dtensor.ring.attn_block"):
             block_out, block_lse = block_forward(
-                q[:, :, blk.q], k[:, :, blk.kv], v[:, :, blk.kv], causal=blk.causal, scale=scale, mask=mask
-            )
+                q[:, :, blk.q], k[:, :, blk.kv], v[:, :, blk.kv], causal=blk.causal, scale=scale, mask=mask,
+                logits=None if logits is None else logits.sliced(blk.q, blk.kv),
+            )  # fmt: skip
         with record_function("cp_dtensor.ring.merge"):
             first = not bool(merged[blk.q].any())
             merge_into(out[:, :, blk.q], lse[:, :, blk.q], block_out, block_lse, first=first)
@@ -65,6 +70,7 @@ def backward_blocks(
     calls: list[KernelCall],
     scale: float,
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    logits: BoundLogits | None = None,
 ) -> None:
     """Add the gradients of every call of one K/V block into ``grads``.
 
@@ -78,6 +84,7 @@ def backward_blocks(
         calls: The planned kernel calls, as in the forward.
         scale: Softmax scale.
         grads: ``(dq, dk, dv)`` accumulators shaped like ``q``, ``k``, ``v``, updated in place.
+        logits: As in :func:`forward_blocks`.
     """
     dq, dk, dv = grads
     for blk, mask in calls:
@@ -92,6 +99,7 @@ def backward_blocks(
                 causal=blk.causal,
                 scale=scale,
                 mask=mask,
+                logits=None if logits is None else logits.sliced(blk.q, blk.kv),
             )
         dq[:, :, blk.q] += dq_b
         dk[:, :, blk.kv] += dk_b

@@ -8,6 +8,9 @@ local queries and a visiting K/V block. They never build a score matrix on the f
   ``aten._scaled_dot_product_efficient_attention``.
 * Anything else (other devices, CUDA fp64, masked calls on CUDA): :func:`_math_forward`, an explicit per-block softmax
   whose memory is ``O(S_q_block * S_k_block)`` (one block, never the whole sequence).
+* Calls whose logits are soft-capped or changed by a score function, on any device:
+  :func:`cp_dtensor.local.logits.tiled_forward`, tile by tile (Note [Score functions under context
+  parallelism] there).
 
 Conventions shared with the rest of the package: tensors are ``(B, H, S, D)`` (SDPA layout); ``lse``
 is ``(B, H, S_q)`` in fp32 (fp64 for fp64 inputs) and is ``-inf`` for a query row that sees no key in
@@ -28,6 +31,8 @@ square causal calls (:func:`cp_dtensor.positions.blocks.plan_blocks`), so this c
 from __future__ import annotations
 
 import torch
+
+from cp_dtensor.local.logits import BoundLogits, tiled_backward, tiled_forward
 
 __all__ = ["block_forward", "block_backward", "accum_dtype"]
 
@@ -66,6 +71,10 @@ def _rows(mask: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | No
 def _cols(mask: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
     """Key columns ``start:stop`` of a mask broadcastable to ``(B, H, S_q, S_k)``."""
     return mask if mask is None or mask.shape[-1] == 1 else mask[..., start:stop]
+
+
+def _sliced(logits: BoundLogits | None, rows: slice, cols: slice) -> BoundLogits | None:
+    return None if logits is None else logits.sliced(rows, cols)
 
 
 def _use_math(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -120,6 +129,7 @@ def block_forward(
     causal: bool,
     scale: float,
     mask: torch.Tensor | None = None,
+    logits: BoundLogits | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over one K/V block, with the block's log-sum-exp.
 
@@ -131,6 +141,7 @@ def block_forward(
         scale: Softmax scale (usually ``D ** -0.5``).
         mask: Optional bool mask broadcastable to ``(B, H, S_q, S_k)``, True where visible; on any
             device (the ring's plans build masks on the CPU), copied to ``q``'s.
+        logits: Soft-capping or a score function at the call's global positions, or ``None``.
 
     Returns:
         ``(out, lse)``: ``out`` ``(B, H, S_q, D)`` in ``q``'s dtype (0 for rows with no visible key)
@@ -141,12 +152,28 @@ def block_forward(
         mask = mask.to(q.device, non_blocking=True)
     if causal and sq != sk:  # see Note [Non-square causal calls]
         if sq < sk:  # keys past the last query are hidden from every row
-            return block_forward(q, k[:, :, :sq], v[:, :, :sq], causal=True, scale=scale, mask=_cols(mask, 0, sq))
-        out_a, lse_a = block_forward(q[:, :, :sk], k, v, causal=True, scale=scale, mask=_rows(mask, 0, sk))
-        out_b, lse_b = block_forward(q[:, :, sk:], k, v, causal=False, scale=scale, mask=_rows(mask, sk, sq))
+            return block_forward(
+                q, k[:, :, :sq], v[:, :, :sq], causal=True, scale=scale, mask=_cols(mask, 0, sq),
+                logits=_sliced(logits, slice(None), slice(0, sq)),
+            )  # fmt: skip
+        a, b = slice(0, sk), slice(sk, sq)
+        out_a, lse_a = block_forward(
+            q[:, :, a], k, v, causal=True, scale=scale, mask=_rows(mask, 0, sk), logits=_sliced(logits, a, slice(None))
+        )
+        out_b, lse_b = block_forward(
+            q[:, :, b],
+            k,
+            v,
+            causal=False,
+            scale=scale,
+            mask=_rows(mask, sk, sq),
+            logits=_sliced(logits, b, slice(None)),
+        )
         return torch.cat([out_a, out_b], dim=2), torch.cat([lse_a, lse_b], dim=2)
     num_heads = q.shape[1]
     k, v = _expand_kv(k, num_heads), _expand_kv(v, num_heads)
+    if logits is not None:
+        return tiled_forward(q, k, v, causal=causal, scale=scale, mask=mask, logits=logits)
     if _use_math(q, mask):
         return _math_forward(q, k, v, causal, scale, mask)
     if q.device.type == "cpu":
@@ -178,6 +205,7 @@ def block_backward(
     causal: bool,
     scale: float,
     mask: torch.Tensor | None = None,
+    logits: BoundLogits | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block's contribution, given the FINAL output and log-sum-exp of the rows.
 
@@ -195,6 +223,7 @@ def block_backward(
         causal: As in :func:`block_forward`.
         scale: As in :func:`block_forward`.
         mask: As in :func:`block_forward`.
+        logits: As in :func:`block_forward`.
 
     Returns:
         ``(dq, dk, dv)`` with the shapes and dtypes of ``q``, ``k``, ``v``.
@@ -206,21 +235,28 @@ def block_backward(
         kw = dict(scale=scale)
         if sq < sk:
             dq, dk, dv = block_backward(
-                dout, q, k[:, :, :sq], v[:, :, :sq], out, lse, causal=True, mask=_cols(mask, 0, sq), **kw
-            )
+                dout, q, k[:, :, :sq], v[:, :, :sq], out, lse, causal=True, mask=_cols(mask, 0, sq),
+                logits=_sliced(logits, slice(None), slice(0, sq)), **kw,
+            )  # fmt: skip
             pad = (0, 0, 0, sk - sq)  # the hidden keys get gradient 0
             return dq, torch.nn.functional.pad(dk, pad), torch.nn.functional.pad(dv, pad)
         a, b = slice(0, sk), slice(sk, sq)
         dq_a, dk_a, dv_a = block_backward(
-            dout[:, :, a], q[:, :, a], k, v, out[:, :, a], lse[:, :, a], causal=True, mask=_rows(mask, 0, sk), **kw
-        )
+            dout[:, :, a], q[:, :, a], k, v, out[:, :, a], lse[:, :, a], causal=True, mask=_rows(mask, 0, sk),
+            logits=_sliced(logits, a, slice(None)), **kw,
+        )  # fmt: skip
         dq_b, dk_b, dv_b = block_backward(
-            dout[:, :, b], q[:, :, b], k, v, out[:, :, b], lse[:, :, b], causal=False, mask=_rows(mask, sk, sq), **kw
-        )
+            dout[:, :, b], q[:, :, b], k, v, out[:, :, b], lse[:, :, b], causal=False, mask=_rows(mask, sk, sq),
+            logits=_sliced(logits, b, slice(None)), **kw,
+        )  # fmt: skip
         return torch.cat([dq_a, dq_b], dim=2), dk_a + dk_b, dv_a + dv_b
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     k_exp, v_exp = _expand_kv(k, num_heads), _expand_kv(v, num_heads)
     # Rows that see nothing: any finite lse gives probabilities 0. The kernels want fp32 (fp64 for fp64).
+    if logits is not None:
+        grads = tiled_backward(dout, q, k_exp, v_exp, out, lse, causal=causal, scale=scale, mask=mask, logits=logits)
+        dq, dk, dv = (g.to(q.dtype) for g in grads)
+        return dq, _reduce_kv_grad(dk, num_kv_heads), _reduce_kv_grad(dv, num_kv_heads)
     lse = lse.nan_to_num(neginf=0.0).to(accum_dtype(q.dtype))
     if _use_math(q, mask):
         dq, dk, dv = (g.to(q.dtype) for g in _math_backward(dout, q, k_exp, v_exp, out, lse, causal, scale, mask))

@@ -49,6 +49,7 @@ __all__ = [
     "to_local_checked",
     "from_local_like",
     "global_document_ids",
+    "local_sinks",
 ]
 
 
@@ -164,3 +165,11 @@ def global_document_ids(document_ids: torch.Tensor | None, cp_group: ContextPara
         local = document_ids.to_local()
         record_comm("mask_gather", local.numel() * local.element_size() * (cp_group.size - 1))
     return document_ids.full_tensor()
+
+
+def local_sinks(sinks: torch.Tensor | None) -> torch.Tensor | None:
+    """``sinks`` as the call attends with them: a DTensor becomes its local heads (differentiably).
+
+    A tensor-parallel parameter is sharded over heads, as the queries are; a plain tensor passes through.
+    """
+    return sinks.to_local() if isinstance(sinks, DTensor) else sinks

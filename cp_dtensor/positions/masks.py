@@ -6,7 +6,9 @@ A query at global position ``i`` of batch row ``b`` may attend to the key at pos
 * ``window = (left, right)`` is unset, or ``i - left <= j <= i + right`` (``None`` = unbounded side);
 * ``document_ids`` is unset, or ``doc[b, i] == doc[b, j] >= 0`` (a negative id marks padding: it
   neither attends nor is attended to);
-* ``seq_len`` is unset, or both ``i`` and ``j`` are ``< seq_len`` (the rest is padding).
+* ``seq_len`` is unset, or both ``i`` and ``j`` are ``< seq_len`` (the rest is padding);
+* ``mask_mod`` is unset, or ``mask_mod(b, h, i, j)`` is True (FlexAttention's form, on global
+  positions; one mask for every head).
 
 The tile plans that skip what a mask hides are made in :mod:`cp_dtensor.positions.tiles`.
 
@@ -17,6 +19,7 @@ corrects it), and a row that sees no key at all ends with output 0 and gradient 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +28,7 @@ from cp_dtensor.positions.layout import Run
 
 __all__ = [
     "MaskSpec",
+    "check_mask_mod",
     "check_window",
     "document_ids_from_cu_seqlens",
     "positions",
@@ -86,6 +90,9 @@ class MaskSpec:
         document_ids: ``(B, L)`` integer ids in GLOBAL order, or ``None``.
         seq_len: Number of real tokens (positions ``>= seq_len`` are padding), or ``None``.
         tile: Tile edge used to find hidden and fully visible regions.
+        mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` on global positions (see
+            :func:`check_mask_mod`), or ``None``.
+        batch: Batch rows ``B`` (the range of ``b`` passed to ``mask_mod``).
     """
 
     causal: bool
@@ -93,11 +100,13 @@ class MaskSpec:
     document_ids: torch.Tensor | None = None
     seq_len: int | None = None
     tile: int = DEFAULT_TILE
+    mask_mod: Callable | None = None
+    batch: int = 1
 
     @property
     def only_causal(self) -> bool:
-        """True when the plain causal plan is exact (no window, documents or padding)."""
-        return self.window is None and self.document_ids is None and self.seq_len is None
+        """True when the plain causal plan is exact (no window, documents, padding or ``mask_mod``)."""
+        return self.window is None and self.document_ids is None and self.seq_len is None and self.mask_mod is None
 
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """Visibility of every (query, key) pair: bool ``(B or 1, n_q, n_k)``.
@@ -122,6 +131,8 @@ class MaskSpec:
         if self.document_ids is not None:
             doc_q, doc_k = self.document_ids[:, q_pos], self.document_ids[:, k_pos]  # (B, n_q), (B, n_k)
             vis = vis & (doc_q[:, :, None] == doc_k[:, None, :]) & (doc_q[:, :, None] >= 0)
+        if self.mask_mod is not None:
+            vis = vis & _eval_mask_mod(self.mask_mod, self.batch, None, q_pos, k_pos)[:, 0]
         return vis
 
     @functools.cached_property
@@ -160,6 +171,8 @@ class MaskSpec:
             ``(lo, hi)``, int64 ``(B or 1, n_q)`` each, inclusive; ``lo > hi`` for a row that sees
             nothing. ``None`` when some document is not contiguous (use :meth:`visible`).
         """
+        if self.mask_mod is not None:  # an arbitrary function: evaluated pair by pair
+            return None
         lo = torch.zeros(len(q_pos), dtype=torch.long, device=q_pos.device)
         hi = torch.full((len(q_pos),), 2**62, dtype=torch.long, device=q_pos.device)
         if self.causal:
@@ -180,6 +193,41 @@ class MaskSpec:
             lo = torch.maximum(lo, bounds[0][:, q_pos])  # (B, n_q)
             hi = torch.where(self.document_ids[:, q_pos] >= 0, torch.minimum(hi, bounds[1][:, q_pos]), -1)
         return lo, hi
+
+
+def _eval_mask_mod(
+    mask_mod: Callable, batch: int, num_heads: int | None, q_pos: torch.Tensor, k_pos: torch.Tensor
+) -> torch.Tensor:
+    """``mask_mod`` on broadcast indices: bool ``(B, H or 1, n_q, n_k)``; ``h`` is 0 when ``num_heads`` is ``None``."""
+    b = torch.arange(batch).view(-1, 1, 1, 1)
+    h = torch.zeros((), dtype=torch.long) if num_heads is None else torch.arange(num_heads).view(1, -1, 1, 1)
+    result = mask_mod(b, h, q_pos.view(1, 1, -1, 1), k_pos.view(1, 1, 1, -1))
+    if not isinstance(result, torch.Tensor) or result.dtype != torch.bool:
+        raise ValueError(
+            "mask_mod(b, h, q_idx, kv_idx) must return a bool tensor (written with tensor operations, as "
+            f"FlexAttention's mask_mod), got {type(result).__name__} {getattr(result, 'dtype', '')}."
+        )
+    return result.expand(batch, result.shape[1] if result.dim() == 4 else 1, len(q_pos), len(k_pos))
+
+
+def check_mask_mod(mask_mod: Callable, *, batch: int, num_heads: int, seq_len: int) -> None:
+    """Check that ``mask_mod`` is a function of the indices that returns one bool mask for every head.
+
+    It is evaluated on a grid of up to 16 x 16 positions spread over the sequence, for every batch
+    row and head: the same on every rank, so a rank never raises alone.
+
+    Raises:
+        ValueError: ``mask_mod`` is not callable, does not return a bool tensor, or depends on ``h``.
+    """
+    if not callable(mask_mod):
+        raise ValueError(f"mask_mod must be None or a function (b, h, q_idx, kv_idx) -> bool, got {mask_mod!r}.")
+    probe = torch.linspace(0, seq_len - 1, min(16, seq_len)).long()
+    grid = _eval_mask_mod(mask_mod, batch, num_heads, probe, probe)  # (B, H or 1, 16, 16)
+    if not bool((grid == grid[:, :1]).all()):
+        raise ValueError(
+            "mask_mod depends on the head index h; every head shares the mask here. Write the head-dependent "
+            "part as a score_mod that returns -inf where a pair is hidden."
+        )
 
 
 def positions(runs: list[Run]) -> torch.Tensor:

@@ -26,7 +26,8 @@ Note [Reusing tile plans across layers]
 A model passes the same mask arguments to every layer's attention call, and planning the tiles
 again for each layer is most of a masked call's host time. :func:`tile_planner` therefore returns
 the previous call's :class:`TilePlanner` (and the plans it holds) when the mask has the same
-content: the same causal, window, seq_len and tile, and document ids equal element by element to a
+content: the same causal, window, seq_len and tile, the same ``mask_mod`` function object (a new rule
+needs a new function), and document ids equal element by element to a
 private copy the planner took. Comparing the content (one pass over ``B * L`` integers per call)
 rather than the tensor's identity or version counter is what makes reuse safe: an edit through
 ``.data``, a numpy view or another tensor sharing the storage bumps no version counter. The cache
@@ -198,6 +199,8 @@ class TilePlanner:
         if mine is None or mask is None:
             return mine is mask
         if (mine.causal, mine.window, mine.seq_len, mine.tile) != (mask.causal, mask.window, mask.seq_len, mask.tile):
+            return False
+        if mine.mask_mod is not mask.mask_mod or mine.batch != mask.batch:
             return False
         ids = mask.document_ids
         if self._ids is None or ids is None:
