@@ -21,9 +21,11 @@ and must return ``(output (B, S, H, D), attention_weights or None)``. Each argum
 rejected, never dropped:
 
 * ``scaling`` -> ``scale``; ``sliding_window=w`` (transformers: a query sees itself and the ``w - 1``
-  keys before it) -> ``window=(w - 1, 0)``; ``is_causal`` or ``module.is_causal`` -> ``causal``.
-* ``dropout > 0``, ``softcap`` (Gemma 2), ``s_aux`` (attention sinks), ``output_attentions=True``,
-  flash-attention varlen arguments (``cu_seq_lens_q`` ...) and a 4-D ``attention_mask``: ValueError.
+  keys before it) -> ``window=(w - 1, 0)``; ``is_causal`` or ``module.is_causal`` -> ``causal``;
+  ``softcap`` (Gemma 2's logit soft-capping) -> ``softcap``; ``s_aux`` (GPT-OSS's attention sinks,
+  one learned logit per head) -> ``sinks``, whose gradient flows to the model's parameter.
+* ``dropout > 0``, ``output_attentions=True``, flash-attention varlen arguments (``cu_seq_lens_q``
+  ...) and a 4-D ``attention_mask``: ValueError.
   A 2-D padding mask is rejected earlier, when the model builds its masks (our mask function);
   express padding and packing as documents instead (:func:`~cp_dtensor.integrations.batch.shard_batch`).
 * Arguments that belong to the model, not the attention (``position_ids``, already used by RoPE;
@@ -49,8 +51,16 @@ PREFIX = "cp_"
 ATTENTION_NAMES: dict[str, str] = {PREFIX + name: name for name in STRATEGIES}
 """``attn_implementation`` name -> strategy, e.g. ``"cp_ring" -> "ring"``."""
 
-REJECTED = ("s_aux", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-ACCEPTED = ("position_ids", "use_cache", "shift_labels", "num_items_in_batch", "output_hidden_states", "return_dict")
+REJECTED = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+ACCEPTED = (
+    "position_ids",
+    "use_cache",
+    "shift_labels",
+    "num_items_in_batch",
+    "output_hidden_states",
+    "return_dict",
+    "output_router_logits",  # a mixture-of-experts model's (GPT-OSS), passed through every layer
+)
 MIN_TRANSFORMERS = "5.24"  # the version the tests ran on
 
 
@@ -58,7 +68,7 @@ def _reject(name: str, value: object, why: str) -> None:
     raise ValueError(f"Context-parallel attention got {name}={value!r}: {why}")
 
 
-def _check_model_arguments(attention_mask, dropout, softcap, output_attentions, kwargs) -> None:
+def _check_model_arguments(attention_mask, dropout, output_attentions, kwargs) -> None:
     """Raise for every argument we cannot honour (see Note [What transformers passes to an attention function])."""
     if attention_mask is not None:
         _reject(
@@ -69,8 +79,6 @@ def _check_model_arguments(attention_mask, dropout, softcap, output_attentions, 
         )
     if dropout:
         _reject("dropout", dropout, "attention dropout is not supported; set config.attention_dropout=0.0.")
-    if softcap is not None:
-        _reject("softcap", softcap, "logit soft-capping is not supported (set config.attn_logit_softcapping=None).")
     if output_attentions:
         _reject("output_attentions", output_attentions, "the attention weights are never materialised.")
     for name in REJECTED:
@@ -78,8 +86,7 @@ def _check_model_arguments(attention_mask, dropout, softcap, output_attentions, 
             _reject(
                 name,
                 "<tensor>",
-                "attention sinks and flash-attention varlen inputs are not supported; "
-                "pass packed documents to shard_batch instead.",
+                "flash-attention varlen inputs are not supported; pass packed documents to shard_batch instead.",
             )
     unknown = sorted(set(kwargs) - set(REJECTED) - set(ACCEPTED))
     if unknown:
@@ -105,6 +112,7 @@ def cp_attention_forward(
     softcap: float | None = None,
     is_causal: bool | None = None,
     output_attentions: bool = False,
+    s_aux: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Exact attention over the sharded sequence, in transformers' attention-function convention.
@@ -121,9 +129,10 @@ def cp_attention_forward(
         dropout: Must be 0.
         scaling: Softmax scale; default ``D ** -0.5``.
         sliding_window: Transformers' window: the query and the ``sliding_window - 1`` keys before it.
-        softcap: Must be ``None``.
+        softcap: Logit soft-capping ``softcap * tanh(s / softcap)`` (Gemma 2), or ``None``.
         is_causal: Causal masking; default ``module.is_causal`` (True if absent).
         output_attentions: Must be False.
+        s_aux: Attention sinks, one logit per query head ``(H,)`` (GPT-OSS), or ``None``.
         **kwargs: Model arguments the attention does not need (see the Note); anything else raises.
 
     Returns:
@@ -133,7 +142,7 @@ def cp_attention_forward(
         ValueError: ``cp_group`` missing, an argument we cannot honour, a KV cache longer than the
             queries, or what the strategy raises (heads, shapes).
     """
-    _check_model_arguments(attention_mask, dropout, softcap, output_attentions, kwargs)
+    _check_model_arguments(attention_mask, dropout, output_attentions, kwargs)
     if not isinstance(cp_group, ContextParallelGroup):
         raise ValueError(
             f"Context-parallel attention needs cp_group=, got {cp_group!r}: call the model with "
@@ -158,6 +167,8 @@ def cp_attention_forward(
         scale=scaling,
         document_ids=cp_document_ids,
         window=window,
+        softcap=softcap,
+        sinks=s_aux,
     )
     return out_BHSD.transpose(1, 2).contiguous(), None
 
