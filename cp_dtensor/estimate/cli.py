@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from cp_dtensor.estimate.memory import (
+    ACTIVATION_CHECKPOINTING,
     ATTENTIONS,
     DTYPE_BYTES,
     OPTIMIZER_STATES,
@@ -66,7 +67,27 @@ def _add_estimate(subparsers) -> None:
     p.add_argument("--param-sharding", choices=PARAM_SHARDINGS, default="replicated")
     p.add_argument("--dp-size", type=int, default=1)
     p.add_argument("--memory-budget-gb", type=float, default=80.0, help="GiB per rank (default 80)")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument(
+        "--activation-checkpointing",
+        nargs="?",
+        choices=ACTIVATION_CHECKPOINTING,
+        const=True,
+        default=False,
+        help="none, full (keep each layer's input) or selective (recompute the MLP); the flag alone means full",
+    )
+    p.add_argument(
+        "--loss-chunk-size",
+        type=parse_tokens,
+        default=None,
+        help="tokens per tile of the chunked LM-head loss (default: whole logits)",
+    )
+    p.add_argument(
+        "--master-dtype",
+        choices=list(DTYPE_BYTES),
+        default=None,
+        help="dtype of the stored weights, gradients and optimizer state when wider than --dtype "
+        "(fp32 with --dtype bf16: FSDP mixed precision); default --dtype",
+    )
     p.add_argument("--tie-embeddings", action="store_true")
     p.add_argument(
         "--no-weights",
@@ -104,7 +125,7 @@ def format_estimate(result: dict) -> str:
         f"L = {cfg['seq_len']:,}, B = {cfg['batch_size']}, E = {cfg['hidden_size']}, N = {cfg['num_layers']}, "
         f"H = {cfg['num_heads']}/{cfg['num_kv_heads']}, F = {cfg['ffn_hidden_size']}, V = {cfg['vocab_size']}\n"
         f"{cfg['dtype']}, attention={cfg['attention']}, optimizer={cfg['optimizer']}"
-        + (", activation checkpointing" if cfg["activation_checkpointing"] else "")
+        + "".join(f", {text}" for text in _option_words(cfg))
     )
     summary = [
         f"savings: {result['savings_gb']:.3f} GiB per rank ({result['reduction_factor']:.2f}x in total, "
@@ -114,6 +135,21 @@ def format_estimate(result: dict) -> str:
         f"{result['max_seq_len_with_cp']:,} with cp_size={p} ({gain:.2f}x)",
     ]
     return "\n".join([title, "", head, *rows, "", *summary])
+
+
+def _option_words(cfg: dict) -> list[str]:
+    """The non-default options of an estimate, in words, for the table's title."""
+    words = []
+    if cfg["master_dtype"] not in (None, cfg["dtype"]):
+        words.append(f"{cfg['master_dtype']} master state")
+    if cfg["param_sharding"] != "replicated":
+        words.append(f"{cfg['param_sharding']} over dp {cfg['dp_size']} x cp")
+    ac = cfg["activation_checkpointing"]
+    if ac not in (False, "none"):
+        words.append("activation checkpointing" + ("" if ac is True else f" ({ac})"))
+    if cfg["loss_chunk_size"] is not None:
+        words.append(f"loss in chunks of {cfg['loss_chunk_size']:,}")
+    return words
 
 
 def build_parser() -> argparse.ArgumentParser:
