@@ -257,6 +257,7 @@ EVERY_OPTION = {
     "tie_embeddings": (True, None),  # a flag
     "loss_chunk_size": (1024, "1K"),
     "master_dtype": ("fp32", "fp32"),
+    "mlp_tile_size": (2048, "2K"),
 }
 FLAGS = {"include_weights": "--no-weights"}
 BASE = dict(seq_len=32768, hidden_size=1024, num_layers=2, batch_size=1, cp_size=2)

@@ -82,6 +82,12 @@ def _add_estimate(subparsers) -> None:
         help="tokens per tile of the chunked LM-head loss (default: whole logits)",
     )
     p.add_argument(
+        "--mlp-tile-size",
+        type=parse_tokens,
+        default=None,
+        help="tokens per tile of the sequence-tiled MLP (default: untiled)",
+    )
+    p.add_argument(
         "--master-dtype",
         choices=list(DTYPE_BYTES),
         default=None,
@@ -149,6 +155,8 @@ def _option_words(cfg: dict) -> list[str]:
         words.append("activation checkpointing" + ("" if ac is True else f" ({ac})"))
     if cfg["loss_chunk_size"] is not None:
         words.append(f"loss in chunks of {cfg['loss_chunk_size']:,}")
+    if cfg["mlp_tile_size"] is not None:
+        words.append(f"MLP in tiles of {cfg['mlp_tile_size']:,}")
     return words
 
 

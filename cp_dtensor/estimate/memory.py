@@ -109,6 +109,8 @@ class ModelDims:
         ffn_hidden_size: ``F``, width of the SwiGLU MLP.
         vocab_size: ``V``.
         tie_embeddings: The head reuses the embedding matrix.
+        explicit_head_dim: ``D`` when it is not ``E / H`` (a model that says so, or one tp rank's share
+            of the heads); ``None``: ``E / H``.
     """
 
     hidden_size: int
@@ -118,11 +120,12 @@ class ModelDims:
     ffn_hidden_size: int
     vocab_size: int
     tie_embeddings: bool = False
+    explicit_head_dim: int | None = None
 
     @property
     def head_dim(self) -> int:
-        """``D = E / H``."""
-        return self.hidden_size // self.num_heads
+        """``D = E / H`` unless ``explicit_head_dim`` says otherwise."""
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
     @property
     def q_dim(self) -> int:
@@ -310,6 +313,7 @@ def phase_bytes(
     attention: str = "flash",
     activation_checkpointing: bool | str = False,
     loss_chunk_size: int | None = None,
+    mlp_tile_size: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Bytes other than weights, gradients and optimizer state at each moment where a rank can peak.
 
@@ -332,6 +336,13 @@ def phase_bytes(
     * ``"attention backward"``: ``(N-1) R`` + the attention half of ``A`` less the output
       projection's input + the ring backward workspace and what is in flight.
 
+    With the sequence-tiled MLP (``mlp_tile_size`` ``c``, Note [Sequence-tiled MLP] in
+    :mod:`cp_dtensor.nn.tiled_mlp`) a layer keeps its attention half and the MLP's input (``A`` is
+    replaced by that, as under ``"selective"``), and ``"mlp backward"`` holds the arriving gradient and
+    the input gradient being written ``2 T E b``, one tile's recompute and gradients
+    ``min(c, T) (m_saved + 2 F b)`` (``m_saved``: the MLP half's entries of :func:`saved_per_token`),
+    and the weight gradients summed over the tiles with the current tile's ``2 (E + 3 E F) b``.
+
     Args:
         dims: Model sizes.
         seq_len: ``L``.
@@ -343,6 +354,7 @@ def phase_bytes(
             and backward) or ``"selective"`` (keep the attention half and the MLP's input); ``False`` and
             ``True`` mean ``"none"`` and ``"full"``.
         loss_chunk_size: Tokens per tile of the chunked LM-head loss; ``None``: whole logits.
+        mlp_tile_size: Tokens per tile of the sequence-tiled MLP; ``None``: untiled.
 
     Returns:
         ``{phase: {component: bytes}}``, components ``activations``, ``attention_workspace``,
@@ -353,6 +365,13 @@ def phase_bytes(
     t = batch_size * s
     layer = _layer_bytes(dims, seq_len, batch_size, cp_size, b, attention)
     kept = layer.kept(activation_checkpointing)
+    own, mlp_work = layer.full - t * f * b, t * (e + 3 * f) * b  # the layer in its MLP backward, untiled
+    if mlp_tile_size is not None:
+        kept = min(kept, layer.attention_half + layer.input)  # the MLP keeps only its input
+        own = layer.attention_half + layer.input
+        tile = min(mlp_tile_size, t)
+        mlp_saved = sum(v for k, v in saved_per_token(dims, b).items() if k.startswith("mlp"))
+        mlp_work = 2 * t * e * b + tile * (mlp_saved + 2 * f * b) + 2 * (e + 3 * e * f) * b
     if loss_chunk_size is None:
         logits = 3 * t * v * _ACC
     else:
@@ -375,7 +394,7 @@ def phase_bytes(
             "logits": logits,
         },
         "final norm backward": {**zero, "activations": dims.num_layers * kept, "norm_workspace": 6 * t * e * _ACC},
-        "mlp backward": {**zero, "activations": earlier + layer.full - t * f * b, "mlp_workspace": t * (e + 3 * f) * b},
+        "mlp backward": {**zero, "activations": earlier + own, "mlp_workspace": mlp_work},
         "attention backward": {
             **zero,
             "activations": earlier + layer.attention_half - t * dims.q_dim * b,
@@ -421,6 +440,7 @@ def estimate_rank_memory(
     dp_size: int = 1,
     loss_chunk_size: int | None = None,
     master_dtype: str | None = None,
+    mlp_tile_size: int | None = None,
 ) -> RankMemory:
     """One rank's peak memory in one training step (forward and backward) of the decoder ``dims``.
 
@@ -444,6 +464,7 @@ def estimate_rank_memory(
         master_dtype: Dtype (a key of :data:`DTYPE_BYTES`) of the stored weights, gradients and
             optimizer state when it differs from the compute ``dtype`` (mixed precision with fp32
             master state); ``None``: ``dtype``.
+        mlp_tile_size: Tokens per tile of the sequence-tiled MLP; ``None``: untiled.
 
     Returns:
         The :class:`RankMemory` at the largest of the phases of :func:`phase_bytes`.
@@ -458,6 +479,7 @@ def estimate_rank_memory(
         attention=attention,
         activation_checkpointing=activation_checkpointing,
         loss_chunk_size=loss_chunk_size,
+        mlp_tile_size=mlp_tile_size,
     )
     phase, transient = max(phases.items(), key=lambda item: sum(item[1].values()))
     m = DTYPE_BYTES[master_dtype or dtype]
@@ -571,6 +593,7 @@ def estimate_context_parallel_memory_savings(
     tie_embeddings: bool = False,
     loss_chunk_size: int | None = None,
     master_dtype: str | None = None,
+    mlp_tile_size: int | None = None,
 ) -> dict:
     """Per-rank peak memory of a training step without and with context parallelism, and the longest fit.
 
@@ -624,6 +647,9 @@ def estimate_context_parallel_memory_savings(
             is FSDP2 with ``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``
             (fp32 sharded weights, gradients and AdamW moments; bf16 gathered weights and activations);
             ``None``: ``dtype``.
+        mlp_tile_size: Tokens per tile of the sequence-tiled MLP (:func:`cp_dtensor.nn.tiled_mlp.tiled_mlp`,
+            ``ModelConfig.mlp_tile_size``): the MLP's intermediates exist for one tile at a time;
+            ``None``: untiled.
 
     Returns:
         A dict: ``without_cp_gb`` and ``with_cp_gb`` (per-rank peak at ``P = 1`` and ``P = cp_size``),
@@ -652,7 +678,10 @@ def estimate_context_parallel_memory_savings(
         check_positive_int("loss_chunk_size", loss_chunk_size)
     if master_dtype is not None:
         _check_choice("master_dtype", master_dtype, DTYPE_BYTES)
+    if mlp_tile_size is not None:
+        check_positive_int("mlp_tile_size", mlp_tile_size)
     common = dict(
+        mlp_tile_size=mlp_tile_size,
         master_dtype=master_dtype,
         loss_chunk_size=loss_chunk_size,
         batch_size=batch_size,
@@ -693,7 +722,7 @@ def estimate_context_parallel_memory_savings(
             "seq_len": seq_len,
             "batch_size": batch_size,
             "cp_size": cp_size,
-            **asdict(dims),
+            **{k: v for k, v in asdict(dims).items() if k != "explicit_head_dim"},
             **{k: v for k, v in common.items() if k != "batch_size"},
             "memory_budget_gb": memory_budget_gb,
         },
