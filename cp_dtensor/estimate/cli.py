@@ -4,9 +4,12 @@ Subcommands (each registers itself in :func:`build_parser` through one ``_add_<n
 
     cp-dtensor estimate --seq-len 1M --hidden-size 4096 --num-layers 32 --cp-size 8
     cp-dtensor estimate --seq-len 128K --hidden-size 4096 --num-layers 32 --cp-size 4 --json
+    cp-dtensor plan --config config.json --seq-len 128K --world-size 8 --device H100
 
 ``estimate`` prints :func:`cp_dtensor.estimate.memory.estimate_context_parallel_memory_savings` as a table of
 per-rank peak memory by component, without and with context parallelism (``--json``: the dict).
+``plan`` prints :func:`cp_dtensor.estimate.planner.plan`: the best dp x cp x tp, strategy and memory
+options for a model, a sequence length and a cluster, the runners-up and the rejections.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from cp_dtensor.estimate.memory import (
     DTYPE_BYTES,
     OPTIMIZER_STATES,
     PARAM_SHARDINGS,
+    ModelDims,
+    _resolve_dims,
     estimate_context_parallel_memory_savings,
 )
+from cp_dtensor.estimate.planner import DEVICES, dims_from_config, format_plan, plan
 
 __all__ = ["main", "build_parser", "parse_tokens"]
 
@@ -160,11 +166,77 @@ def _option_words(cfg: dict) -> list[str]:
     return words
 
 
+def _add_plan(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="the best dp x cp x tp, attention strategy and memory options for a job",
+        description="Search every layout and memory option the engine runs, keep those that fit the memory "
+        "budget, rank them by predicted time per token. Model: --config (a transformers config.json, read "
+        "locally) or the shape flags. Models: cp_dtensor.estimate.planner.",
+    )
+    p.add_argument("--config", default=None, help="a Hugging Face config.json (or its folder); read, never downloaded")
+    p.add_argument("--hidden-size", type=int, default=None)
+    p.add_argument("--num-layers", type=int, default=None)
+    p.add_argument("--num-heads", type=int, default=None, help="default hidden_size // 128")
+    p.add_argument("--num-kv-heads", type=int, default=None, help="GQA; default num_heads")
+    p.add_argument("--ffn-hidden-size", type=int, default=None, help="default 8E/3 rounded up to a multiple of 32")
+    p.add_argument("--vocab-size", type=int, default=None, help="default 32000")
+    p.add_argument("--seq-len", type=parse_tokens, required=True, help="tokens per sequence (128K = 131072)")
+    p.add_argument("--world-size", type=int, required=True, help="devices in all")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--device", choices=list(DEVICES), default="H100")
+    p.add_argument("--memory-budget-gb", type=float, default=None, help="GiB per device (default: the device's)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per dp replica per step")
+    p.add_argument("--efficiency", type=float, default=0.4, help="fraction of peak FLOP/s reached (default 0.4)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak TFLOP/s")
+    p.add_argument("--intra-node-gbps", type=float, default=None, help="override: GB/s to a peer in the node")
+    p.add_argument("--inter-node-gbps", type=float, default=None, help="override: GB/s to another node")
+    p.add_argument("--loss-chunk-size", type=parse_tokens, default=4096, help="tile of the chunked loss (tokens)")
+    p.add_argument("--mlp-tile-size", type=parse_tokens, default=4096, help="tile of the tiled MLP (tokens)")
+    p.add_argument("--runners-up", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print the whole result (every rejection) as JSON")
+    p.set_defaults(func=_run_plan)
+
+
+def _plan_dims(args: argparse.Namespace) -> ModelDims:
+    if args.config is not None:
+        return dims_from_config(args.config)
+    if args.hidden_size is None or args.num_layers is None:
+        raise ValueError("plan needs the model: --config PATH, or --hidden-size and --num-layers (and the rest).")
+    shape = (args.num_heads, args.num_kv_heads, args.ffn_hidden_size, args.vocab_size, False)
+    return _resolve_dims(args.hidden_size, args.num_layers, *shape)
+
+
+def _run_plan(args: argparse.Namespace) -> str:
+    import dataclasses
+
+    device = DEVICES[args.device]
+    overrides = {"peak_flops": args.peak_tflops and args.peak_tflops * 1e12}
+    overrides |= {"intra_node_gbps": args.intra_node_gbps and args.intra_node_gbps * 1e9}
+    overrides |= {"inter_node_gbps": args.inter_node_gbps and args.inter_node_gbps * 1e9}
+    device = dataclasses.replace(device, **{k: v for k, v in overrides.items() if v})
+    result = plan(
+        _plan_dims(args),
+        seq_len=args.seq_len,
+        world_size=args.world_size,
+        gpus_per_node=args.gpus_per_node,
+        device=device,
+        memory_budget_gib=args.memory_budget_gb,
+        batch_size=args.batch_size,
+        efficiency=args.efficiency,
+        loss_chunk_size=args.loss_chunk_size,
+        mlp_tile_size=args.mlp_tile_size,
+        num_runners_up=args.runners_up,
+    )
+    return result.to_json() if args.json else format_plan(result)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cp-dtensor`` parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="cp-dtensor", description="Context parallelism for PyTorch: tools.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_estimate(subparsers)
+    _add_plan(subparsers)
     return parser
 
 
