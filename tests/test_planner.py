@@ -48,7 +48,8 @@ def exhaustive_best(dims: ModelDims, *, seq_len, world_size, device, memory_budg
             p = evaluate(
                 candidate, dims, seq_len=seq_len, batch_size=1, device=dev, gpus_per_node=gpus_per_node, efficiency=0.4
             )
-            key = (p.seconds_per_token, p.bytes_per_step, p.memory_gib, p.describe())
+            options = (ac != "none") + (chunk is not None) + (tile is not None)
+            key = (p.seconds_per_token, p.bytes_per_step, p.memory_gib, options, p.describe())
             if p.memory_gib <= budget and (best is None or key < best[0]):
                 best = (key, p)
     return best[1]

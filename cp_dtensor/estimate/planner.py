@@ -35,8 +35,13 @@ Per rank and step, with ``T = B L / cp`` local tokens and ``rate = peak FLOP/s x
   the larger of the two), the all-to-alls of Ulysses and the tp all-reduces do not; gradient sync
   hides behind the whole step's compute.
 
+Memory is :func:`~cp_dtensor.estimate.memory.estimate_rank_memory`'s (which models the ring's
+workspace), plus, for ``allgather``, the whole K/V it gathers, ``2 B L Ekv b``. The embedding and the
+LM head are counted whole on every tp rank (an upper bound: the demo model splits them).
+
 The ranking key is seconds per token (``step / (dp B L)``); ties go to fewer bytes, then to less
-memory. It is a model: it knows no kernel efficiencies beyond one ``efficiency`` factor.
+memory, then to fewer memory options turned on. It is a model: it knows no kernel efficiencies
+beyond one ``efficiency`` factor.
 """
 
 from __future__ import annotations
@@ -380,9 +385,10 @@ def evaluate(
     head = dims.vocab_size * e / c.tp
     attn_flops = 4 * batch_size * local.num_heads * local.head_dim * (seq_len * seq_len / 2) / c.cp
     recompute_block = c.activation_checkpointing == "full"
-    recompute_mlp = not recompute_block and (c.activation_checkpointing == "selective" or c.mlp_tile_size)
+    # one more MLP forward: in the tiles' backward, or under selective (the tiled MLP needs no checkpoint)
+    recompute_mlp = bool(c.mlp_tile_size) or c.activation_checkpointing == "selective"
     matmul = 2 * t * (n_layers * (3 + recompute_block) * attn_weights + head * (3 + bool(c.loss_chunk_size)))
-    matmul += 2 * t * n_layers * mlp_weights * (3 + recompute_block + bool(recompute_mlp) + bool(c.mlp_tile_size))
+    matmul += 2 * t * n_layers * mlp_weights * (3 + recompute_block + recompute_mlp)
     rate = device.peak_flops * efficiency
     # attention, per block: compute (3.5 forwards, + 1 under full AC) against the bytes it sends
     vol = comm_bytes(
@@ -413,9 +419,11 @@ def evaluate(
     compute = matmul / rate + n_layers * attn_time
     step = max(compute, sync_bytes / sync_bw) + tp_bytes / device.intra_node_gbps
     total_bytes = int(n_layers * attn_bytes + tp_bytes + sync_bytes)
+    # the all-gather strategy holds the whole K/V during a block's attention; the estimator's workspace is the ring's
+    gathered_kv = 2 * batch_size * seq_len * local.kv_dim * b if c.strategy == "allgather" and c.cp > 1 else 0
     return replace(
         c,
-        memory_gib=mem.total / GIB,
+        memory_gib=(mem.total + gathered_kv) / GIB,
         bytes_per_step=total_bytes,
         step_time_s=step,
         seconds_per_token=step / (c.dp * batch_size * seq_len),
@@ -423,7 +431,8 @@ def evaluate(
 
 
 def _key(p: Plan) -> tuple:
-    return (p.seconds_per_token, p.bytes_per_step, p.memory_gib, p.describe())
+    options = (p.activation_checkpointing != "none") + (p.loss_chunk_size is not None) + (p.mlp_tile_size is not None)
+    return (p.seconds_per_token, p.bytes_per_step, p.memory_gib, options, p.describe())
 
 
 def plan(
