@@ -158,3 +158,87 @@ def test_cli_plan_equals_python_and_takes_overrides(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["plan", "--seq-len", "4K", "--world-size", "4"])  # no model
     assert "plan needs the model" in capsys.readouterr().err
+
+
+# ---- strategy="auto" ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cross_node", [False, True])
+@pytest.mark.parametrize("seq_len", [8192, 131072, 1 << 20])
+@pytest.mark.parametrize(("heads", "kv_heads", "cp"), [(32, 8, 8), (64, 8, 16), (8, 1, 16), (32, 32, 4)])
+def test_auto_picks_the_fastest_strategy_of_the_time_model(cross_node, seq_len, heads, kv_heads, cp):
+    import torch
+
+    from cp_dtensor.estimate.comm_model import comm_bytes
+    from cp_dtensor.estimate.planner import attention_choice
+
+    dev = DEVICES["H100"]
+    choice = attention_choice(1, seq_len, heads, kv_heads, 128, cp, torch.bfloat16, True, None, dev, cross_node)
+    # the oracle, written out: forward + backward attention at 40% of peak against the bytes sent
+    bw = dev.inter_node_gbps if cross_node else dev.intra_node_gbps
+    compute = 4 * heads * 128 * seq_len * seq_len / cp / 2 * 3.5 / (dev.peak_flops * 0.4)
+    names = ["ring", "allgather"] + (["ulysses"] if heads % cp == 0 else [])
+    times = {}
+    for name in names:
+        vol = comm_bytes(
+            name,
+            batch=1,
+            seq_len=seq_len,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=128,
+            world_size=cp,
+            dtype=torch.bfloat16,
+        )
+        a2a = sum(n for op, n in [*vol.forward.items(), *vol.backward.items()] if op == "all_to_all")
+        times[name] = max(compute, (vol.total - a2a) / bw) + a2a / bw
+    assert choice.seconds == pytest.approx(times, rel=1e-12)
+    assert times[choice.strategy] == min(times.values())
+    assert choice.strategy in choice.reason
+
+
+def auto_case(causal: bool) -> dict:
+    """On 4 gloo ranks: strategy="auto" is the chosen strategy's call (output, gradients, bytes), cached."""
+    import mp_pool
+    import torch
+
+    from cp_dtensor import ContextParallelAttention, auto_strategy, context_parallel_attention, count_comm
+    from cp_dtensor.estimate.planner import attention_choice
+
+    group = mp_pool.group(4)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, h, 16, 8, generator=gen, dtype=torch.float64) for h in (8, 2, 2))
+    q, k, v = (group.partition_sequence(t, seq_dim=2).requires_grad_() for t in (q, k, v))
+    results = {}
+    for strategy in ("auto", auto_strategy(q, k, group, causal=causal).strategy):
+        with count_comm() as counter:
+            out = context_parallel_attention(q, k, v, group, strategy=strategy, causal=causal)
+            out.sum().backward()
+        results[strategy] = (out.detach(), [t.grad.clone() for t in (q, k, v)], dict(counter.bytes))
+        for t in (q, k, v):
+            t.grad = None
+    hits = attention_choice.cache_info().hits
+    auto_strategy(q, k, group, causal=causal)
+    module = ContextParallelAttention(32, 8, group, num_kv_heads=2, strategy="auto").double()
+    y = module(torch.randn(2, 4, 32, dtype=torch.float64, generator=gen), position_ids=group.position_ids(16))
+    return {"results": results, "cached": attention_choice.cache_info().hits > hits, "module_shape": tuple(y.shape)}
+
+
+def test_auto_runs_the_chosen_strategy_on_gloo():
+    import mp_pool
+    import torch
+
+    for rank in mp_pool.run_on_ranks(4, auto_case, True):
+        (auto, chosen), (name,) = list(rank["results"].values()), [n for n in rank["results"] if n != "auto"]
+        torch.testing.assert_close(auto[0], chosen[0], rtol=0, atol=0)  # the same strategy: bitwise
+        for got, want in zip(auto[1], chosen[1], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert auto[2] == chosen[2] and auto[2], name  # and the same bytes
+        assert rank["cached"] and rank["module_shape"] == (2, 4, 32)
+
+
+def test_auto_without_the_planner_names_what_to_import():
+    from cp_dtensor import get_strategy
+
+    with pytest.raises(ValueError, match="or 'auto' \\(import cp_dtensor to register it\\)"):
+        get_strategy("auto")

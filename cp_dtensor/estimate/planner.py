@@ -46,24 +46,31 @@ beyond one ``efficiency`` factor.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from cp_dtensor.arguments import check_positive_int
+from cp_dtensor.attention.api import set_auto_chooser
 from cp_dtensor.estimate.comm_model import comm_bytes
 from cp_dtensor.estimate.memory import GIB, ModelDims, default_ffn_hidden_size, estimate_rank_memory
+from cp_dtensor.mesh.group import ContextParallelGroup
 
 __all__ = [
+    "AutoChoice",
     "DEVICES",
     "Device",
     "Plan",
     "PlanResult",
     "Rejection",
+    "attention_choice",
+    "auto_strategy",
     "candidates",
     "dims_from_config",
     "evaluate",
@@ -547,3 +554,144 @@ def format_plan(result: PlanResult, *, max_rejections: int = 12) -> str:
     if len(result.rejections) > max_rejections:
         rows.append(f"  ... and {len(result.rejections) - max_rejections} more (--json lists all)")
     return "\n".join(rows)
+
+
+# ---- strategy="auto": the same model, for one attention call ----------------------------------------
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``strategy="auto"`` runs for one call shape, and why.
+
+    Attributes:
+        strategy: The chosen strategy.
+        ulysses_size: The group's Ulysses size when ``"hybrid"`` is chosen, else ``None``.
+        seconds: Predicted forward + backward seconds of the call, per strategy considered.
+        bytes_sent: Bytes one rank sends, per strategy considered.
+        reason: One line: the choice against the runner-up.
+    """
+
+    strategy: str
+    ulysses_size: int | None
+    seconds: dict[str, float]
+    bytes_sent: dict[str, int]
+    reason: str
+
+
+@functools.lru_cache(maxsize=1024)
+def attention_choice(
+    batch: int,
+    seq_len: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    cp_size: int,
+    dtype: torch.dtype,
+    causal: bool,
+    ulysses_size: int | None,
+    device: Device,
+    cross_node: bool,
+    efficiency: float = 0.4,
+) -> AutoChoice:
+    """The strategy the time model of Note [The planner's time model] predicts fastest for one call.
+
+    Per strategy: ``max(attention compute, ring or all-gather bytes / bandwidth) + all-to-all bytes /
+    bandwidth``, forward and backward; on equal times the ring goes before the all-gather (which
+    holds the whole K/V; this call knows no memory budget), then fewer bytes first. Ulysses needs
+    ``cp_size`` to divide ``heads``; hybrid a group with a Ulysses axis (``ulysses_size``) dividing
+    them. Cached per argument tuple (per shape).
+
+    Args:
+        batch: ``B``.
+        seq_len: Global ``L``.
+        heads: ``H``.
+        kv_heads: ``H_kv``.
+        head_dim: ``D``.
+        cp_size: ``P``.
+        dtype: Of ``q``, ``k``, ``v``.
+        causal: Causal masking (half the score blocks).
+        ulysses_size: The group's Ulysses size, or ``None``.
+        device: Peak FLOP/s and bandwidths.
+        cross_node: The cp group spans nodes.
+        efficiency: Fraction of the peak FLOP/s reached.
+
+    Returns:
+        The :class:`AutoChoice`.
+    """
+    options: list[tuple[str, int | None]] = [("ring", None), ("allgather", None)]
+    if heads % cp_size == 0:
+        options.append(("ulysses", None))
+    if ulysses_size and 1 < ulysses_size < cp_size and heads % ulysses_size == 0:
+        options.append(("hybrid", ulysses_size))
+    flops = 4 * batch * heads * head_dim * seq_len * seq_len / cp_size * (0.5 if causal else 1.0) * 3.5
+    compute = flops / (device.peak_flops * efficiency)
+    bw = device.inter_node_gbps if cross_node else device.intra_node_gbps
+    seconds, sent = {}, {}
+    for name, u in options:
+        vol = comm_bytes(
+            name,
+            batch=batch,
+            seq_len=seq_len,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            world_size=cp_size,
+            dtype=dtype,
+            ulysses_size=u,
+        )
+        a2a = vol.forward.get("all_to_all", 0) + vol.backward.get("all_to_all", 0)
+        seconds[name], sent[name] = max(compute, (vol.total - a2a) / bw) + a2a / bw, vol.total
+    # equal times: the ring before the all-gather (one K/V block held, not all), then fewer bytes
+    ranked = sorted(seconds, key=lambda n: (seconds[n], n == "allgather", sent[n]))
+    best, second = ranked[0], ranked[1]
+    reason = (
+        f"{best}: {seconds[best] * 1e3:.3g} ms predicted, {sent[best]:,} bytes sent; "
+        f"next {second}: {seconds[second] * 1e3:.3g} ms, {sent[second]:,} bytes"
+    )
+    return AutoChoice(best, dict(options)[best], seconds, sent, reason)
+
+
+def _device_of(t: torch.Tensor) -> Device:
+    if t.device.type != "cuda":
+        return DEVICES["CPU"]
+    name = torch.cuda.get_device_name(t.device)
+    return next((d for key, d in DEVICES.items() if key in name), DEVICES["H100"])
+
+
+def auto_strategy(
+    q: torch.Tensor, k: torch.Tensor, cp_group: ContextParallelGroup, *, causal: bool = False
+) -> AutoChoice:
+    """What ``context_parallel_attention(..., strategy="auto")`` runs for these inputs, and why.
+
+    The device is ``q``'s (a CUDA device by its name among :data:`DEVICES`, else H100's figures; CPU
+    otherwise); the cp group spans nodes when it is larger than ``LOCAL_WORLD_SIZE`` (torchrun's
+    ranks per node). Every rank decides the same (the same shapes and group).
+
+    Args:
+        q: Local queries ``(B, H, S_local, D)`` (or the global DTensor).
+        k: Local keys ``(B, H_kv, S_local, D)``.
+        cp_group: The :class:`~cp_dtensor.ContextParallelGroup`.
+        causal: Causal masking.
+
+    Returns:
+        The :class:`AutoChoice` (cached per shape).
+    """
+    batch, heads, seq, head_dim = q.shape
+    seq_len = seq if hasattr(q, "placements") else seq * cp_group.size
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", cp_group.size))
+    return attention_choice(
+        batch,
+        seq_len,
+        heads,
+        k.shape[1],
+        head_dim,
+        cp_group.size,
+        q.dtype,
+        bool(causal),
+        cp_group.ulysses_size,
+        _device_of(q),
+        cp_group.size > per_node,
+    )
+
+
+set_auto_chooser(auto_strategy)
