@@ -257,6 +257,7 @@ def estimate_for(
         dp_size=dp_size,
         activation_checkpointing=getattr(config, "activation_checkpointing", "none"),
         loss_chunk_size=getattr(config, "loss_chunk_size", None),
+        mlp_tile_size=getattr(config, "mlp_tile_size", None),
     )
     return {"components": est.components, "total": est.total, "peak_phase": est.peak_phase}
 

@@ -27,6 +27,7 @@ from cp_dtensor.comm.counter import CommCounter, count_comm
 from cp_dtensor.comm.p2p import RingAttentionCommunicator
 from cp_dtensor.estimate.comm_model import CommVolume, comm_bytes
 from cp_dtensor.estimate.memory import estimate_context_parallel_memory_savings
+from cp_dtensor.estimate.planner import auto_strategy  # also registers strategy="auto"
 from cp_dtensor.integrations.parallel_style import ContextParallel
 from cp_dtensor.mesh.group import ContextParallelGroup, init_context_parallel_group
 from cp_dtensor.nn.chunked_loss import chunked_cross_entropy_across_shards, chunked_linear_cross_entropy
@@ -54,6 +55,7 @@ __all__ = [
     "allgather_kv_attention",
     "apply_ddp",
     "apply_fsdp",
+    "auto_strategy",
     "chunked_cross_entropy_across_shards",
     "chunked_linear_cross_entropy",
     "comm_bytes",

@@ -1,7 +1,8 @@
 """The communication model by itself: hand-counted cases and the identities between strategies.
 
-That the model equals the bytes the strategies actually send is checked on real ranks in
-tests/test_strategies.py; here it is checked against counts written out by hand.
+Here the model is checked against counts written out by hand, and against the bytes counted on
+real gloo ranks for 200 random calls (strategies, degrees, masks, GQA, dtypes) in one launch;
+tests/test_strategies.py counts them again next to each strategy's oracle comparison.
 """
 
 from __future__ import annotations
@@ -117,3 +118,94 @@ def test_bad_strategy_and_hybrid_without_ulysses_size_are_value_errors():
         comm_bytes("hybrid", **SHAPE, world_size=4, dtype=torch.float32)
     with pytest.raises(ValueError, match="ulysses_size"):
         comm_bytes("hybrid", **SHAPE, world_size=4, dtype=torch.float32, ulysses_size=3)
+
+
+# ---- the model against the bytes counted on real ranks, many configurations in one launch -----------
+
+NUM_DRAWS = 200  # configurations per launch: strategies, degrees, masks, GQA, dtypes (all in one 4-rank pool task)
+DRAW_HEADS_KV = [(1, 1), (2, 1), (4, 1), (4, 2), (4, 4), (6, 2), (8, 2), (8, 8), (12, 3)]
+
+
+def draw_configs(seed: int, count: int) -> list[dict]:
+    """``count`` random attention calls that the engine runs on 4 ranks (cp 2 x dp 2, or cp 4)."""
+    import random
+
+    rng, drawn = random.Random(seed), []
+    while len(drawn) < count:
+        cp = rng.choice([2, 4])
+        strategy = rng.choice(["ring", "allgather", "ulysses", "hybrid"])
+        u = rng.choice([d for d in (1, 2, 4) if cp % d == 0]) if strategy == "hybrid" else None
+        heads, kv_heads = rng.choice(DRAW_HEADS_KV)
+        if heads % {"ulysses": cp, "hybrid": u}.get(strategy, 1):
+            continue  # Ulysses splits the query heads over its ranks
+        seq_len = 2 * cp * rng.randint(1, 4)
+        mask = rng.choice(["causal", "full", "window", "documents"])
+        drawn.append(
+            dict(
+                strategy=strategy,
+                cp=cp,
+                u=u,
+                batch=rng.randint(1, 2),
+                heads=heads,
+                kv_heads=kv_heads,
+                head_dim=rng.choice([4, 8]),
+                seq_len=seq_len,
+                mask=mask,
+                seed=rng.randrange(2**31),
+                dtype=rng.choice(["float32", "bfloat16", "float64"]),
+            )
+        )
+    return drawn
+
+
+def counted_bytes_case(configs: list[dict]) -> list[tuple[dict, dict]]:
+    """On every rank of a 4-rank pool: run each call forward and backward, count what this rank sends."""
+    from cp_dtensor import context_parallel_attention, count_comm
+
+    torch.set_num_threads(1)
+    import mp_pool
+
+    counted = []
+    for c in configs:
+        extra = {"ulysses_size": c["u"]} if c["u"] else {}
+        group = mp_pool.group(c["cp"], dp_size=4 // c["cp"], **extra)
+        gen = torch.Generator().manual_seed(c["seed"])
+        dtype = getattr(torch, c["dtype"])
+        shape = (c["batch"], c["heads"], c["seq_len"], c["head_dim"])
+        q = torch.randn(shape, generator=gen, dtype=torch.float64)
+        kv = torch.randn((2, c["batch"], c["kv_heads"], c["seq_len"], c["head_dim"]), generator=gen)
+        kwargs = {"causal": c["mask"] != "full"}
+        if c["mask"] == "window":
+            kwargs["window"] = (c["seq_len"] // 4, 0)
+        if c["mask"] == "documents":
+            kwargs["document_ids"] = torch.randint(0, 3, (c["batch"], c["seq_len"]), generator=gen).sort(-1).values
+        q, k, v = (group.partition_sequence(t.to(dtype), seq_dim=2).requires_grad_() for t in (q, *kv))
+        with count_comm() as fwd:
+            out = context_parallel_attention(q, k, v, group, strategy=c["strategy"], **kwargs)
+        with count_comm() as bwd:
+            out.sum().backward()
+        counted.append((dict(fwd.bytes), dict(bwd.bytes)))
+    return counted
+
+
+def test_model_equals_bytes_counted_on_gloo_for_200_random_configurations():
+    import mp_pool
+
+    configs = draw_configs(seed=2024, count=NUM_DRAWS)
+    assert {c["strategy"] for c in configs} == {"ring", "allgather", "ulysses", "hybrid"}
+    assert {c["mask"] for c in configs} == {"causal", "full", "window", "documents"}
+    assert any(c["kv_heads"] < c["heads"] for c in configs)  # GQA and MQA
+    for rank, counted in enumerate(mp_pool.run_on_ranks(4, counted_bytes_case, configs)):
+        for c, (fwd, bwd) in zip(configs, counted, strict=True):
+            model = comm_bytes(
+                c["strategy"],
+                batch=c["batch"],
+                seq_len=c["seq_len"],
+                heads=c["heads"],
+                kv_heads=c["kv_heads"],
+                head_dim=c["head_dim"],
+                world_size=c["cp"],
+                dtype=getattr(torch, c["dtype"]),
+                ulysses_size=c["u"],
+            )
+            assert (fwd, bwd) == (model.forward, model.backward), f"rank {rank}: {c}"  # exact: bytes are counted

@@ -19,7 +19,7 @@ SEQ_LEN, GLOBAL_BATCH, LR = 16, 4, 1e-2
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-def config(num_kv_heads: int, ac: str = "none") -> ModelConfig:
+def config(num_kv_heads: int, ac: str = "none", mlp_tile_size: int | None = None) -> ModelConfig:
     # 4 query heads: tp=2 splits them; 2 K/V heads are split too, 1 (MQA) is replicated over tp.
     return ModelConfig(
         vocab_size=32,
@@ -29,6 +29,7 @@ def config(num_kv_heads: int, ac: str = "none") -> ModelConfig:
         num_kv_heads=num_kv_heads,
         intermediate_size=48,
         activation_checkpointing=ac,
+        mlp_tile_size=mlp_tile_size,
     )
 
 
@@ -53,6 +54,7 @@ def step_case(
     bf16_compute: bool = False,
     ac: str = "none",
     point_to_point: bool = False,
+    mlp_tile_size: int | None = None,
 ) -> dict:
     """On every rank: one forward, backward and AdamW step on this rank's share of the batch.
 
@@ -66,7 +68,7 @@ def step_case(
     group = mp_pool.group(cp_size, dp_size=dp_size, **extra)
     torch.manual_seed(1)  # the same initial weights in every process
     # ac: activation checkpointing of each block, applied (by the model) before fully_shard wraps it.
-    model = TransformerWithCP(config(num_kv_heads, ac), cp_group=group).to(DTYPES[dtype])
+    model = TransformerWithCP(config(num_kv_heads, ac, mlp_tile_size), cp_group=group).to(DTYPES[dtype])
     if dp_size * cp_size * tp_size > 1:
         mp_policy = None
         if bf16_compute:  # bf16 weights in forward and backward, fp32 gradient reduction and master weights
@@ -163,6 +165,16 @@ def test_fsdp_with_activation_checkpointing_equals_one_process_step(ac):
     ranks = mp_pool.run_on_ranks(4, step_case, (2, 2, 1), "float64", batch, ac=ac)
     (single,) = mp_pool.run_on_ranks(1, step_case, (1, 1, 1), "float64", batch)
     _check(ranks, single, atol=1e-10)
+
+
+def test_fsdp_with_tiled_mlp_equals_one_process_untiled_step():
+    """The sequence-tiled MLP inside FSDP units (weights gathered around its per-tile recompute, its
+    summed weight gradients reduce-scattered): the untiled one-process step. 3-token tiles of 8 local
+    tokens per row (uneven tiles)."""
+    batch = make_batch(seed=10)
+    ranks = mp_pool.run_on_ranks(4, step_case, (2, 2, 1), "float64", batch, mlp_tile_size=3)
+    (single,) = mp_pool.run_on_ranks(1, step_case, (1, 1, 1), "float64", batch)
+    _check(ranks, single, atol=1e-10)  # fp64, sums in another order: as test_fsdp_step_equals_one_process_step
 
 
 def test_fsdp_step_with_the_memory_measurements_point_to_point_comms_equals_one_process_step():

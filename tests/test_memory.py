@@ -235,6 +235,86 @@ def test_cli_prints_a_table_and_json(capsys):
     assert json.loads(capsys.readouterr().out) == expected
 
 
+# One non-default value per argument of the estimator, and the same value as the command line spells it.
+EVERY_OPTION = {
+    "seq_len": (65536, "64K"),
+    "hidden_size": (2048, "2048"),
+    "num_layers": (4, "4"),
+    "batch_size": (2, "2"),
+    "cp_size": (4, "4"),
+    "num_heads": (32, "32"),
+    "num_kv_heads": (2, "2"),
+    "ffn_hidden_size": (5632, "5632"),
+    "vocab_size": (128_256, "128256"),
+    "dtype": ("fp32", "fp32"),
+    "attention": ("naive", "naive"),
+    "activation_checkpointing": ("selective", "selective"),
+    "include_weights": (False, None),  # --no-weights
+    "optimizer": ("sgd", "sgd"),
+    "memory_budget_gb": (40.0, "40"),
+    "dp_size": (2, "2"),
+    "param_sharding": ("fsdp", "fsdp"),
+    "tie_embeddings": (True, None),  # a flag
+    "loss_chunk_size": (1024, "1K"),
+    "master_dtype": ("fp32", "fp32"),
+    "mlp_tile_size": (2048, "2K"),
+}
+FLAGS = {"include_weights": "--no-weights"}
+BASE = dict(seq_len=32768, hidden_size=1024, num_layers=2, batch_size=1, cp_size=2)
+
+
+def _cli_args(options: dict) -> list[str]:
+    args = []
+    for name, (_, text) in options.items():
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        args += [flag] if text is None else [flag, text]
+    return args
+
+
+def test_every_estimator_argument_has_a_test_value_here():
+    import inspect
+
+    # a new argument of the estimator must join EVERY_OPTION (and so the command line and the test below)
+    assert set(inspect.signature(estimate_context_parallel_memory_savings).parameters) == set(EVERY_OPTION)
+
+
+@pytest.mark.parametrize("name", sorted(EVERY_OPTION))
+def test_cli_and_python_agree_on_each_option(capsys, name):
+    base = {**BASE, "param_sharding": "fsdp"} if name == "dp_size" else BASE  # dp_size matters under FSDP only
+    options = {k: (v, str(v)) for k, v in base.items()} | {name: EVERY_OPTION[name]}
+    assert main(["estimate", *_cli_args(options), "--json"]) == 0
+    from_cli = json.loads(capsys.readouterr().out)
+    from_python = estimate_context_parallel_memory_savings(**{k: v for k, (v, _) in options.items()})
+    assert from_cli == json.loads(json.dumps(from_python))
+    assert from_cli["config"][name] == EVERY_OPTION[name][0]  # the option reached the estimator
+    default = estimate_context_parallel_memory_savings(**base)
+    numbers = {k: v for k, v in from_python.items() if k != "config"}
+    assert numbers != {k: v for k, v in default.items() if k != "config"}  # and changed the estimate
+
+
+def test_cli_and_python_agree_with_every_option_at_once(capsys):
+    assert main(["estimate", *_cli_args(EVERY_OPTION), "--json"]) == 0
+    from_python = estimate_context_parallel_memory_savings(**{k: v for k, (v, _) in EVERY_OPTION.items()})
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(from_python))
+
+
+def test_fsdp_mixed_precision_counts_fp32_master_state_for_the_7b_example():
+    # FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the sharded weights, gradients
+    # and AdamW moments are fp32 (4 + 4 + 8 bytes per parameter over the 8 ranks), the gathered ones bf16
+    kwargs = dict(SEED, seq_len=131072, param_sharding="fsdp")
+    static = ("weights", "grads", "optimizer_state")
+    pure = estimate_context_parallel_memory_savings(**kwargs)["breakdown_gb"]["with_cp"]
+    mixed = estimate_context_parallel_memory_savings(**kwargs, master_dtype="fp32")["breakdown_gb"]["with_cp"]
+    dims = ModelDims(4096, 32, 32, 32, default_ffn_hidden_size(4096), 32000)
+    n = dims.num_params()
+    gathered = (n - 32 * dims.layer_params() + dims.layer_params()) * 2  # root + one block, bf16
+    assert sum(mixed[k] for k in static) == pytest.approx((16 * n / 8 + gathered) / GIB, rel=1e-12)
+    assert round(sum(pure[k] for k in static), 1) == 7.1
+    assert round(sum(mixed[k] for k in static), 1) == 13.4
+    # the activations are the bf16 ones either way
+    assert mixed["activations"] == pure["activations"]
+
+
 def test_cli_output_shown_in_the_docs_is_current(capsys):
     assert main(["estimate", "--seq-len", "128K", "--hidden-size", "4096", "--num-layers", "32", "--cp-size", "8"]) == 0
     assert capsys.readouterr().out.strip() in (REPO / "docs" / "memory.md").read_text()

@@ -155,8 +155,20 @@ def get_strategy(name: str) -> Callable[..., torch.Tensor]:
         ValueError: ``name`` is not one of :data:`STRATEGIES`.
     """
     if name not in STRATEGIES:
-        raise ValueError(f"Invalid strategy {name!r}. Must be one of: {', '.join(map(repr, STRATEGIES))}.")
+        raise ValueError(
+            f"Invalid strategy {name!r}. Must be one of: {', '.join(map(repr, STRATEGIES))}"
+            + (", or 'auto' (import cp_dtensor to register it)." if name == "auto" else ", or 'auto'.")
+        )
     return STRATEGIES[name]
+
+
+_AUTO_CHOOSER: list[Callable[..., Any]] = []
+"""Set once at import by :mod:`cp_dtensor.estimate.planner` (a layer above): ``(q, k, cp_group, causal)`` -> choice."""
+
+
+def set_auto_chooser(chooser: Callable[..., Any]) -> None:
+    """Register what ``strategy="auto"`` asks (the planner's attention model); called once, at its import."""
+    _AUTO_CHOOSER[:] = [chooser]
 
 
 def context_parallel_attention(
@@ -175,7 +187,9 @@ def context_parallel_attention(
         k: Local keys ``(B, H_kv, S_local, D)``.
         v: Local values, same shape as ``k``.
         cp_group: The context-parallel group.
-        strategy: One of :data:`STRATEGIES`: ``"ring"``, ``"ulysses"``, ``"allgather"``, ``"hybrid"``.
+        strategy: One of :data:`STRATEGIES`: ``"ring"``, ``"ulysses"``, ``"allgather"``, ``"hybrid"``;
+            or ``"auto"``: the one the planner's model predicts fastest for these shapes, group and
+            device (cached per shape; :func:`cp_dtensor.estimate.planner.auto_strategy` says which and why).
         **kwargs: As the strategy's function.
 
     Returns:
@@ -184,4 +198,6 @@ def context_parallel_attention(
     Raises:
         ValueError: An unknown ``strategy``, or as the strategy's function.
     """
+    if strategy == "auto" and _AUTO_CHOOSER:
+        strategy = _AUTO_CHOOSER[0](q, k, cp_group, causal=kwargs.get("causal", False)).strategy
     return get_strategy(strategy)(q, k, v, cp_group, **kwargs)

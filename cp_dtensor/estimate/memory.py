@@ -13,12 +13,13 @@ head dim, ``Eq = H * D``, ``Ekv = H_kv * D``, ``F`` FFN width, ``V`` vocab, ``N`
 per element of the training dtype, ``a = 4`` (the fp32 accumulators of the ring and the fp32
 log-sum-exp). ``n`` is the number of parameters.
 
-* **Static** (independent of ``L`` and ``P``): weights ``n b``, gradients ``n b`` (kept between steps,
-  as with gradient accumulation or DDP buckets), optimizer state ``k n b`` (AdamW ``k = 2``, SGD with
-  momentum ``k = 1``, none ``k = 0``). ``param_sharding="ddp"`` adds DDP's gradient buckets ``n b``
-  (what :func:`cp_dtensor.parallel.grad_sync.apply_ddp` builds by default); ``"fsdp"``
+* **Static** (independent of ``L`` and ``P``): weights ``n m``, gradients ``n m`` (kept between steps,
+  as with gradient accumulation or DDP buckets), optimizer state ``k n m`` (AdamW ``k = 2``, SGD with
+  momentum ``k = 1``, none ``k = 0``), with ``m = b`` unless the master state is kept wider
+  (``master_dtype``: mixed precision, ``m = 4`` with bf16 compute). ``param_sharding="ddp"`` adds
+  DDP's gradient buckets ``n m`` (what :func:`cp_dtensor.parallel.grad_sync.apply_ddp` builds by default); ``"fsdp"``
   (:func:`cp_dtensor.parallel.fsdp.apply_fsdp`) divides each by ``dp_size * cp_size`` (FSDP's padding
-  of uneven shards is ignored) and adds the weights it has gathered whole at the peak: the root's
+  of uneven shards is ignored) and adds the weights it has gathered whole (``b`` bytes each) at the peak: the root's
   (embedding, final norm, LM head), which stay gathered from forward to the end of backward, and
   one decoder block's (the one the backward is about to need, prefetched).
 * **Activations saved for backward**, per layer: ``T * saved_per_token + S * 2 D 4`` bytes (the
@@ -108,6 +109,8 @@ class ModelDims:
         ffn_hidden_size: ``F``, width of the SwiGLU MLP.
         vocab_size: ``V``.
         tie_embeddings: The head reuses the embedding matrix.
+        explicit_head_dim: ``D`` when it is not ``E / H`` (a model that says so, or one tp rank's share
+            of the heads); ``None``: ``E / H``.
     """
 
     hidden_size: int
@@ -117,11 +120,12 @@ class ModelDims:
     ffn_hidden_size: int
     vocab_size: int
     tie_embeddings: bool = False
+    explicit_head_dim: int | None = None
 
     @property
     def head_dim(self) -> int:
-        """``D = E / H``."""
-        return self.hidden_size // self.num_heads
+        """``D = E / H`` unless ``explicit_head_dim`` says otherwise."""
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
     @property
     def q_dim(self) -> int:
@@ -309,6 +313,7 @@ def phase_bytes(
     attention: str = "flash",
     activation_checkpointing: bool | str = False,
     loss_chunk_size: int | None = None,
+    mlp_tile_size: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Bytes other than weights, gradients and optimizer state at each moment where a rank can peak.
 
@@ -331,6 +336,13 @@ def phase_bytes(
     * ``"attention backward"``: ``(N-1) R`` + the attention half of ``A`` less the output
       projection's input + the ring backward workspace and what is in flight.
 
+    With the sequence-tiled MLP (``mlp_tile_size`` ``c``, Note [Sequence-tiled MLP] in
+    :mod:`cp_dtensor.nn.tiled_mlp`) a layer keeps its attention half and the MLP's input (``A`` is
+    replaced by that, as under ``"selective"``), and ``"mlp backward"`` holds the arriving gradient and
+    the input gradient being written ``2 T E b``, one tile's recompute and gradients
+    ``min(c, T) (m_saved + 2 F b)`` (``m_saved``: the MLP half's entries of :func:`saved_per_token`),
+    and the weight gradients summed over the tiles with the current tile's ``2 (E + 3 E F) b``.
+
     Args:
         dims: Model sizes.
         seq_len: ``L``.
@@ -342,6 +354,7 @@ def phase_bytes(
             and backward) or ``"selective"`` (keep the attention half and the MLP's input); ``False`` and
             ``True`` mean ``"none"`` and ``"full"``.
         loss_chunk_size: Tokens per tile of the chunked LM-head loss; ``None``: whole logits.
+        mlp_tile_size: Tokens per tile of the sequence-tiled MLP; ``None``: untiled.
 
     Returns:
         ``{phase: {component: bytes}}``, components ``activations``, ``attention_workspace``,
@@ -352,6 +365,13 @@ def phase_bytes(
     t = batch_size * s
     layer = _layer_bytes(dims, seq_len, batch_size, cp_size, b, attention)
     kept = layer.kept(activation_checkpointing)
+    own, mlp_work = layer.full - t * f * b, t * (e + 3 * f) * b  # the layer in its MLP backward, untiled
+    if mlp_tile_size is not None:
+        kept = min(kept, layer.attention_half + layer.input)  # the MLP keeps only its input
+        own = layer.attention_half + layer.input
+        tile = min(mlp_tile_size, t)
+        mlp_saved = sum(v for k, v in saved_per_token(dims, b).items() if k.startswith("mlp"))
+        mlp_work = 2 * t * e * b + tile * (mlp_saved + 2 * f * b) + 2 * (e + 3 * e * f) * b
     if loss_chunk_size is None:
         logits = 3 * t * v * _ACC
     else:
@@ -374,7 +394,7 @@ def phase_bytes(
             "logits": logits,
         },
         "final norm backward": {**zero, "activations": dims.num_layers * kept, "norm_workspace": 6 * t * e * _ACC},
-        "mlp backward": {**zero, "activations": earlier + layer.full - t * f * b, "mlp_workspace": t * (e + 3 * f) * b},
+        "mlp backward": {**zero, "activations": earlier + own, "mlp_workspace": mlp_work},
         "attention backward": {
             **zero,
             "activations": earlier + layer.attention_half - t * dims.q_dim * b,
@@ -384,18 +404,24 @@ def phase_bytes(
     }
 
 
-def _static_bytes(dims: ModelDims, b: int, optimizer: str, param_sharding: str, num_shards: int) -> dict:
+def _static_bytes(dims: ModelDims, b: int, optimizer: str, param_sharding: str, num_shards: int, m: int) -> dict:
+    """Weights, gradients and optimizer state: ``m`` bytes per element kept, ``b`` per element computed with.
+
+    ``m == b`` unless master state is kept in a wider dtype (``master_dtype``): then the stored
+    weights, their gradients and the optimizer's moments are ``m`` bytes each, and under FSDP the
+    weights gathered for compute are ``b`` bytes (FSDP2's ``MixedPrecisionPolicy(param_dtype=...)``).
+    """
     n = dims.num_params()
     gathered, buckets = 0, 0
     if param_sharding == "fsdp":  # sharded over dp x cp; gathered: the root's weights and one block's
         root = n - dims.num_layers * dims.layer_params()
         n, gathered = n / num_shards, (root + dims.layer_params()) * b
     if param_sharding == "ddp":  # DDP's gradient buckets, a second copy (gradient_as_bucket_view=False)
-        buckets = n * b
+        buckets = n * m
     return {
-        "weights": n * b + gathered,
-        "grads": n * b + buckets,
-        "optimizer_state": OPTIMIZER_STATES[optimizer] * n * b,
+        "weights": n * m + gathered,
+        "grads": n * m + buckets,
+        "optimizer_state": OPTIMIZER_STATES[optimizer] * n * m,
     }
 
 
@@ -413,6 +439,8 @@ def estimate_rank_memory(
     param_sharding: str = "replicated",
     dp_size: int = 1,
     loss_chunk_size: int | None = None,
+    master_dtype: str | None = None,
+    mlp_tile_size: int | None = None,
 ) -> RankMemory:
     """One rank's peak memory in one training step (forward and backward) of the decoder ``dims``.
 
@@ -433,6 +461,10 @@ def estimate_rank_memory(
             ``dp_size * cp_size``).
         dp_size: Data-parallel replicas (changes only the static part, under ``"fsdp"``).
         loss_chunk_size: Tokens per tile of the chunked LM-head loss; ``None``: whole logits.
+        master_dtype: Dtype (a key of :data:`DTYPE_BYTES`) of the stored weights, gradients and
+            optimizer state when it differs from the compute ``dtype`` (mixed precision with fp32
+            master state); ``None``: ``dtype``.
+        mlp_tile_size: Tokens per tile of the sequence-tiled MLP; ``None``: untiled.
 
     Returns:
         The :class:`RankMemory` at the largest of the phases of :func:`phase_bytes`.
@@ -447,9 +479,11 @@ def estimate_rank_memory(
         attention=attention,
         activation_checkpointing=activation_checkpointing,
         loss_chunk_size=loss_chunk_size,
+        mlp_tile_size=mlp_tile_size,
     )
     phase, transient = max(phases.items(), key=lambda item: sum(item[1].values()))
-    static = _static_bytes(dims, b, optimizer, param_sharding, dp_size * cp_size)
+    m = DTYPE_BYTES[master_dtype or dtype]
+    static = _static_bytes(dims, b, optimizer, param_sharding, dp_size * cp_size, m)
     if not include_weights:
         static = dict.fromkeys(static, 0.0)
     components = {name: float(value) for name, value in {**static, **transient}.items()}
@@ -558,6 +592,8 @@ def estimate_context_parallel_memory_savings(
     param_sharding: str = "replicated",
     tie_embeddings: bool = False,
     loss_chunk_size: int | None = None,
+    master_dtype: str | None = None,
+    mlp_tile_size: int | None = None,
 ) -> dict:
     """Per-rank peak memory of a training step without and with context parallelism, and the longest fit.
 
@@ -606,6 +642,14 @@ def estimate_context_parallel_memory_savings(
         tie_embeddings: The head shares the embedding matrix.
         loss_chunk_size: Tokens per tile of the chunked LM-head loss
             (:func:`~cp_dtensor.chunked_cross_entropy_across_shards`); ``None``: whole logits.
+        master_dtype: Dtype of the stored weights, gradients and optimizer state, when it is wider
+            than the compute ``dtype``: ``dtype="bf16", master_dtype="fp32", param_sharding="fsdp"``
+            is FSDP2 with ``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``
+            (fp32 sharded weights, gradients and AdamW moments; bf16 gathered weights and activations);
+            ``None``: ``dtype``.
+        mlp_tile_size: Tokens per tile of the sequence-tiled MLP (:func:`cp_dtensor.nn.tiled_mlp.tiled_mlp`,
+            ``ModelConfig.mlp_tile_size``): the MLP's intermediates exist for one tile at a time;
+            ``None``: untiled.
 
     Returns:
         A dict: ``without_cp_gb`` and ``with_cp_gb`` (per-rank peak at ``P = 1`` and ``P = cp_size``),
@@ -632,7 +676,13 @@ def estimate_context_parallel_memory_savings(
     )
     if loss_chunk_size is not None:
         check_positive_int("loss_chunk_size", loss_chunk_size)
+    if master_dtype is not None:
+        _check_choice("master_dtype", master_dtype, DTYPE_BYTES)
+    if mlp_tile_size is not None:
+        check_positive_int("mlp_tile_size", mlp_tile_size)
     common = dict(
+        mlp_tile_size=mlp_tile_size,
+        master_dtype=master_dtype,
         loss_chunk_size=loss_chunk_size,
         batch_size=batch_size,
         dtype=dtype,
@@ -672,7 +722,7 @@ def estimate_context_parallel_memory_savings(
             "seq_len": seq_len,
             "batch_size": batch_size,
             "cp_size": cp_size,
-            **asdict(dims),
+            **{k: v for k, v in asdict(dims).items() if k != "explicit_head_dim"},
             **{k: v for k, v in common.items() if k != "batch_size"},
             "memory_budget_gb": memory_budget_gb,
         },

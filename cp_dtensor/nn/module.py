@@ -81,7 +81,8 @@ class ContextParallelAttention(nn.Module):
         self.head_dim = hidden_size // num_heads
         if rope and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got hidden_size / num_heads = {self.head_dim}.")
-        get_strategy(strategy)  # fail early on a typo; looked up again at call time
+        if strategy != "auto":  # "auto" decides per call shape (context_parallel_attention)
+            get_strategy(strategy)  # fail early on a typo; looked up again at call time
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.cp_group, self.causal, self.rope, self.rope_base = cp_group, causal, rope, rope_base
         self.strategy = strategy

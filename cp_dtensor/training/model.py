@@ -7,7 +7,10 @@ attention talks to other ranks; everything else is per token, so it runs on the 
 Memory options (Note [Activation checkpointing under CP]; Note [Chunked LM-head loss] in
 :mod:`cp_dtensor.nn.chunked_loss`): ``ModelConfig.activation_checkpointing`` recomputes each block's
 activations in the backward instead of keeping them, and ``ModelConfig.loss_chunk_size`` computes the
-LM head and loss in token tiles so the ``(B, S, V)`` logits never exist.
+LM head and loss in token tiles so the ``(B, S, V)`` logits never exist. ``ModelConfig.mlp_tile_size`` runs
+each block's MLP half (``mlp_norm`` and SwiGLU) over token tiles, recomputed per tile in backward, so its
+``(B, S, I)`` intermediates exist for one tile at a time (Note [Sequence-tiled MLP] in
+:mod:`cp_dtensor.nn.tiled_mlp`).
 
 Note [Activation checkpointing under CP]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -55,6 +58,7 @@ from cp_dtensor.mesh.group import ContextParallelGroup
 from cp_dtensor.nn.chunked_loss import chunked_cross_entropy_across_shards
 from cp_dtensor.nn.loss import ShardedLoss, cross_entropy_across_shards, labels_from_local_ids
 from cp_dtensor.nn.module import ContextParallelAttention
+from cp_dtensor.nn.tiled_mlp import tiled_mlp
 from cp_dtensor.parallel.tensor_parallel import ReplicateParallel, attention_plan, swiglu_plan
 
 __all__ = ["AC_MODES", "ModelConfig", "TransformerWithCP", "apply_activation_checkpointing"]
@@ -97,6 +101,11 @@ class ModelConfig:
     """Tokens per tile of the LM head + loss (Note [Chunked LM-head loss]); ``None``: whole logits.
 
     Off by default: the tiles' recompute costs one more LM-head matmul per step (docs/memory.md measures it)."""
+    mlp_tile_size: int | None = None
+    """Tokens per tile of the sequence-tiled MLP half of each block (Note [Sequence-tiled MLP]); ``None``: untiled.
+
+    Off by default: it recomputes the MLP in backward, as ``activation_checkpointing="selective"`` does
+    (which it makes redundant: with both, the MLP is recomputed once, tiled)."""
 
     @property
     def mlp_size(self) -> int:
@@ -149,6 +158,8 @@ class DecoderBlock(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.mlp_size)
         self.checkpointing = "none"
         """One of :data:`AC_MODES`, set by :func:`apply_activation_checkpointing`."""
+        self.mlp_tile_size = config.mlp_tile_size
+        """Tokens per tile of the MLP half, or ``None`` (Note [Sequence-tiled MLP])."""
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
         """``(B, S, E) -> (B, S, E)`` on the local shard; ``position_ids`` ``(S,)`` are global."""
@@ -158,6 +169,9 @@ class DecoderBlock(nn.Module):
 
     def _block(self, x: torch.Tensor, position_ids: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), position_ids=position_ids, **attn_kwargs)
+        if self.mlp_tile_size is not None:  # recomputed per tile in backward: no checkpoint needed
+            params = [*self.mlp_norm.parameters(), *self.mlp.parameters()]
+            return x + tiled_mlp(self._mlp, x, params, tile_size=self.mlp_tile_size)
         if self.checkpointing == "selective" and torch.is_grad_enabled():
             return x + checkpoint(self._mlp, x, use_reentrant=False)
         return x + self._mlp(x)
@@ -211,6 +225,9 @@ class TransformerWithCP(nn.Module):
     def __init__(self, config: ModelConfig | None = None, *, cp_group: ContextParallelGroup) -> None:
         super().__init__()
         self.config = config = config or ModelConfig()
+        tile = config.mlp_tile_size
+        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
+            raise ValueError(f"mlp_tile_size must be None or a positive integer, got {tile!r}.")
         self.cp_group = cp_group
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderBlock(config, cp_group) for _ in range(config.num_layers))
