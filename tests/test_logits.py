@@ -227,3 +227,21 @@ def test_a_mask_mod_that_depends_on_the_head_is_refused():
         from cp_dtensor.positions.masks import check_mask_mod
 
         check_mask_mod(lambda b, h, q, k: (k <= q) & (h == 0), batch=1, num_heads=4, seq_len=16)
+
+
+def validate_case(world_size: int) -> list[str]:
+    """Runs on every rank: validate=True with the same score function everywhere, then with sinks that differ."""
+    group = mp_pool.group(world_size)
+    q = torch.randn(1, 4, 8, 4, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    context_parallel_attention(q, q, q, group, causal=True, score_mod=alibi, sinks=SINKS.float(), validate=True)
+    sinks = SINKS.to(torch.bfloat16) + group.rank  # a rank that loaded another checkpoint
+    try:
+        context_parallel_attention(q, q, q, group, causal=True, sinks=sinks, validate=True)
+    except ValueError as err:
+        return [str(err)]
+    return ["no error"]
+
+
+def test_validate_names_sinks_that_differ_across_ranks():
+    for (message,) in mp_pool.run_on_ranks(2, validate_case, 2):
+        assert "sinks" in message and "content sha1" in message, message

@@ -70,7 +70,8 @@ def _describe(value: object, content: bool = False) -> str:
     if isinstance(value, torch.Tensor):
         text = f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype}, device={value.device.type})"
         if content:
-            digest = hashlib.sha1(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:12]
+            raw = value.detach().cpu().contiguous().view(torch.uint8)  # any dtype, bf16 included
+            digest = hashlib.sha1(raw.numpy().tobytes()).hexdigest()[:12]
             text += f" content sha1 {digest}"
         return text
     if callable(value):  # a score or mask function: its name (its repr holds a per-process address)
