@@ -1,7 +1,7 @@
 """Smoke test of the benchmark suite: every script runs at a tiny size and its contenders agree.
 
 No timing is asserted (benchmarks are measurements, see bench/__init__.py). Each benchmark runs under
-``torchrun`` with a timeout, all of them at once (they are small; this keeps the test short), and each
+``torchrun`` under a work limit, all of them at once (they are small; this keeps the test short), and each
 test checks one script's JSON: the fields the report reads, and that ours, the other registered
 strategies and the peers give the same attention as one process's fused SDPA.
 """
@@ -11,17 +11,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import work_limits
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TIMEOUT_S = 240
+# Work budget of one benchmark run, its ranks together (tests/work_limits.py); the largest spend about
+# 30 CPU seconds on the 2-core CI machine.
+CPU_S = 240
 TINY = ["--heads", "2", "--head-dim", "16"]
 # fp32 against fp32 SDPA: the blocks are summed and merged in another order than one kernel call.
 FP32_TOL = 1e-4
@@ -68,20 +70,13 @@ def smoke(tmp_path_factory) -> dict[str, dict]:
             "--out",
             str(out_dir / f"{name}.json"),
         ]
-        procs[name] = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        procs[name] = work_limits.Job(cmd, cpu_s=CPU_S, cwd=REPO, env=env)
     results, failures = {}, {}
-    for name, proc in procs.items():
-        try:
-            output, _ = proc.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-            failures[name] = f"timed out after {TIMEOUT_S} s\n{output[-3000:]}"
-            continue
-        if proc.returncode != 0:
-            failures[name] = output[-3000:]
+    for name, proc in work_limits.wait_all(procs).items():
+        if isinstance(proc, work_limits.LimitExceeded):
+            failures[name] = str(proc)
+        elif proc.returncode != 0:
+            failures[name] = proc.stdout[-3000:] + proc.stderr[-3000:]
         else:
             results[name] = json.loads((out_dir / f"{name}.json").read_text())
     results["_failures"] = failures
@@ -232,7 +227,7 @@ def test_gpu_check_runs_on_cpu():
         "128",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = work_limits.run(cmd, cpu_s=CPU_S, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu_check: 0 failure(s)" in proc.stdout
     assert proc.stdout.count("ok ") == 4 * 2 * 4 + 2  # strategies x dtypes x masks, + the module per dtype
