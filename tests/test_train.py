@@ -247,6 +247,31 @@ def uninterrupted(tmp_path_factory) -> dict:
     return summary
 
 
+def test_two_agents_of_two_ranks_reproduce_one_agent_of_four(uninterrupted, tmp_path):
+    """Two torchrun agents on this machine, as two nodes of 2 ranks, run the job of ``uninterrupted``
+    (one agent of 4 ranks, dp 2 x cp 2) with the c10d rendezvous a multi-node run uses: each agent's
+    ranks are consecutive global ranks, so each cp ring stays inside a "node" and the dp all-reduce
+    crosses them, as docs/running.md explains."""
+    # The rendezvous store, held here (as torchrun's agent on the endpoint's host would), on a port the
+    # OS picks as it binds: no window between choosing a free port and binding it.
+    store = mp_pool.serve_store()
+    out = tmp_path / "two_agents.json"
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2"]
+    agent += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{store.port}", "--rdzv-id", "two-agents"]
+    agent += ["--rdzv-conf", "is_host=false", "--local-addr", "127.0.0.1"]  # the store is the test's
+    job = ["-m", "cp_dtensor.training", *TINY, "--out", out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    nodes = {n: work_limits.Job([*agent, *job], cpu_s=JOB_CPU_S, cwd=REPO, env=env) for n in ("a", "b")}
+    for node, proc in work_limits.wait_all(nodes).items():
+        assert isinstance(proc, subprocess.CompletedProcess) and proc.returncode == 0, f"agent {node}: {proc}"
+    summary = json.loads(out.read_text())
+    assert (summary["world_size"], summary["dp"], summary["cp"]) == (4, 2, 2)
+    # Bitwise: the same global ranks on the same mesh do the same sums in the same order; which agent
+    # a rank runs under changes nothing it computes.
+    assert losses(summary) == losses(uninterrupted)
+    assert summary["eval_accuracy"] == uninterrupted["eval_accuracy"]
+
+
 def test_kill_mid_save_then_resume_reproduces_the_losses(uninterrupted, tmp_path):
     ckpt = tmp_path / "ckpt"
     # Killed (os._exit on every rank) inside step 4's save, after the data is written, before it is published.
