@@ -5,6 +5,10 @@
 against one process. They all read the same run: the command of the example's docstring (the line
 starting ``torchrun`` or ``python``), from an empty directory, with only installed packages importable
 (no ``PYTHONPATH``), plus the arguments of ``SAVE`` that make it write its results to a file.
+
+A ``torchrun --standalone`` command runs its ranks as forks of a process that has imported torch
+(``tests/warm_launch.py``: torchrun's parser and worker environment, without paying each rank's
+start-up again, most of what the examples cost); a ``python`` command runs as it is.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import warm_launch
 import work_limits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,17 +45,14 @@ class ExampleRun:
 
 
 def example_command(path: Path) -> list[str]:
-    """The run command written in an example's docstring, with this interpreter substituted."""
+    """The run command written in an example's docstring, split as a shell splits it."""
     text = path.read_text()
     doc = re.match(r'\s*(?:#.*\n\s*)*"""(.*?)"""', text, re.S)
     assert doc, f"{path.name}: needs a module docstring with the command that runs it"
     lines = [ln.strip() for ln in doc[1].splitlines()]
     cmd = next((ln for ln in lines if ln.startswith(("torchrun ", "python "))), None)
     assert cmd, f"{path.name}: its docstring must contain a line starting 'torchrun ' or 'python '"
-    argv = shlex.split(cmd)
-    if argv[0] == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
-    return [sys.executable, *argv[1:]]
+    return shlex.split(cmd)
 
 
 _DIR = tempfile.TemporaryDirectory(prefix="cp_docs_examples_")  # removed when the session ends
@@ -68,4 +70,6 @@ def run_example(name: str) -> ExampleRun:
     argv = [str(REPO / a) if a.endswith(".py") and (REPO / a).is_file() else a for a in example_command(path)]
     if name in SAVE:
         argv += ["--save", str(out / SAVE[name])]
-    return ExampleRun(work_limits.run(argv, cpu_s=CPU_S, cwd=cwd, env=env), out)
+    if argv[0] == "torchrun":
+        return ExampleRun(warm_launch.run(argv, cpu_s=CPU_S, cwd=cwd, env=env), out)
+    return ExampleRun(work_limits.run([sys.executable, *argv[1:]], cpu_s=CPU_S, cwd=cwd, env=env), out)

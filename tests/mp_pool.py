@@ -1,11 +1,14 @@
 """A pool of real gloo ranks kept alive for the whole test session.
 
-Starting a process group costs seconds, so each world size gets one pool of ``P`` spawned processes
-with ``torch.distributed`` initialised once. A test sends a task (a module-level function and its
-arguments, identical on every rank) and receives every rank's return value. Every task runs under a
-limit on its work, in CPU seconds, and the stall rule of ``tests/work_limits.py`` (no rank running or
-runnable): a hang or a runaway fails the test instead of blocking CI, a busy machine does not, and a
-pool that hit a limit or failed is torn down and replaced, so one broken case never poisons the next.
+Starting a process group costs seconds, so each world size gets one pool of ``P`` processes with
+``torch.distributed`` initialised once. They are forks of multiprocessing's fork server, which
+imports torch and cp_dtensor once for the session (``PRELOAD``): a spawned rank spent about 3.5 CPU
+seconds importing them (``tests/warm_launch.py`` forks the ranks of the docs examples from it too).
+A test sends a task (a module-level function and its arguments, identical on every rank) and
+receives every rank's return value. Every task runs under a limit on its work, in CPU seconds, and
+the stall rule of ``tests/work_limits.py`` (no rank running or runnable): a hang or a runaway fails
+the test instead of blocking CI, a busy machine does not, and a pool that hit a limit or failed is
+torn down and replaced, so one broken case never poisons the next.
 
 Errors: when a rank raises, the test fails with THAT rank's traceback first (the first failure to
 arrive), followed by whatever the other ranks reported within a short grace period (often only a
@@ -44,6 +47,12 @@ from work_limits import LimitExceeded, Processes, Watch
 DEFAULT_TIMEOUT_S = float(os.environ.get("CP_TEST_TIMEOUT", "120"))
 GROUP_TIMEOUT_S = float(os.environ.get("CP_TEST_GROUP_TIMEOUT", "60"))  # below work_limits.STALL_S
 GRACE_S = 3.0  # after a rank fails, how long to wait for the others' reports
+# What the fork server imports before it forks a rank: what every rank imports first. It holds no
+# thread, lock or process group when it forks (a plain ``fork`` of this process would copy this
+# test process's threads' locks); each rank then starts its own.
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "cp_dtensor"]
+CONTEXT = mp.get_context("forkserver")
+CONTEXT.set_forkserver_preload(PRELOAD)
 
 
 def _dumps(obj) -> bytes:
@@ -130,10 +139,10 @@ def _changed_settings(before: dict[str, object]) -> dict[str, tuple[object, obje
 
 
 class RankPool:
-    """``world_size`` spawned gloo ranks that run tasks on request."""
+    """``world_size`` gloo ranks (forks of the preloaded server) that run tasks on request."""
 
     def __init__(self, world_size: int) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = CONTEXT
         self.world_size = world_size
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._results = ctx.Queue()
