@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import warm_launch
 import work_limits
 from docs_examples import run_example
 
@@ -212,7 +213,8 @@ def output_matches(shown: str, printed: str) -> bool:
 
 
 def run_page(page: Path, cwd: Path, python: str = sys.executable) -> tuple[list[Step], dict]:
-    """Run a page's blocks in a fresh interpreter (``python``, default this one's) in ``cwd``, with no
+    """Run a page's blocks in a fresh interpreter (``python``, default this one's: then a fresh fork of
+    one that has only imported torch and cp_dtensor, tests/warm_launch.py) in ``cwd``, with no
     repository file importable.
 
     ``python -P`` keeps the runner's own directory off ``sys.path`` and ``PYTHONPATH`` is dropped, so the
@@ -226,7 +228,10 @@ def run_page(page: Path, cwd: Path, python: str = sys.executable) -> tuple[list[
     (cwd / "blocks.json").write_text(json.dumps(blocks))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["MPLBACKEND"] = "Agg"
-    proc = work_limits.run([python, "-P", RUN_PAGE, "blocks.json", "result.json"], cpu_s=600, cwd=cwd, env=env)
+    argv = [python, "-P", RUN_PAGE, "blocks.json", "result.json"]
+    # This interpreter's runs are forks of the preloaded server (tests/warm_launch.py), with the same path.
+    launch = warm_launch.run if python == sys.executable else work_limits.run
+    proc = launch(argv, cpu_s=600, cwd=cwd, env=env)
     assert proc.returncode == 0, f"{page.name}: the page runner failed:\n{proc.stdout}\n{proc.stderr}"
     return steps, json.loads((cwd / "result.json").read_text())
 
