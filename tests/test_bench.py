@@ -1,7 +1,8 @@
 """Smoke test of the benchmark suite: every script runs at a tiny size and its contenders agree.
 
-No timing is asserted (benchmarks are measurements, see bench/__init__.py). Each benchmark runs under
-``torchrun`` under a work limit, all of them at once (they are small; this keeps the test short), and each
+No timing is asserted (benchmarks are measurements, see bench/__init__.py). Each benchmark runs with
+its ``torchrun`` command (its ranks forked from a process that imported torch: tests/warm_launch.py)
+under a work limit, all of them at once (they are small; this keeps the test short), and each
 test checks one script's JSON: the fields the report reads, and that ours, the other registered
 strategies and the peers give the same attention as one process's fused SDPA.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm_launch
 import work_limits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,11 +59,10 @@ def smoke(tmp_path_factory) -> dict[str, dict]:
     """Launch every benchmark at once; return each one's JSON (or raise with its output)."""
     out_dir = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "131072"}
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
     procs = {}
     for name, (nproc, module, args) in RUNS.items():
         cmd = [
-            torchrun,
+            "torchrun",
             "--standalone",
             f"--nproc-per-node={nproc}",
             "-m",
@@ -70,7 +71,7 @@ def smoke(tmp_path_factory) -> dict[str, dict]:
             "--out",
             str(out_dir / f"{name}.json"),
         ]
-        procs[name] = work_limits.Job(cmd, cpu_s=CPU_S, cwd=REPO, env=env)
+        procs[name] = warm_launch.WarmJob(cmd, cpu_s=CPU_S, cwd=REPO, env=env)
     results, failures = {}, {}
     for name, proc in work_limits.wait_all(procs).items():
         if isinstance(proc, work_limits.LimitExceeded):
@@ -215,9 +216,7 @@ def test_gpu_check_runs_on_cpu():
     Its own comparisons are the test: it exits 1 if any case misses its tolerance.
     """
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
+        "torchrun",
         "--standalone",
         "--nproc-per-node=1",
         "-m",
@@ -227,7 +226,7 @@ def test_gpu_check_runs_on_cpu():
         "128",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = work_limits.run(cmd, cpu_s=CPU_S, cwd=REPO, env=env)
+    proc = warm_launch.run(cmd, cpu_s=CPU_S, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu_check: 0 failure(s)" in proc.stdout
     assert proc.stdout.count("ok ") == 4 * 2 * 4 + 2  # strategies x dtypes x masks, + the module per dtype

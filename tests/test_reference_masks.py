@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import mp_pool
 import pytest
 import torch
-import work_limits
+import warm_launch
 from helpers import default_tile
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -372,9 +371,8 @@ def test_masks_benchmark_runs_and_plans_the_skipped_work(tmp_path):
     out = tmp_path / "masks.json"
     args = ["--seq", "1024", "--doc-len", "64", "--window", "64", "--window-seq", "1024", "2048"]
     args += ["--heads", "2", "--head-dim", "16", "--repeats", "1", "--out", str(out)]
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    proc = work_limits.run(
-        [torchrun, "--standalone", "--nproc-per-node=4", "-m", "bench.masks", *args],
+    proc = warm_launch.run(  # torchrun's ranks as forks of a preloaded process (tests/warm_launch.py)
+        ["torchrun", "--standalone", "--nproc-per-node=4", "-m", "bench.masks", *args],
         cpu_s=400,  # work budget, the 4 ranks together (tests/work_limits.py)
         cwd=repo,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)},

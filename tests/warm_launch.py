@@ -29,6 +29,7 @@ agents, a kill mid-save; ``tests/test_compile.py``'s training job; ``tests/test_
 from __future__ import annotations
 
 import atexit
+import ctypes
 import io
 import json
 import os
@@ -45,6 +46,8 @@ from pathlib import Path
 
 from mp_pool import CONTEXT, serve_store
 from work_limits import POLL_S, STALL_S, LimitExceeded, Processes, Watch
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter that MALLOC_MMAP_THRESHOLD_ sets (malloc.h)
 
 
 @dataclass
@@ -119,6 +122,8 @@ def _rank_main(target: str, module: bool, args: list[str], env: dict, cwd: str, 
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
     os.environ.clear()
     os.environ.update(env)
+    if "MALLOC_MMAP_THRESHOLD_" in env:  # glibc reads it as a process starts; the server started without it
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, int(env["MALLOC_MMAP_THRESHOLD_"]))
     os.chdir(cwd)
     if "OMP_NUM_THREADS" in env:  # torch read it when the server imported it
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
