@@ -183,6 +183,11 @@ class WarmJob:
         self.watch = Watch(what, Processes([p.pid for p in self._procs]), cpu_s, stall_s=stall_s)
         self.returncode: int | None = None
 
+    def kill(self) -> None:
+        """Stop every rank now (a rank left hanging on purpose); :meth:`result` reads what they wrote."""
+        self._stop()
+        self.returncode = 1 if self._torchrun else self._procs[0].exitcode
+
     def _stop(self) -> None:
         for proc in self._procs:
             if proc.is_alive():
