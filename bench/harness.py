@@ -166,6 +166,12 @@ class PeakRSS:
     ``VmHWM`` on exit, so several measurements can alternate in one process. Run under
     ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors go back to the kernel (glibc would
     otherwise keep them and the next block would reuse pages it never counts).
+
+    The peak is never below the RSS at the start, which the block held. ``VmHWM`` alone can read
+    lower: the kernel resets and raises the high-water mark from its per-CPU RSS counters without
+    summing them (``get_mm_rss``: off by up to 32 pages per CPU), while ``VmRSS`` is the exact sum
+    (Linux >= 6.16). A block that allocates less than that, and frees memory it found, then read a
+    negative peak, more often on a busy machine (the process moves between CPUs, each keeps a part).
     """
 
     def __enter__(self) -> PeakRSS:
@@ -177,7 +183,7 @@ class PeakRSS:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.peak_bytes = _status_kb("VmHWM") * 1024 - self.start_bytes
+        self.peak_bytes = max(_status_kb("VmHWM") * 1024 - self.start_bytes, 0)
 
 
 def gc_collect() -> None:

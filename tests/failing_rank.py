@@ -16,9 +16,16 @@ Failures injected on ``--failing-rank`` (cp rank 1 of the first replica by defau
 Every other rank runs ring attention forward and backward and prints ``completed`` if it can.
 ``--user-init`` creates the default process group first, without a timeout, as many training
 scripts do; ``--dp-size 2`` puts the ring on a sub-group of the world.
+
+The ranks meet at the rendezvous store before they make any group: ``--timeout`` is for the step
+(how long a survivor waits for a peer that failed), but gloo also gives a group's ranks that long to
+connect, and ranks that start at once on a busy machine (ten of them importing torch on 2 cores in
+the test) can reach that point further apart than 5 s. Lined up first, they connect within
+milliseconds of each other, and only the injected failure can make a timeout fire.
 """
 
 import argparse
+import datetime
 import os
 import time
 
@@ -26,6 +33,16 @@ import torch
 import torch.distributed as dist
 
 from cp_dtensor import init_context_parallel_group, ring_attention
+
+
+def line_up(world_size: int) -> None:
+    """Wait at the rendezvous store until every rank of the world has started (no time limit of its own)."""
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=datetime.timedelta(hours=1)
+    )
+    if store.add("failing_rank/started", 1) == world_size:
+        store.set("failing_rank/all_started", "1")
+    store.wait(["failing_rank/all_started"])
 
 
 def main() -> None:
@@ -36,6 +53,7 @@ def main() -> None:
     parser.add_argument("--failing-rank", type=int, default=1)
     parser.add_argument("--user-init", action="store_true")
     args = parser.parse_args()
+    line_up(int(os.environ["WORLD_SIZE"]))
     if args.user_init:
         dist.init_process_group("gloo")  # the c10d default timeout (30 min)
     world_size = int(os.environ["WORLD_SIZE"])

@@ -26,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -275,10 +273,17 @@ def train_case(argv: list[str]) -> dict:
 
 
 def torchrun_job_losses(out: Path, flags: list[str], *, nproc: int = 2, timeout: float = 120) -> list[float]:
-    """The job's loss per step, launched as a user would (``torchrun -m cp_dtensor.training``), results in ``out``."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    """The job's loss per step, launched by a user's command (``torchrun -m cp_dtensor.training``), in ``out``.
+
+    The ranks are forks of the preloaded server (tests/warm_launch.py); tests/test_train.py launches
+    the job with torchrun itself. ``timeout`` is the run's work limit, in CPU seconds of all its
+    processes (tests/work_limits.py).
+    """
+    import warm_launch
+
+    launcher = ["torchrun", "--standalone", f"--nproc-per-node={nproc}"]
     cmd = [*launcher, "-m", "cp_dtensor.training", *flags, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = warm_launch.run(cmd, cpu_s=timeout, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return [c["loss"] for c in json.loads(out.read_text())["curve"]]

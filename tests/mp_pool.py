@@ -1,10 +1,14 @@
 """A pool of real gloo ranks kept alive for the whole test session.
 
-Starting a process group costs seconds, so each world size gets one pool of ``P`` spawned processes
-with ``torch.distributed`` initialised once. A test sends a task (a module-level function and its
-arguments, identical on every rank) and receives every rank's return value. Every task runs under a
-timeout: a hang fails the test instead of blocking CI, and a pool that timed out or failed is torn
-down and replaced, so one broken case never poisons the next.
+Starting a process group costs seconds, so each world size gets one pool of ``P`` processes with
+``torch.distributed`` initialised once. They are forks of multiprocessing's fork server, which
+imports torch and cp_dtensor once for the session (``PRELOAD``): a spawned rank spent about 3.5 CPU
+seconds importing them (``tests/warm_launch.py`` forks the ranks of the docs examples from it too).
+A test sends a task (a module-level function and its arguments, identical on every rank) and
+receives every rank's return value. Every task runs under a limit on its work, in CPU seconds, and
+the stall rule of ``tests/work_limits.py`` (no rank running or runnable): a hang or a runaway fails
+the test instead of blocking CI, a busy machine does not, and a pool that hit a limit or failed is
+torn down and replaced, so one broken case never poisons the next.
 
 Errors: when a rank raises, the test fails with THAT rank's traceback first (the first failure to
 arrive), followed by whatever the other ranks reported within a short grace period (often only a
@@ -36,10 +40,19 @@ from functools import cache
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from work_limits import LimitExceeded, Processes, Watch
 
+# A task's work limit: CPU seconds per rank (the ranks together may spend world_size times this). The
+# tests' tasks spend well under 10 each on the CI machine; a hang is caught by the stall rule instead.
 DEFAULT_TIMEOUT_S = float(os.environ.get("CP_TEST_TIMEOUT", "120"))
-GROUP_TIMEOUT_S = float(os.environ.get("CP_TEST_GROUP_TIMEOUT", "60"))  # below DEFAULT_TIMEOUT_S
+GROUP_TIMEOUT_S = float(os.environ.get("CP_TEST_GROUP_TIMEOUT", "60"))  # below work_limits.STALL_S
 GRACE_S = 3.0  # after a rank fails, how long to wait for the others' reports
+# What the fork server imports before it forks a rank: what every rank imports first. It holds no
+# thread, lock or process group when it forks (a plain ``fork`` of this process would copy this
+# test process's threads' locks); each rank then starts its own.
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "cp_dtensor"]
+CONTEXT = mp.get_context("forkserver")
+CONTEXT.set_forkserver_preload(PRELOAD)
 
 
 def _dumps(obj) -> bytes:
@@ -126,10 +139,10 @@ def _changed_settings(before: dict[str, object]) -> dict[str, tuple[object, obje
 
 
 class RankPool:
-    """``world_size`` spawned gloo ranks that run tasks on request."""
+    """``world_size`` gloo ranks (forks of the preloaded server) that run tasks on request."""
 
     def __init__(self, world_size: int) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = CONTEXT
         self.world_size = world_size
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._results = ctx.Queue()
@@ -146,41 +159,49 @@ class RankPool:
     def run(self, fn, *args, timeout: float = DEFAULT_TIMEOUT_S, **kwargs) -> list:
         """Run ``fn(*args, **kwargs)`` on every rank; return the per-rank results in rank order.
 
+        ``timeout`` is the task's work limit: CPU seconds per rank (see ``tests/work_limits.py``).
+
         Raises:
             RuntimeError: A rank raised (its traceback is in the message).
-            TimeoutError: Not every rank answered within ``timeout`` seconds.
+            TimeoutError: The ranks spent more than ``timeout`` CPU seconds each, or stalled.
         """
         payload = _dumps((f"{fn.__module__}:{fn.__qualname__}", args, kwargs))
+        watch = Watch(fn.__qualname__, Processes(self._pids(), descendants=False), timeout * self.world_size)
         for q in self._tasks:
             q.put(payload)
         answers: dict[int, tuple[bool, object]] = {}
         failures: list[tuple[int, str]] = []  # in order of arrival: the first is the real one
-        deadline = time.monotonic() + timeout
+        limit = None
         while len(answers) < self.world_size:
-            wait = deadline - time.monotonic()
-            if failures:  # the others may be stuck waiting on the failed rank: do not wait for them long
-                wait = min(wait, GRACE_S)
+            if failures and time.monotonic() > failures[0][2] + GRACE_S:
+                break  # the others may be stuck waiting on the failed rank: do not wait for them long
             try:
-                rank, ok, data = self._results.get(timeout=max(wait, 0.01))
+                rank, ok, data = self._results.get(timeout=0.5)
             except queue.Empty:
-                break
+                try:
+                    watch.check()
+                except LimitExceeded as error:
+                    limit = error
+                    break
+                continue
             answers[rank] = (ok, data)
             if not ok:
-                failures.append((rank, data))
+                failures.append((rank, data, time.monotonic()))
         missing = sorted(set(range(self.world_size)) - set(answers))
         if failures:
-            first_rank, first_tb = failures[0]
+            first_rank, first_tb, _ = failures[0]
             parts = [f"{fn.__qualname__}: rank {first_rank} failed first:\n{first_tb}"]
-            parts += [f"then rank {r} failed:\n{tb}" for r, tb in failures[1:]]
+            parts += [f"then rank {r} failed:\n{tb}" for r, tb, _ in failures[1:]]
             if missing:
                 parts.append(f"(no answer from ranks {missing}: probably waiting on rank {first_rank})")
             raise RuntimeError("\n".join(parts))
         if missing:
-            raise TimeoutError(
-                f"{fn.__qualname__} did not finish on ranks {missing} within {timeout} s "
-                f"(ranks {sorted(answers)} finished)"
-            )
+            raise TimeoutError(f"{limit}; ranks {missing} did not finish (ranks {sorted(answers)} did)")
+        watch.log()
         return [_loads(answers[r][1]) for r in range(self.world_size)]
+
+    def _pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
 
     def close(self) -> None:
         """Stop the workers (kill them if they do not stop in a few seconds)."""

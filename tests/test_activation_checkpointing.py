@@ -14,7 +14,7 @@ from pathlib import Path
 import mp_pool
 import pytest
 import torch
-from helpers import torchrun_job_losses
+from helpers import train_case
 from torch.distributed.tensor import DTensor
 
 from cp_dtensor import apply_ddp, shift_labels
@@ -100,7 +100,7 @@ def test_unknown_mode_is_a_value_error():
         apply_activation_checkpointing(torch.nn.Linear(2, 2), "sometimes")
 
 
-# ---- the job: --ac and --loss-chunk-size for a few steps (torchrun, 2 ranks) ------------------------------
+# ---- the job: --ac and --loss-chunk-size for a few steps (2 ranks) ------------------------------------------
 
 TINY = [
     "--seq-len",
@@ -138,8 +138,9 @@ TINY = [
 ]
 
 
-def test_job_with_checkpointing_and_chunked_loss_follows_the_same_curve(tmp_path):
+def test_job_with_checkpointing_and_chunked_loss_follows_the_same_curve():
+    # The job's train() on the rank pool (the launch itself is tested by tests/test_train.py).
     # fp64: checkpointing is bitwise; the chunked loss differs only in summation order.
-    plain = torchrun_job_losses(tmp_path / "plain.json", TINY)
-    ac = torchrun_job_losses(tmp_path / "ac.json", [*TINY, "--ac", "full", "--loss-chunk-size", "5"])
+    plain = mp_pool.run_on_ranks(2, train_case, TINY)[0]["losses"]
+    ac = mp_pool.run_on_ranks(2, train_case, [*TINY, "--ac", "full", "--loss-chunk-size", "5"])[0]["losses"]
     assert ac == pytest.approx(plain, rel=1e-10, abs=0)

@@ -1,7 +1,8 @@
 """Smoke test of the benchmark suite: every script runs at a tiny size and its contenders agree.
 
-No timing is asserted (benchmarks are measurements, see bench/__init__.py). Each benchmark runs under
-``torchrun`` with a timeout, all of them at once (they are small; this keeps the test short), and each
+No timing is asserted (benchmarks are measurements, see bench/__init__.py). Each benchmark runs with
+its ``torchrun`` command (its ranks forked from a process that imported torch: tests/warm_launch.py)
+under a work limit, all of them at once (they are small; this keeps the test short), and each
 test checks one script's JSON: the fields the report reads, and that ours, the other registered
 strategies and the peers give the same attention as one process's fused SDPA.
 """
@@ -11,17 +12,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import warm_launch
+import work_limits
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TIMEOUT_S = 240
+# Work budget of one benchmark run, its ranks together (tests/work_limits.py); the largest spend about
+# 30 CPU seconds on the 2-core CI machine.
+CPU_S = 240
 TINY = ["--heads", "2", "--head-dim", "16"]
 # fp32 against fp32 SDPA: the blocks are summed and merged in another order than one kernel call.
 FP32_TOL = 1e-4
@@ -55,11 +59,10 @@ def smoke(tmp_path_factory) -> dict[str, dict]:
     """Launch every benchmark at once; return each one's JSON (or raise with its output)."""
     out_dir = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "131072"}
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
     procs = {}
     for name, (nproc, module, args) in RUNS.items():
         cmd = [
-            torchrun,
+            "torchrun",
             "--standalone",
             f"--nproc-per-node={nproc}",
             "-m",
@@ -68,20 +71,13 @@ def smoke(tmp_path_factory) -> dict[str, dict]:
             "--out",
             str(out_dir / f"{name}.json"),
         ]
-        procs[name] = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        procs[name] = warm_launch.WarmJob(cmd, cpu_s=CPU_S, cwd=REPO, env=env)
     results, failures = {}, {}
-    for name, proc in procs.items():
-        try:
-            output, _ = proc.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-            failures[name] = f"timed out after {TIMEOUT_S} s\n{output[-3000:]}"
-            continue
-        if proc.returncode != 0:
-            failures[name] = output[-3000:]
+    for name, proc in work_limits.wait_all(procs).items():
+        if isinstance(proc, work_limits.LimitExceeded):
+            failures[name] = str(proc)
+        elif proc.returncode != 0:
+            failures[name] = proc.stdout[-3000:] + proc.stderr[-3000:]
         else:
             results[name] = json.loads((out_dir / f"{name}.json").read_text())
     results["_failures"] = failures
@@ -220,9 +216,7 @@ def test_gpu_check_runs_on_cpu():
     Its own comparisons are the test: it exits 1 if any case misses its tolerance.
     """
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
+        "torchrun",
         "--standalone",
         "--nproc-per-node=1",
         "-m",
@@ -232,7 +226,7 @@ def test_gpu_check_runs_on_cpu():
         "128",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = warm_launch.run(cmd, cpu_s=CPU_S, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu_check: 0 failure(s)" in proc.stdout
     assert proc.stdout.count("ok ") == 4 * 2 * 4 + 2  # strategies x dtypes x masks, + the module per dtype

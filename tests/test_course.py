@@ -16,12 +16,12 @@ The pages and their blocks are read with ``tests/test_docs.py``'s parser.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_docs import DOCS, EXAMPLES, PAGES, page_id, parse_blocks
+from docs_examples import run_example
+from test_docs import DOCS, PAGES, page_id, parse_blocks
 
 # ---- provenance ------------------------------------------------------------------------------------
 
@@ -150,9 +150,9 @@ def test_memory_units_are_the_estimators() -> None:
     from cp_dtensor.estimate import memory
 
     assert memory.GIB == 2**30 and "GiB" in memory.__doc__
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "memory_estimate.py")], capture_output=True, text=True, timeout=120
-    ).stdout
+    proc = run_example("memory_estimate.py").proc  # the session's one run of it (tests/docs_examples.py)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     assert re.search(r"\d GiB", out) and not re.search(r"\bGB\b", out), out
     claims = [(page.name, m) for page in PAGES for m in BYTES_PER_PARAMETER.finditer(page.read_text())]
     assert any(name == "scaling-out.md" for name, _ in claims), "scaling-out.md states bytes per parameter"

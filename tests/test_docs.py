@@ -41,13 +41,15 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import warm_launch
+import work_limits
+from docs_examples import run_example
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -211,7 +213,8 @@ def output_matches(shown: str, printed: str) -> bool:
 
 
 def run_page(page: Path, cwd: Path, python: str = sys.executable) -> tuple[list[Step], dict]:
-    """Run a page's blocks in a fresh interpreter (``python``, default this one's) in ``cwd``, with no
+    """Run a page's blocks in a fresh interpreter (``python``, default this one's: then a fresh fork of
+    one that has only imported torch and cp_dtensor, tests/warm_launch.py) in ``cwd``, with no
     repository file importable.
 
     ``python -P`` keeps the runner's own directory off ``sys.path`` and ``PYTHONPATH`` is dropped, so the
@@ -225,14 +228,10 @@ def run_page(page: Path, cwd: Path, python: str = sys.executable) -> tuple[list[
     (cwd / "blocks.json").write_text(json.dumps(blocks))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["MPLBACKEND"] = "Agg"
-    proc = subprocess.run(
-        [python, "-P", str(RUN_PAGE), "blocks.json", "result.json"],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    argv = [python, "-P", RUN_PAGE, "blocks.json", "result.json"]
+    # This interpreter's runs are forks of the preloaded server (tests/warm_launch.py), with the same path.
+    launch = warm_launch.run if python == sys.executable else work_limits.run
+    proc = launch(argv, cpu_s=600, cwd=cwd, env=env)
     assert proc.returncode == 0, f"{page.name}: the page runner failed:\n{proc.stdout}\n{proc.stderr}"
     return steps, json.loads((cwd / "result.json").read_text())
 
@@ -332,20 +331,6 @@ def test_runner_checks_outputs_and_runs_elsewhere(tmp_path: Path) -> None:
         assert any(expected in p for p in problems), f"{name}: not caught: {problems}"
 
 
-def example_command(path: Path) -> list[str]:
-    """The run command written in an example's docstring, with this interpreter substituted."""
-    text = path.read_text()
-    doc = re.match(r'\s*(?:#.*\n\s*)*"""(.*?)"""', text, re.S)
-    assert doc, f"{path.name}: needs a module docstring with the command that runs it"
-    lines = [ln.strip() for ln in doc[1].splitlines()]
-    cmd = next((ln for ln in lines if ln.startswith(("torchrun ", "python "))), None)
-    assert cmd, f"{path.name}: its docstring must contain a line starting 'torchrun ' or 'python '"
-    argv = shlex.split(cmd)
-    if argv[0] == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
-    return [sys.executable, *argv[1:]]
-
-
 def shown_example_outputs() -> dict[Path, list[tuple[str, Block]]]:
     """For each docs/examples file, the Output blocks shown right under its include on a page.
 
@@ -370,13 +355,12 @@ def shown_example_outputs() -> dict[Path, list[tuple[str, Block]]]:
 
 
 @pytest.mark.parametrize("example", EXAMPLE_FILES, ids=page_id)
-def test_example(example: Path, tmp_path: Path) -> None:
+def test_example(example: Path) -> None:
     """The example runs with the command in its docstring, from an empty directory with only installed
-    packages importable, and prints what every page that shows its output says it prints."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["MPLBACKEND"] = "Agg"
-    argv = [str(REPO / a) if a.endswith(".py") and (REPO / a).is_file() else a for a in example_command(example)]
-    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    packages importable, and prints what every page that shows its output says it prints.
+
+    The run is shared with the tests that check an example's numbers (tests/docs_examples.py)."""
+    proc = run_example(example.name).proc
     assert proc.returncode == 0, f"{example.name} failed:\n{proc.stdout}\n{proc.stderr}"
     for where, block in shown_example_outputs().get(example.resolve(), []):
         assert output_matches(block.body, proc.stdout), (
@@ -428,12 +412,10 @@ def external_fetches(text: str) -> list[str]:
 def mkdocs_build(root: Path, site: Path) -> subprocess.CompletedProcess:
     """``mkdocs build --strict`` of the project at ``root`` into ``site``, with its full log (no ``--quiet``:
     it would hide warnings from strict mode's counter)."""
-    return subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
+    return work_limits.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", site],
+        cpu_s=300,
         cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},  # material's banner about MkDocs 2
     )
 
@@ -574,20 +556,21 @@ def test_the_build_fails_on_a_broken_link_and_on_a_docstring_warning(tmp_path: P
     # an Args entry for a parameter the function does not have: griffe warns
     entry = r"\1Args:\n\1    no_such_argument: Documented but absent.\n"
     module.write_text(re.sub(r"(?m)^( *)Args:\n", entry, module.read_text(), count=1))
-    procs = {}
-    for name, root in (("link", link), ("doc", doc)):
-        procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(root / "site")],
+    builds = {
+        name: work_limits.Job(
+            [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", root / "site"],
+            cpu_s=300,
             cwd=root,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
             env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
         )
+        for name, root in (("link", link), ("doc", doc))
+    }
+    procs = work_limits.wait_all(builds)
     for name, expected in (("link", "no-such-page.md"), ("doc", "no_such_argument")):
-        out, _ = procs[name].communicate(timeout=300)
-        proc = subprocess.CompletedProcess([], procs[name].returncode, out, "")
-        assert procs[name].returncode != 0, f"{name}: the build passed despite the injected fault:\n{out[-2000:]}"
+        proc = procs[name]
+        assert isinstance(proc, subprocess.CompletedProcess), f"{name}: {proc}"
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0, f"{name}: the build passed despite the injected fault:\n{out[-2000:]}"
         assert any(expected in p for p in build_problems(proc)), f"{name}: the warning does not name {expected}:\n{out}"
 
 
@@ -687,16 +670,14 @@ def test_figures_regenerate(tmp_path: Path) -> None:
     except ImportError:
         pytest.fail("matplotlib is not installed: pip install -e '.[docs]'")
     scripts = [DOCS / "scripts" / "make_figures.py", *sorted((DOCS / "scripts").glob("fig_*.py"))]
-    for script in scripts:
-        proc = subprocess.run(
-            [sys.executable, str(script), "--out", str(tmp_path)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(REPO)},
-        )
-        assert proc.returncode == 0, f"{script.name}: {proc.stderr}"
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(REPO)}
+    # side by side, each a fork of the preloaded server (tests/warm_launch.py): each would import torch
+    jobs = {
+        script.name: warm_launch.WarmJob([sys.executable, script, "--out", tmp_path], cpu_s=300, cwd=REPO, env=env)
+        for script in scripts
+    }
+    for name, proc in work_limits.wait_all(jobs).items():
+        assert isinstance(proc, subprocess.CompletedProcess) and proc.returncode == 0, f"{name}: {proc}"
     made = {p.name for p in tmp_path.glob("*") if p.suffix in (".png", ".gif")}  # a .gif: an animated figure
     committed = {p.name for p in FIGURES.glob("*") if p.suffix in (".png", ".gif") and not p.name.startswith("perf_")}
     assert made == committed, f"figures made {sorted(made)} != committed {sorted(committed)}"

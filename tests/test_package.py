@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import work_limits
 
 from cp_dtensor._torch_version import MIN_TORCH, check_torch_version
 
@@ -52,7 +53,7 @@ def test_torch_version_below_the_floor_names_the_needed_one(version: str) -> Non
 def test_torch_version_is_checked_at_import() -> None:
     """``import cp_dtensor`` under an old torch raises the ImportError, before any other module runs."""
     code = "import torch; torch.__version__ = '2.5.1'; import cp_dtensor"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = work_limits.run([sys.executable, "-c", code], cpu_s=60)
     assert proc.returncode != 0
     assert "ImportError: cp_dtensor needs torch >= 2.13 (found 2.5.1)" in proc.stderr, proc.stderr
 
@@ -73,7 +74,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src, out = tmp_path_factory.mktemp("src") / "cp_dtensor", tmp_path_factory.mktemp("dist")
     shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(*NOT_SOURCE))
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = work_limits.run(cmd, cpu_s=300)
     assert proc.returncode == 0, f"pip wheel failed:\n{proc.stdout}\n{proc.stderr}"
     (path,) = out.glob("*.whl")
     return path
@@ -108,7 +109,7 @@ def test_wheel_ships_every_package_the_typing_marker_and_the_license(wheel: Path
 def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with the wheel installed and torch seen through a ``.pth`` line; its folder."""
     root = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
+    assert work_limits.run([sys.executable, "-m", "venv", "--without-pip", str(root)], cpu_s=60).returncode == 0
     python = root / "bin" / "python"
     purelib = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
@@ -120,16 +121,19 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # as a site dir, so its .pth files (this repository's editable install) do not run.
     (Path(purelib) / "torch_of_the_test_env.pth").write_text(str(Path(torch.__file__).parents[1]) + "\n")
     install = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index"]
-    proc = subprocess.run([*install, str(wheel)], capture_output=True, text=True, timeout=300)
+    proc = work_limits.run([*install, str(wheel)], cpu_s=300)
     assert proc.returncode == 0, f"pip install of the wheel failed:\n{proc.stdout}\n{proc.stderr}"
     return root
 
 
-def run_installed(argv: list[str], cwd: Path, timeout: float = 180) -> str:
-    """Run ``argv`` in ``cwd`` (an empty folder) with no ``PYTHONPATH``; its output, or a failed test."""
+def run_installed(argv: list[str], cwd: Path, cpu_s: float = 120) -> str:
+    """Run ``argv`` in ``cwd`` (an empty folder) with no ``PYTHONPATH``; its output, or a failed test.
+
+    ``cpu_s``: the run's work limit (tests/work_limits.py), not wall time, which a busy machine stretches.
+    """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = work_limits.run([str(a) for a in argv], cpu_s=cpu_s, cwd=cwd, env=env)
     assert proc.returncode == 0, f"{argv} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import mp_pool
 import pytest
 import torch
+import warm_launch
 from helpers import default_tile
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -364,26 +363,6 @@ def test_production_masked_ring_matches_the_simulation(world_size, data):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
 
 
-# ---- the figures of docs/masks.md ----
-
-
-def test_mask_figures_regenerate(tmp_path):
-    """docs/scripts/fig_masks.py runs (its traces are checked against the oracle) and makes every masks_*.png."""
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, str(repo / "docs" / "scripts" / "fig_masks.py"), "--out", str(tmp_path)],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(repo)},
-    )
-    assert proc.returncode == 0, proc.stderr
-    made = {p.name for p in tmp_path.glob("*.png")}
-    committed = {p.name for p in (repo / "docs" / "assets" / "figures").glob("masks_*.png")}
-    assert made == committed == {"masks_pairs.png", "masks_blocks.png"}
-
-
 # ---- bench/masks.py at a tiny size (no time is asserted) ----
 
 
@@ -392,13 +371,10 @@ def test_masks_benchmark_runs_and_plans_the_skipped_work(tmp_path):
     out = tmp_path / "masks.json"
     args = ["--seq", "1024", "--doc-len", "64", "--window", "64", "--window-seq", "1024", "2048"]
     args += ["--heads", "2", "--head-dim", "16", "--repeats", "1", "--out", str(out)]
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node=4", "-m", "bench.masks", *args],
+    proc = warm_launch.run(  # torchrun's ranks as forks of a preloaded process (tests/warm_launch.py)
+        ["torchrun", "--standalone", "--nproc-per-node=4", "-m", "bench.masks", *args],
+        cpu_s=400,  # work budget, the 4 ranks together (tests/work_limits.py)
         cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=240,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -8,7 +8,6 @@ other strategy the plain group, and fails here loudly if it needs more).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -17,6 +16,8 @@ from pathlib import Path
 import mp_pool
 import pytest
 import torch
+import warm_launch
+import work_limits
 from helpers import GROUP_KWARGS, make_inputs, unshard
 
 from cp_dtensor import STRATEGIES, context_parallel_attention
@@ -399,19 +400,23 @@ FAILURES = {
     "hang, default group made without a timeout": (2, ["--fail", "hang", "--user-init"]),
     "hang, the ring on a sub-group (dp=2)": (4, ["--fail", "hang", "--dp-size", "2"]),
 }
-# What a survivor may say: gloo's timeout or closed connection mid-collective, or, when the failing
-# rank went away while the groups were still connecting (seen on a loaded machine), the store's or
-# gloo's connect timeout. Each names a timeout or a lost peer; none is a hang or a silent result.
-CLEAR_ERRORS = ("Timed out", "Connection closed", "Connection reset", "wait timeout", "Connect timeout")
-SUBPROCESS_TIMEOUT_S = 150  # a hang guard only: startup + the 5 s group timeout take ~20 s on 2 idle cores
+# What a survivor may say: gloo's timeout or closed connection mid-collective, or the store's wait
+# timeout. Each names a timeout or a lost peer; none is a hang or a silent result. (The ranks line up
+# before they connect, tests/failing_rank.py, so a connect timeout would be a fault of the test.)
+CLEAR_ERRORS = ("Timed out", "Connection closed", "Connection reset", "wait timeout")
+# The work limit of one rank that must exit (tests/work_limits.py): a hang guard only, each spends
+# a few CPU seconds; a hang shows as a stall.
+MUST_EXIT_CPU_S = 60
 
 
-def test_a_failed_rank_makes_the_others_fail_loudly(tmp_path):
+def test_a_failed_rank_makes_the_others_fail_loudly():
     """rank 1 raises, dies or hangs; rank 0 (same ring) exits non-zero naming the failure; others finish.
 
-    All scenarios run at once (separate worlds) so the test costs one startup and one timeout.
+    All scenarios run at once (separate worlds) so the test costs one startup and one timeout. Each
+    rank is ``python tests/failing_rank.py`` with the environment torchrun would give it, run as a
+    fork of the preloaded server (tests/warm_launch.py).
     """
-    procs, stores = {}, []
+    jobs, stores = {}, []
     for name, (world_size, args) in FAILURES.items():
         stores.append(mp_pool.serve_store())  # one rendezvous per world, held here as torchrun's agent does
         for rank in range(world_size):
@@ -424,34 +429,36 @@ def test_a_failed_rank_makes_the_others_fail_loudly(tmp_path):
                 "WORLD_SIZE": str(world_size),
                 "OMP_NUM_THREADS": "1",
             }
-            log = tmp_path / f"{name.replace(' ', '_')}.{rank}.log"
-            procs[name, rank] = (
-                subprocess.Popen(
-                    [sys.executable, str(REPO / "tests" / "failing_rank.py"), *args, "--timeout", "5"],
-                    env=env,
-                    cwd=REPO,
-                    stdout=log.open("w"),
-                    stderr=subprocess.STDOUT,
-                ),
-                log,
-            )
-    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-    must_exit = [key for key in procs if key[1] != 1]  # every rank but the failing one ends by itself
-    while time.monotonic() < deadline and any(procs[key][0].poll() is None for key in must_exit):
+            argv = [sys.executable, REPO / "tests" / "failing_rank.py", *args, "--timeout", "5"]
+            jobs[name, rank] = warm_launch.WarmJob(argv, cpu_s=MUST_EXIT_CPU_S, cwd=REPO, env=env)
+    must_exit = [key for key in jobs if key[1] != 1]  # every rank but the failing one ends by itself
+    ended, limits = set(), {}
+    while len(ended) + len(limits) < len(must_exit):
+        for key in must_exit:
+            if key in ended or key in limits:
+                continue
+            try:
+                if jobs[key].poll():
+                    ended.add(key)
+            except work_limits.LimitExceeded as error:
+                limits[key] = error
         time.sleep(0.5)
-    hung = [key for key in must_exit if procs[key][0].poll() is None]
-    for proc, _ in procs.values():  # the hanging ranks (and, on failure, anything left)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert not hung, f"still running after {SUBPROCESS_TIMEOUT_S} s: {hung}"
+    for key, job in jobs.items():  # the hanging ranks (and, on failure, anything left)
+        if key not in ended:
+            job.kill()
+    results = {key: job.result() for key, job in jobs.items()}
+    assert not limits, limits
     for name, (world_size, args) in FAILURES.items():
-        survivor, log = procs[name, 0]
-        output = log.read_text()
+        survivor = results[name, 0]
+        output = survivor.stdout + survivor.stderr
         assert survivor.returncode != 0 and "completed" not in output, (name, output[-2000:])
         assert any(e in output for e in CLEAR_ERRORS), (name, output[-2000:])
         if args[1] != "hang":
-            assert procs[name, 1][0].returncode != 0, name
+            assert results[name, 1].returncode != 0, name
         for rank in range(2, world_size):  # the other dp replica's ring is unaffected
-            proc, log = procs[name, rank]
-            assert proc.returncode == 0 and "completed" in log.read_text(), (name, rank, log.read_text()[-2000:])
+            proc = results[name, rank]
+            assert proc.returncode == 0 and "completed" in proc.stdout, (
+                name,
+                rank,
+                (proc.stdout + proc.stderr)[-2000:],
+            )

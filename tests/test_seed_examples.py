@@ -1,56 +1,40 @@
 """The docs' layer, training-loop and memory examples and the README's first look agree with one process.
 
 The examples (``docs/examples/layer_full_size.py`` and ``training_loop.py``, shown on the
-"Running it on ranks" and "A training loop" pages; ``memory_estimate.py`` on "Scaling out") run
-here with the command of their docstring (``torchrun`` on 4 gloo ranks, under a timeout), and their
-output is checked: against the same computation on one process where there is one (the layer, the
-CP x DP training loop), else against what the example claims to show. ``debug_ring.py`` asserts
-what it shows itself (each rank's shard shape, the P - 1 rotations, the profiler's wait label) and
-``tests/test_docs.py::test_example`` runs it; running it twice would only cost time.
+"Running it on ranks" and "A training loop" pages; ``memory_estimate.py`` on "Scaling out") run once
+per session with the command of their docstring (``torchrun`` on 4 gloo ranks, under a work limit;
+the run ``tests/test_docs.py::test_example`` checks the page's Output block against, see
+``tests/docs_examples.py``), and their output is checked here: against the same computation on one
+process where there is one (the layer, the CP x DP training loop), else against what the example
+claims to show. ``debug_ring.py`` asserts what it shows itself (each rank's shard shape, the P - 1
+rotations, the profiler's wait label); ``test_example`` runs it.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import mp_pool
 import torch
+import work_limits
+from docs_examples import SAVE, run_example
 
 from cp_dtensor import ContextParallelAttention
 from cp_dtensor.reference import full_attention
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "docs" / "examples"
-TIMEOUT_S = 240
+ONE_PROCESS_CPU_S = 120  # work budget of training_loop.py on one process (about 10 CPU s on the CI machine)
 
 
-def run(argv: list[str]) -> str:
-    """Run a command from the repository root (under a timeout); return its stdout, failing on a non-zero exit."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, f"{' '.join(argv)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
-def torchrun(example: str, *args: str) -> str:
-    """``torchrun --standalone --nproc-per-node 4 docs/examples/<example> args``: the docstrings' command."""
-    return run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "4",
-            str(EXAMPLES / example),
-            *args,
-        ]
-    )
+def shared_run(example: str) -> tuple[str, Path]:
+    """The session's run of ``docs/examples/<example>`` (tests/docs_examples.py): its stdout, and where it saved."""
+    run = run_example(example)
+    assert run.proc.returncode == 0, f"{example} failed:\n{run.proc.stdout}\n{run.proc.stderr}"
+    return run.proc.stdout, run.out
 
 
 # ---- Basic Setup: the example's layer, full size --------------------------------------------------
@@ -65,10 +49,10 @@ def basic_setup_on_one_process(x: torch.Tensor) -> torch.Tensor:
         return attention(x)
 
 
-def test_layer_full_size_matches_one_process(tmp_path: Path) -> None:
-    out = torchrun("layer_full_size.py", "--save", str(tmp_path / "basic.pt"))
+def test_layer_full_size_matches_one_process() -> None:
+    out, saved_in = shared_run("layer_full_size.py")
     assert sorted(re.findall(r"rank (\d): x_local \(1, 16, 4096\) -> output \(1, 16, 4096\)", out)) == list("0123")
-    saved = torch.load(tmp_path / "basic.pt")
+    saved = torch.load(saved_in / SAVE["layer_full_size.py"])
     (expected,) = mp_pool.run_on_ranks(1, basic_setup_on_one_process, saved["x"])
     # fp32; the ring merges four key blocks with the log-sum-exp instead of one softmax, so sums
     # of 4096-wide products are taken in another order: ~1e-7 relative per value.
@@ -79,10 +63,12 @@ def test_layer_full_size_matches_one_process(tmp_path: Path) -> None:
 
 
 def test_training_loop_cp_x_dp_matches_one_process(tmp_path: Path) -> None:
-    out = torchrun("training_loop.py", "--save", str(tmp_path / "cp_dp.pt"))
+    out, saved_in = shared_run("training_loop.py")
     assert "on each of 4 ranks = dp 2 x cp 2" in out
-    run([sys.executable, str(EXAMPLES / "training_loop.py"), "--cp-size", "1", "--save", str(tmp_path / "one.pt")])
-    sharded, single = torch.load(tmp_path / "cp_dp.pt"), torch.load(tmp_path / "one.pt")
+    one = [sys.executable, EXAMPLES / "training_loop.py", "--cp-size", "1", "--save", tmp_path / "one.pt"]
+    proc = work_limits.run(one, cpu_s=ONE_PROCESS_CPU_S, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    sharded, single = torch.load(saved_in / SAVE["training_loop.py"]), torch.load(tmp_path / "one.pt")
     assert len(sharded["losses"]) == len(single["losses"]) == 5
     # fp32: the global-mean loss is the same sum taken in another order (per shard, then all-reduced).
     torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
@@ -97,7 +83,7 @@ def test_training_loop_cp_x_dp_matches_one_process(tmp_path: Path) -> None:
 
 
 def test_memory_estimate_prints_the_estimators_numbers() -> None:
-    out = run([sys.executable, str(EXAMPLES / "memory_estimate.py")])
+    out, _ = shared_run("memory_estimate.py")
     number = r"([\d,.]+)"
     without, with_cp, saved, reduction, max_len = (
         float(re.search(label + number, out).group(1).replace(",", ""))

@@ -3,15 +3,13 @@ and backward, and the bytes they send against the communication model (the ring'
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import mp_pool
 import pytest
 import torch
+from docs_examples import run_example
 from helpers import (
     DTYPES,
     assert_close_to_oracle,
@@ -420,17 +418,9 @@ def _table(text: str) -> list[tuple[str, ...]]:
 
 def test_docs_example_prints_what_the_page_shows():
     """docs/examples/strategies.py on 4 ranks (it asserts correctness and model bytes itself); its
-    bytes table must be the one docs/strategies.md shows in the Output block after the file."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=4",
-        "docs/examples/strategies.py",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    bytes table must be the one docs/strategies.md shows in the Output block after the file. The run
+    is the session's one (tests/docs_examples.py), which test_docs.py::test_example checks too."""
+    proc = run_example("strategies.py").proc
     assert proc.returncode == 0, proc.stdout + proc.stderr
     printed = _table(proc.stdout)
     assert [row[0] for row in printed] == ["ring", "ulysses", "allgather", "hybrid"], proc.stdout

@@ -11,6 +11,7 @@ from pathlib import Path
 import mp_pool
 import pytest
 import torch
+import work_limits
 
 from cp_dtensor import shift_labels
 from cp_dtensor.nn.loss import IGNORE_INDEX
@@ -158,7 +159,7 @@ def test_lr_warms_up_then_decays_to_a_tenth():
     assert lr_at(110, cfg) == pytest.approx(0.1)
 
 
-# ---- the job, end to end (torchrun subprocesses) ---------------------------------------------------
+# ---- the job, end to end (torchrun subprocesses where the launch is tested, else the rank pool) --------
 
 TINY = [
     "--seq-len",
@@ -192,14 +193,44 @@ TINY = [
 ]
 
 
+# Work budget of one run of the job at TINY size, all its processes together: four ranks spend about
+# 25 CPU seconds on the 2-core CI machine, most of it starting Python and torch.
+JOB_CPU_S = 150
+
+
 def run_job(tmp: Path, name: str, *flags: str, nproc: int = 4) -> tuple[subprocess.CompletedProcess, dict | None]:
     """Run the job (torchrun for nproc > 1), return the process and its JSON summary (None if none)."""
     out = tmp / f"{name}.json"
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
     cmd = [sys.executable, *launcher, "-m", "cp_dtensor.training", *TINY, "--out", str(out), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = work_limits.run(cmd, cpu_s=JOB_CPU_S, cwd=REPO, env=env)
     return proc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def job_case(flags: list[str]) -> dict:
+    """Runs on every rank of a pool: the job as ``main`` runs it (train, then rank 0 prints the summary),
+    minus the launch and the teardown of the process group. Returns rank 0's printout and the summary
+    as its JSON file would hold it. For the cases that test the job's computation, not its launch."""
+    import contextlib
+    import io
+
+    import torch.distributed as dist
+
+    from cp_dtensor.training.train import _print_summary, train
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = train(parse_args([*TINY, *flags]))
+        if dist.get_rank() == 0:
+            _print_summary(summary)
+    return {"stdout": printed.getvalue(), "summary": json.loads(json.dumps(summary))}
+
+
+def pool_job(*flags: str, nproc: int = 4) -> tuple[str, dict]:
+    """:func:`job_case` on a pool of ``nproc`` ranks: rank 0's printout and summary."""
+    rank0 = mp_pool.run_on_ranks(nproc, job_case, list(flags))[0]
+    return rank0["stdout"], rank0["summary"]
 
 
 def losses(summary: dict) -> dict[int, float]:
@@ -216,6 +247,31 @@ def uninterrupted(tmp_path_factory) -> dict:
     return summary
 
 
+def test_two_agents_of_two_ranks_reproduce_one_agent_of_four(uninterrupted, tmp_path):
+    """Two torchrun agents on this machine, as two nodes of 2 ranks, run the job of ``uninterrupted``
+    (one agent of 4 ranks, dp 2 x cp 2) with the c10d rendezvous a multi-node run uses: each agent's
+    ranks are consecutive global ranks, so each cp ring stays inside a "node" and the dp all-reduce
+    crosses them, as docs/running.md explains."""
+    # The rendezvous store, held here (as torchrun's agent on the endpoint's host would), on a port the
+    # OS picks as it binds: no window between choosing a free port and binding it.
+    store = mp_pool.serve_store()
+    out = tmp_path / "two_agents.json"
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2"]
+    agent += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{store.port}", "--rdzv-id", "two-agents"]
+    agent += ["--rdzv-conf", "is_host=false", "--local-addr", "127.0.0.1"]  # the store is the test's
+    job = ["-m", "cp_dtensor.training", *TINY, "--out", out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    nodes = {n: work_limits.Job([*agent, *job], cpu_s=JOB_CPU_S, cwd=REPO, env=env) for n in ("a", "b")}
+    for node, proc in work_limits.wait_all(nodes).items():
+        assert isinstance(proc, subprocess.CompletedProcess) and proc.returncode == 0, f"agent {node}: {proc}"
+    summary = json.loads(out.read_text())
+    assert (summary["world_size"], summary["dp"], summary["cp"]) == (4, 2, 2)
+    # Bitwise: the same global ranks on the same mesh do the same sums in the same order; which agent
+    # a rank runs under changes nothing it computes.
+    assert losses(summary) == losses(uninterrupted)
+    assert summary["eval_accuracy"] == uninterrupted["eval_accuracy"]
+
+
 def test_kill_mid_save_then_resume_reproduces_the_losses(uninterrupted, tmp_path):
     ckpt = tmp_path / "ckpt"
     # Killed (os._exit on every rank) inside step 4's save, after the data is written, before it is published.
@@ -224,8 +280,7 @@ def test_kill_mid_save_then_resume_reproduces_the_losses(uninterrupted, tmp_path
     )
     assert proc.returncode != 0
     assert sorted(p.name for p in ckpt.iterdir()) == [".tmp_step_00000004", "step_00000002"]
-    proc, resumed = run_job(tmp_path, "c", "--ckpt-dir", str(ckpt), "--save-every", "2", "--resume")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _, resumed = pool_job("--ckpt-dir", str(ckpt), "--save-every", "2", "--resume")  # (resuming needs no launch)
     assert resumed["first_step"] == 3  # from the last complete checkpoint
     expected = losses(uninterrupted)
     # fp64; model, optimizer and data position restored exactly, so only the order of the gradient
@@ -240,8 +295,7 @@ def test_resume_onto_more_ranks_reproduces_the_losses(uninterrupted, tmp_path):
     ckpt = tmp_path / "ckpt"
     proc, _ = run_job(tmp_path, "one", "--ckpt-dir", str(ckpt), "--save-every", "2", "--crash-at-step", "2", nproc=1)
     assert proc.returncode != 0 and sorted(p.name for p in ckpt.iterdir()) == ["step_00000002"]
-    proc, resumed = run_job(tmp_path, "four", "--ckpt-dir", str(ckpt), "--save-every", "2", "--resume")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _, resumed = pool_job("--ckpt-dir", str(ckpt), "--save-every", "2", "--resume")
     assert (resumed["dp"], resumed["cp"], resumed["first_step"]) == (2, 2, 3)
     # fp64; the one-process steps and the four-rank steps sum in other orders only (as below).
     for step, loss in losses(resumed).items():
@@ -259,14 +313,12 @@ def test_one_process_run_matches_four_ranks_and_fails_below_min_accuracy(uninter
     assert "FAILED: eval accuracy" in proc.stdout
 
 
-def test_packed_windowed_job_on_four_ranks_matches_one_process(tmp_path):
+def test_packed_windowed_job_on_four_ranks_matches_one_process():
     # --packed 2: two recall documents per 32-token sequence; --window 6: each token sees itself and 5 before.
     flags = ("--packed", "2", "--window", "6")
-    proc, four = run_job(tmp_path, "packed4", *flags)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (four["dp"], four["cp"]) == (2, 2) and "2 packed documents (document mask)" in proc.stdout
-    proc, single = run_job(tmp_path, "packed1", *flags, nproc=1)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    printed, four = pool_job(*flags)
+    assert (four["dp"], four["cp"]) == (2, 2) and "2 packed documents (document mask)" in printed
+    _, single = pool_job(*flags, nproc=1)
     # fp64; the same masked computation, sharded or not: only the order of sums differs.
     for step, loss in losses(single).items():
         assert loss == pytest.approx(losses(four)[step], rel=1e-10, abs=0), step
@@ -275,8 +327,7 @@ def test_packed_windowed_job_on_four_ranks_matches_one_process(tmp_path):
         ("nomask", ("--packed", "2", "--window", "6", "--no-document-mask")),
         ("nowindow", ("--packed", "2")),
     ):
-        proc, other = run_job(tmp_path, name, *changed, nproc=1)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        _, other = pool_job(*changed, nproc=1)
         assert abs(losses(other)[6] - losses(single)[6]) > 1e-6, name
 
 
@@ -360,12 +411,11 @@ def test_the_readme_quotes_the_recorded_default_runs_last_lines(capsys):
     assert f"```text\n{last}\n```" in (REPO / "README.md").read_text()
 
 
-def test_each_rank_alone_is_measured_alike_under_every_strategy(uninterrupted, tmp_path):
+def test_each_rank_alone_is_measured_alike_under_every_strategy(uninterrupted):
     # fp64: the strategies train the same weights up to rounding, and each rank alone is the same
     # one-rank attention under all of them, so every recall agrees exactly.
     keys = ("eval_accuracy", "own_shard_accuracy_local", "own_shard_accuracy_remote")
     for strategy in (["--strategy", "ulysses"], ["--strategy", "hybrid", "--ulysses-size", "2"]):
-        proc, summary = run_job(tmp_path, strategy[1], *strategy)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "each rank alone" in proc.stdout
+        printed, summary = pool_job(*strategy)
+        assert "each rank alone" in printed
         assert [summary[k] for k in keys] == [uninterrupted[k] for k in keys], strategy
