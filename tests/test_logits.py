@@ -107,8 +107,10 @@ def cases(world_size: int) -> list[tuple[str, str, str, str]]:
     return found
 
 
-def grid_on_rank(world_size: int, grid: list, inputs: dict, ids: torch.Tensor) -> list[dict]:
-    """Runs on every rank: each case of ``grid``, forward and backward; the local results."""
+def grid_on_rank(
+    world_size: int, grid: list, inputs: dict, ids: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> list[dict]:
+    """Runs on every rank: each case of ``grid`` in ``dtype``, forward and backward; the local results."""
     results = []
     with default_tile(4), logit_tile(4):
         for strategy, layout, mask_name, feature_name in grid:
@@ -120,15 +122,15 @@ def grid_on_rank(world_size: int, grid: list, inputs: dict, ids: torch.Tensor) -
                 group = group.with_layout(layout)
             causal, mask = MASKS[mask_name]
             feature = FEATURES[feature_name]
-            q, k, v = (group.partition_sequence(inputs[n], seq_dim=2).requires_grad_() for n in "qkv")
-            sinks = SINKS.clone().requires_grad_() if feature.get("sinks") else None
+            q, k, v = (group.partition_sequence(inputs[n], seq_dim=2).to(dtype).requires_grad_() for n in "qkv")
+            sinks = SINKS.to(dtype).requires_grad_() if feature.get("sinks") else None
             args = _call_args(feature, mask, ids if layout != "documents" else ids[:1])
             if layout == "documents":
                 q, k, v = (x[:1].detach().requires_grad_() for x in (q, k, v))
             out = context_parallel_attention(
                 q, k, v, group, strategy=strategy, causal=causal, scale=0.9, sinks=sinks, **args
             )
-            dout = group.partition_sequence(inputs["dout"], seq_dim=2)[: out.shape[0]]
+            dout = group.partition_sequence(inputs["dout"], seq_dim=2)[: out.shape[0]].to(dtype)
             out.backward(dout)
             results.append(
                 {
@@ -195,6 +197,25 @@ def test_sinks_caps_and_score_functions_equal_full_attention(world_size):
     assert not failures, f"{len(failures)} of {len(grid)} cases differ from fp64 full attention:\n" + "\n".join(
         failures[:40]
     )
+
+
+def test_fp32_with_a_score_function_that_promotes():
+    """fp32 inputs; ALiBi's slopes are fp64, so the score function returns fp64: the kernel keeps fp32.
+
+    Tolerance 1e-5: fp32 rounds each logit and merge at ~1e-7 relative (values of O(1)); a wrong tile,
+    sink or merge errs by O(0.1).
+    """
+    cfg = dict(batch=2, heads=4, kv_heads=2, seq_len=24, head_dim=4)
+    inputs, ids = make_inputs(cfg, seed=7), _document_ids(2, 24)
+    grid = [("ring", "zigzag", "causal", "cap+alibi+sinks"), ("hybrid", "contiguous", "documents", "cap+alibi+sinks")]
+    per_rank = mp_pool.run_on_ranks(4, grid_on_rank, 4, grid, inputs, ids, torch.float32)
+    for i, case in enumerate(grid):
+        want = expected(case, inputs, ids)
+        for name in ("out", "dq", "dk", "dv"):
+            got = unshard([r[i][name] for r in per_rank], 4, case[1]).double()
+            assert (got - want[name]).abs().max().item() <= 1e-5, (case, name)
+        got = sum(r[i]["dsinks"] for r in per_rank).double()
+        assert (got - want["dsinks"]).abs().max().item() <= 1e-5, (case, "dsinks")
 
 
 def test_a_mask_mod_skips_the_blocks_and_tiles_it_empties():

@@ -123,7 +123,8 @@ class BoundLogits:
         h = torch.arange(spec.head_offset, spec.head_offset + scores.shape[1], device=device).view(1, -1, 1, 1)
         q_idx = self.q_pos[rows].to(device).view(1, 1, -1, 1)
         kv_idx = self.kv_pos[cols].to(device).view(1, 1, 1, -1)
-        return spec.score_mod(scores, b, h, q_idx, kv_idx).expand(scores.shape)
+        # A function may promote (fp32 scores plus an fp64 table of slopes): compute in the accumulation dtype.
+        return spec.score_mod(scores, b, h, q_idx, kv_idx).to(scores.dtype).expand(scores.shape)
 
     def backward(self, raw: torch.Tensor, modified: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """The gradient with respect to ``raw`` of one tile, given the gradient of its modified logits.
