@@ -90,6 +90,17 @@ def test_memory_is_the_estimators_and_bytes_are_the_comm_models():
     assert p.bytes_per_step == int(attention + fsdp)
 
 
+def test_on_a_cpu_communication_adds_to_compute():
+    """A CPU's cores both compute and run gloo: nothing hides, a GPU's step hides the ring's traffic."""
+    candidate = Plan(1, 4, 1, "ring", None, "zigzag", "none", None, None, "ddp")
+    kwargs = dict(seq_len=16384, batch_size=1, gpus_per_node=8, efficiency=0.4)
+    cpu = evaluate(candidate, SMALL, device=DEVICES["CPU"], **kwargs)
+    overlapped = evaluate(candidate, SMALL, device=replace(DEVICES["CPU"], overlaps_comm=True), **kwargs)
+    sent_s = cpu.bytes_per_step / DEVICES["CPU"].intra_node_gbps  # attention and gradient sync, one node
+    assert cpu.bytes_per_step == overlapped.bytes_per_step
+    assert cpu.step_time_s - overlapped.step_time_s == pytest.approx(sent_s, rel=1e-9)  # all of it hid
+
+
 def _bf16():
     import torch
 
