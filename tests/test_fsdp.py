@@ -269,10 +269,12 @@ def test_fsdp_checkpoint_loads_into_one_process_ddp_and_other_splits_bit_equal(t
 
 def test_train_job_with_fsdp_matches_one_process_resumes_and_loads_into_one_process(tmp_path):
     """``--grad-sync fsdp`` at CPU size: the one-process loss curve; its step-2 checkpoint resumes the
-    FSDP run, and continues in one process, with step 3's loss."""
+    FSDP run, and continues in one process, with step 3's loss. The FSDP run also takes the flags of a
+    planner's plan that change nothing in the math: ``--strategy auto`` and a tiled MLP (5-token tiles
+    of 16 local tokens, uneven); the one-process run has neither."""
     (single,) = (r["losses"] for r in mp_pool.run_on_ranks(1, train_case, [*TINY, "--cp", "1"]))
     ckpt = ["--ckpt-dir", str(tmp_path), "--save-every", "2"]
-    fsdp = [*TINY, "--dp", "2", "--cp", "2", "--grad-sync", "fsdp"]
+    fsdp = [*TINY, "--dp", "2", "--cp", "2", "--grad-sync", "fsdp", "--strategy", "auto", "--mlp-tile-size", "5"]
     straight = [r["losses"] for r in mp_pool.run_on_ranks(4, train_case, [*fsdp, *ckpt])]
     # fp64, three AdamW steps with clipping: the sums run in another order (~1e-16 relative), and
     # Adam's division by sqrt(v) passes that on about as is; 1e-10 leaves room for three steps of it.

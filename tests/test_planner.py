@@ -10,7 +10,7 @@ import pytest
 
 from cp_dtensor.estimate.cli import main
 from cp_dtensor.estimate.memory import GIB, ModelDims, estimate_rank_memory
-from cp_dtensor.estimate.planner import DEVICES, Plan, dims_from_config, evaluate, plan
+from cp_dtensor.estimate.planner import DEVICES, Plan, candidates, dims_from_config, evaluate, plan
 
 LLAMA3_8B = ModelDims(4096, 32, 32, 8, 14336, 128256)
 SMALL = ModelDims(512, 4, 8, 2, 1376, 32000)
@@ -88,6 +88,17 @@ def test_memory_is_the_estimators_and_bytes_are_the_comm_models():
     attention = SMALL.num_layers * (vol.total + sum(vol.forward.values()))  # full AC re-runs the forward
     fsdp = 3 / 4 * SMALL.num_params() * (2 + 2 + 4)  # bf16 gathers forward and backward, fp32 reduce-scatter
     assert p.bytes_per_step == int(attention + fsdp)
+
+
+def test_on_a_cpu_communication_adds_to_compute():
+    """A CPU's cores both compute and run gloo: nothing hides, a GPU's step hides the ring's traffic."""
+    candidate = Plan(1, 4, 1, "ring", None, "zigzag", "none", None, None, "ddp")
+    kwargs = dict(seq_len=16384, batch_size=1, gpus_per_node=8, efficiency=0.4)
+    cpu = evaluate(candidate, SMALL, device=DEVICES["CPU"], **kwargs)
+    overlapped = evaluate(candidate, SMALL, device=replace(DEVICES["CPU"], overlaps_comm=True), **kwargs)
+    sent_s = cpu.bytes_per_step / DEVICES["CPU"].intra_node_gbps  # attention and gradient sync, one node
+    assert cpu.bytes_per_step == overlapped.bytes_per_step
+    assert cpu.step_time_s - overlapped.step_time_s == pytest.approx(sent_s, rel=1e-9)  # all of it hid
 
 
 def _bf16():
@@ -242,3 +253,116 @@ def test_auto_without_the_planner_names_what_to_import():
 
     with pytest.raises(ValueError, match="or 'auto' \\(import cp_dtensor to register it\\)"):
         get_strategy("auto")
+
+
+# ---- the planner's plans run, and are exact -------------------------------------------------------
+
+RUN_DIMS = ModelDims(32, 2, 4, 2, 48, 32)  # the demo model of run_plans_case: 4 query heads, 2 K/V heads
+RUN_SEQ, RUN_BATCH, RUN_CHUNK, RUN_TILE = 16, 4, 5, 3  # 5- and 3-token tiles: uneven over 4..16 local tokens
+
+
+def sampled_plans() -> list[Plan]:
+    """One plan per layout the planner ranks for 4 CPU ranks, the options turned so each value appears.
+
+    Layout i (dp x cp x tp, strategy) gets AC mode ``i % 3``, the loss chunked when ``i % 2``, the MLP
+    tiled when ``(i // 2) % 2`` and FSDP when ``(i // 3) % 2 == 0``: every option meets several
+    layouts. Each is one of :func:`candidates`' plans (the planner could name it) with its predictions.
+    """
+    kwargs = dict(seq_len=RUN_SEQ, world_size=4, gpus_per_node=4)
+    result = plan(
+        RUN_DIMS, **kwargs, device="CPU", loss_chunk_size=RUN_CHUNK, mlp_tile_size=RUN_TILE, num_runners_up=20
+    )
+    found, _ = candidates(RUN_DIMS, **kwargs, loss_chunk_size=RUN_CHUNK, mlp_tile_size=RUN_TILE)
+    sample = []
+    for i, ranked in enumerate([result.best, *result.runners_up]):
+        options = dict(
+            activation_checkpointing=("none", "selective", "full")[i % 3],
+            loss_chunk_size=RUN_CHUNK if i % 2 else None,
+            mlp_tile_size=RUN_TILE if (i // 2) % 2 else None,
+            param_sharding="fsdp" if (i // 3) % 2 == 0 else "ddp",
+        )
+        turned = replace(ranked, **options)
+        assert any(replace(turned, **{k: getattr(c, k) for k in PREDICTIONS}) == c for c in found), turned
+        sample.append(turned)
+    return sample
+
+
+PREDICTIONS = ("memory_gib", "bytes_per_step", "step_time_s", "seconds_per_token")
+
+
+def run_plans_case(plans: list[Plan], batch: dict) -> list[dict]:
+    """On every rank: each plan's forward and backward of the demo model in fp64; the loss and whole grads.
+
+    A plan of one process (``dp = cp = tp = 1``) is the oracle: the bare model, no wrapper.
+    """
+    import mp_pool
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    from cp_dtensor import apply_ddp, apply_fsdp, parallelize_for_tp
+    from cp_dtensor.training import ModelConfig, TransformerWithCP
+
+    results = []
+    for p in plans:
+        extra = {"tp_size": p.tp} if p.tp > 1 else {}
+        extra |= {"ulysses_size": p.ulysses_size} if p.ulysses_size else {}
+        group = mp_pool.group(p.cp, layout=p.layout, dp_size=p.dp, **extra)
+        config = ModelConfig(
+            vocab_size=RUN_DIMS.vocab_size,
+            hidden_size=RUN_DIMS.hidden_size,
+            num_layers=RUN_DIMS.num_layers,
+            num_heads=RUN_DIMS.num_heads,
+            num_kv_heads=RUN_DIMS.num_kv_heads,
+            intermediate_size=RUN_DIMS.ffn_hidden_size,
+            strategy=p.strategy,
+            activation_checkpointing=p.activation_checkpointing,
+            loss_chunk_size=p.loss_chunk_size,
+            mlp_tile_size=p.mlp_tile_size,
+        )
+        torch.manual_seed(1)  # the same initial weights in every process
+        model = TransformerWithCP(config, cp_group=group).double()
+        if p.dp * p.cp * p.tp > 1:
+            model = parallelize_for_tp(model, group)
+            wrap = apply_fsdp if p.param_sharding == "fsdp" else apply_ddp
+            wrapped = wrap(model, group)
+        else:
+            wrapped = model
+        rows = slice(
+            group.dp_mesh.get_local_rank() * RUN_BATCH // p.dp, (group.dp_mesh.get_local_rank() + 1) * RUN_BATCH // p.dp
+        )
+        ids, labels = (group.partition_sequence(batch[k][rows], seq_dim=1) for k in ("input_ids", "labels"))
+        loss = wrapped(ids, labels)
+        loss.backward()
+        whole = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
+        results.append({"loss": loss.item(), "grads": {n: whole(q.grad) for n, q in model.named_parameters()}})
+    return results
+
+
+def test_a_sample_of_the_planners_plans_runs_exactly_on_gloo():
+    """Every layout the planner ranks for 4 ranks, with every option value among them, runs one training
+    step of the demo model on 4 gloo ranks, and its loss and gradients equal one process's."""
+    import mp_pool
+    import torch
+
+    from cp_dtensor import shift_labels
+
+    sample = sampled_plans()
+    assert {(p.dp, p.cp, p.tp) for p in sample} == {(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4)}
+    assert {p.strategy for p in sample} == {"ring", "allgather", "ulysses", "hybrid"}
+    assert {(p.activation_checkpointing, p.loss_chunk_size, p.mlp_tile_size, p.param_sharding) for p in sample} >= {
+        ("none", None, None, "fsdp"),
+        ("selective", RUN_CHUNK, None, "fsdp"),
+        ("full", None, RUN_TILE, "fsdp"),
+    }
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, RUN_DIMS.vocab_size, (RUN_BATCH, RUN_SEQ), generator=gen)
+    batch = {"input_ids": ids, "labels": shift_labels(ids, torch.rand(RUN_BATCH, RUN_SEQ, generator=gen) < 0.5)}
+    one = Plan(1, 1, 1, "ring", None, "zigzag", "none", None, None, "ddp")
+    (single,) = mp_pool.run_on_ranks(1, run_plans_case, [one], batch)[0]
+    for rank in mp_pool.run_on_ranks(4, run_plans_case, sample, batch):
+        for p, got in zip(sample, rank, strict=True):
+            # fp64: the same sums in another order (attention blocks, loss shards, gradient reduction,
+            # tp partial sums), ~1e-16 relative per term: 1e-10 is far above that, far below any bug.
+            assert got["loss"] == pytest.approx(single["loss"], rel=1e-10, abs=0), p.describe()
+            for name, want in single["grads"].items():
+                torch.testing.assert_close(got["grads"][name], want, rtol=0, atol=1e-10, msg=f"{p.describe()}: {name}")

@@ -128,11 +128,23 @@ def test_packed_and_window_flags_become_attention_masks():
     assert attention_kwargs(TrainConfig(packed=3, no_document_mask=True), docs) == {}
 
 
+def test_strategy_and_memory_flags_reach_the_model():
+    from cp_dtensor.training.train import model_config
+
+    flags = ["--strategy", "auto", "--ac", "selective", "--loss-chunk-size", "5", "--mlp-tile-size", "3"]
+    config = model_config(parse_args(flags), vocab_size=32)
+    assert (config.strategy, config.activation_checkpointing) == ("auto", "selective")
+    assert (config.loss_chunk_size, config.mlp_tile_size, config.vocab_size) == (5, 3, 32)
+    default = model_config(parse_args([]), vocab_size=32)
+    assert (default.strategy, default.loss_chunk_size, default.mlp_tile_size) == ("ring", None, None)  # 0: off
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--packed", "-1"], "--packed -1 must be >= 0"),
         (["--window", "0"], "--window 0 must be >= 1"),
+        (["--mlp-tile-size", "-1"], "--mlp-tile-size -1 must be >= 0"),
         (["--no-document-mask"], "--no-document-mask needs --packed N"),
         (["--compile", "--grad-sync", "fsdp"], "--compile with --grad-sync fsdp is not supported yet"),
         (["--compile", "--loss-chunk-size", "64"], "--compile with --loss-chunk-size 64 is not supported yet"),

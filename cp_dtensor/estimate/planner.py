@@ -33,7 +33,8 @@ Per rank and step, with ``T = B L / cp`` local tokens and ``rate = peak FLOP/s x
   one across nodes ``inter_node_gbps`` (ranks are numbered tp fastest, then cp, then dp).
 * overlap: ring and all-gather traffic hides behind the attention's compute (each block's time is
   the larger of the two), the all-to-alls of Ulysses and the tp all-reduces do not; gradient sync
-  hides behind the whole step's compute.
+  hides behind the whole step's compute. On a device whose cores both compute and communicate
+  (``Device.overlaps_comm`` false: a CPU under gloo) nothing hides: the times add.
 
 Memory is :func:`~cp_dtensor.estimate.memory.estimate_rank_memory`'s (which models the ring's
 workspace), plus, for ``allgather``, the whole K/V it gathers, ``2 B L Ekv b``. The embedding and the
@@ -90,6 +91,8 @@ class Device:
         intra_node_gbps: Bytes per second one device sends to its node's peers (one direction).
         inter_node_gbps: Bytes per second one device sends to other nodes.
         source: Where the figures come from.
+        overlaps_comm: Communication runs beside compute (a GPU's copy engines and NCCL kernels);
+            ``False`` where the same cores do both (a CPU under gloo): the times then add.
     """
 
     name: str
@@ -98,6 +101,7 @@ class Device:
     intra_node_gbps: float
     inter_node_gbps: float
     source: str
+    overlaps_comm: bool = True
 
 
 _IB_NDR = "400 Gb/s InfiniBand NDR per GPU (50 GB/s)"
@@ -144,6 +148,7 @@ DEVICES = {
         1e9,
         "a laptop's few cores (~100 GFLOP/s fp32) and gloo over shared memory (~5 GB/s): measure yours "
         "and pass --peak-tflops and --intra-node-gbps",
+        overlaps_comm=False,
     ),
 }
 """The devices :func:`plan` knows; override any figure with :func:`dataclasses.replace`."""
@@ -341,6 +346,11 @@ def _per_rank_dims(dims: ModelDims, tp: int) -> ModelDims:
     )
 
 
+def _overlap(device: Device, compute_s: float, comm_s: float) -> float:
+    """Seconds of compute and communication that may overlap: the larger, or the sum on a device that cannot."""
+    return max(compute_s, comm_s) if device.overlaps_comm else compute_s + comm_s
+
+
 def _all_reduce(nbytes: float, n: int) -> float:
     return 2 * (n - 1) / n * nbytes
 
@@ -413,7 +423,7 @@ def evaluate(
     attn_bytes = vol.total + (fwd_sends if recompute_block else 0)
     a2a = (vol.forward.get("all_to_all", 0) + vol.backward.get("all_to_all", 0)) * (1 + recompute_block / 2)
     cp_bw = device.intra_node_gbps if c.tp * c.cp <= gpus_per_node else device.inter_node_gbps
-    attn_time = max(attn_flops * (3.5 + recompute_block) / rate, (attn_bytes - a2a) / cp_bw) + a2a / cp_bw
+    attn_time = _overlap(device, attn_flops * (3.5 + recompute_block) / rate, (attn_bytes - a2a) / cp_bw) + a2a / cp_bw
     tp_bytes = _all_reduce(t * e * b, c.tp) * n_layers * (4 + 2 * recompute_block) if c.tp > 1 else 0
     n_rank = dims.num_params() - n_layers * (dims.layer_params() - local.layer_params())
     if shards == 1:
@@ -424,7 +434,7 @@ def evaluate(
         sync_bytes = (shards - 1) / shards * n_rank * (2 * b + 4)
     sync_bw = device.intra_node_gbps if c.tp * shards <= gpus_per_node else device.inter_node_gbps
     compute = matmul / rate + n_layers * attn_time
-    step = max(compute, sync_bytes / sync_bw) + tp_bytes / device.intra_node_gbps
+    step = _overlap(device, compute, sync_bytes / sync_bw) + tp_bytes / device.intra_node_gbps
     total_bytes = int(n_layers * attn_bytes + tp_bytes + sync_bytes)
     # the all-gather strategy holds the whole K/V during a block's attention; the estimator's workspace is the ring's
     gathered_kv = 2 * batch_size * seq_len * local.kv_dim * b if c.strategy == "allgather" and c.cp > 1 else 0
@@ -596,7 +606,8 @@ def attention_choice(
     """The strategy the time model of Note [The planner's time model] predicts fastest for one call.
 
     Per strategy: ``max(attention compute, ring or all-gather bytes / bandwidth) + all-to-all bytes /
-    bandwidth``, forward and backward; on equal times the ring goes before the all-gather (which
+    bandwidth`` (the sum, not the max, where ``device.overlaps_comm`` is false), forward and backward;
+    on equal times the ring goes before the all-gather (which
     holds the whole K/V; this call knows no memory budget), then fewer bytes first. Ulysses needs
     ``cp_size`` to divide ``heads``; hybrid a group with a Ulysses axis (``ulysses_size``) dividing
     them. Cached per argument tuple (per shape).
@@ -640,7 +651,7 @@ def attention_choice(
             ulysses_size=u,
         )
         a2a = vol.forward.get("all_to_all", 0) + vol.backward.get("all_to_all", 0)
-        seconds[name], sent[name] = max(compute, (vol.total - a2a) / bw) + a2a / bw, vol.total
+        seconds[name], sent[name] = _overlap(device, compute, (vol.total - a2a) / bw) + a2a / bw, vol.total
     # equal times: the ring before the all-gather (one K/V block held, not all), then fewer bytes
     ranked = sorted(seconds, key=lambda n: (seconds[n], n == "allgather", sent[n]))
     best, second = ranked[0], ranked[1]

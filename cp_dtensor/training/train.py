@@ -79,7 +79,7 @@ from cp_dtensor.parallel.tensor_parallel import parallelize_for_tp
 from cp_dtensor.training.data import LongSequenceDataset
 from cp_dtensor.training.model import AC_MODES, ModelConfig, TransformerWithCP
 
-__all__ = ["TrainConfig", "attention_within_own_shard", "parse_args", "train", "main"]
+__all__ = ["TrainConfig", "attention_within_own_shard", "main", "model_config", "parse_args", "train"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 GRAD_SYNCS = ("ddp", "fsdp")
@@ -99,7 +99,11 @@ class TrainConfig:
     dp: int | None = _opt("data-parallel replicas; default world_size / (cp * tp)", default=None)
     tp: int = _opt("tensor-parallel ranks: each holds num_heads / tp heads and 1/tp of the MLP (1: off)", default=1)
     layout: str = _opt("sequence layout: zigzag or contiguous", default="zigzag")
-    strategy: str = _opt("attention strategy over cp, a name in cp_dtensor.STRATEGIES", default="ring")
+    strategy: str = _opt(
+        "attention strategy over cp, a name in cp_dtensor.STRATEGIES, or auto (the planner's time model picks "
+        "one per attention shape)",
+        default="ring",
+    )
     ulysses_size: int | None = _opt("Ulysses ranks inside cp, for --strategy hybrid (a divisor of cp)", default=None)
     grad_sync: str = _opt(
         "ddp: every dp x cp rank holds the whole model, gradients all-reduced; fsdp: parameters, "
@@ -122,6 +126,11 @@ class TrainConfig:
     )
     loss_chunk_size: int = _opt(
         "tokens per tile of the LM head + loss, which then never holds all logits (0: whole logits)", default=0
+    )
+    mlp_tile_size: int = _opt(
+        "tokens per tile of the sequence-tiled MLP, whose hidden activations then never exist for the whole "
+        "sequence; recomputes the MLP in backward (0: untiled)",
+        default=0,
     )
     steps: int = _opt("optimizer steps", default=800)
     lr: float = _opt("peak learning rate (AdamW)", default=2e-3)
@@ -301,6 +310,8 @@ def _setup(cfg: TrainConfig) -> tuple[ContextParallelGroup, torch.device]:
         raise ValueError(f"Invalid --ac {cfg.ac!r}. Must be one of: {', '.join(map(repr, AC_MODES))}.")
     if cfg.loss_chunk_size < 0:
         raise ValueError(f"--loss-chunk-size {cfg.loss_chunk_size} must be >= 0 (tokens per tile; 0: whole logits).")
+    if cfg.mlp_tile_size < 0:
+        raise ValueError(f"--mlp-tile-size {cfg.mlp_tile_size} must be >= 0 (tokens per tile; 0: untiled MLP).")
     if cfg.intermediate_size < 0:
         raise ValueError(f"--intermediate-size {cfg.intermediate_size} must be >= 0 (0: Llama's 8/3 hidden_size).")
     if cfg.window is not None and cfg.window < 1:
@@ -449,10 +460,17 @@ def evaluate(
     return summary
 
 
-def _build(cfg: TrainConfig, cp_group: ContextParallelGroup, device: torch.device, vocab_size: int):
-    """The model (same initial weights on every rank), its gradient-syncing wrapper and the optimizer."""
-    torch.manual_seed(cfg.seed)
-    model_cfg = ModelConfig(
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The demo model's :class:`~cp_dtensor.training.ModelConfig` for the job ``cfg`` (0 flags become ``None``).
+
+    Args:
+        cfg: The job.
+        vocab_size: Token ids of the task (:attr:`~cp_dtensor.training.LongSequenceDataset.vocab_size`).
+
+    Returns:
+        The model's shape, attention strategy and memory options.
+    """
+    return ModelConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         num_layers=cfg.num_layers,
@@ -463,8 +481,14 @@ def _build(cfg: TrainConfig, cp_group: ContextParallelGroup, device: torch.devic
         strategy=cfg.strategy,
         activation_checkpointing=cfg.ac,
         loss_chunk_size=cfg.loss_chunk_size or None,
+        mlp_tile_size=cfg.mlp_tile_size or None,
     )
-    model = TransformerWithCP(model_cfg, cp_group=cp_group).to(device)
+
+
+def _build(cfg: TrainConfig, cp_group: ContextParallelGroup, device: torch.device, vocab_size: int):
+    """The model (same initial weights on every rank), its gradient-syncing wrapper and the optimizer."""
+    torch.manual_seed(cfg.seed)
+    model = TransformerWithCP(model_config(cfg, vocab_size), cp_group=cp_group).to(device)
     if cfg.dtype == "float64":
         model = model.double()
     model = parallelize_for_tp(model, cp_group)  # heads and MLP width over tp; unchanged when --tp 1
