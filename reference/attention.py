@@ -19,6 +19,7 @@ Shape legend (SDPA layout):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -150,7 +151,7 @@ def full_attention(
     mask: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
-    score_mod=None,
+    score_mod: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Plain attention, ``softmax(Q K^T * scale) V``, with the whole score matrix in memory.
 

@@ -123,7 +123,7 @@ def grid_on_rank(
             causal, mask = MASKS[mask_name]
             feature = FEATURES[feature_name]
             q, k, v = (group.partition_sequence(inputs[n], seq_dim=2).to(dtype).requires_grad_() for n in "qkv")
-            sinks = SINKS.to(dtype).requires_grad_() if feature.get("sinks") else None
+            sinks = SINKS.to(dtype, copy=True).requires_grad_() if feature.get("sinks") else None  # a fresh leaf
             args = _call_args(feature, mask, ids if layout != "documents" else ids[:1])
             if layout == "documents":
                 q, k, v = (x[:1].detach().requires_grad_() for x in (q, k, v))

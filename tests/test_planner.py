@@ -281,6 +281,8 @@ def sampled_plans() -> list[Plan]:
             mlp_tile_size=RUN_TILE if (i // 2) % 2 else None,
             param_sharding="fsdp" if (i // 3) % 2 == 0 else "ddp",
         )
+        if options["mlp_tile_size"] and ranked.tp > 1:  # the tiled MLP with tp runs under FSDP only
+            options["param_sharding"] = "fsdp"
         turned = replace(ranked, **options)
         assert any(replace(turned, **{k: getattr(c, k) for k in PREDICTIONS}) == c for c in found), turned
         sample.append(turned)
@@ -366,3 +368,10 @@ def test_a_sample_of_the_planners_plans_runs_exactly_on_gloo():
             assert got["loss"] == pytest.approx(single["loss"], rel=1e-10, abs=0), p.describe()
             for name, want in single["grads"].items():
                 torch.testing.assert_close(got["grads"][name], want, rtol=0, atol=1e-10, msg=f"{p.describe()}: {name}")
+
+
+def test_the_tiled_mlp_with_tp_under_ddp_is_never_planned_and_says_why():
+    found, rejections = candidates(RUN_DIMS, seq_len=RUN_SEQ, world_size=4, gpus_per_node=4, loss_chunk_size=RUN_CHUNK,
+                                   mlp_tile_size=RUN_TILE)  # fmt: skip
+    assert not [p for p in found if p.mlp_tile_size and p.tp > 1 and p.param_sharding == "ddp"]
+    assert any("FSDP only" in r.reason for r in rejections), rejections

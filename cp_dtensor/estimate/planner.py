@@ -328,11 +328,18 @@ def candidates(
             kept, ruled_out = _strategies(dims.num_heads // tp, cp)
             rejections += [Rejection(f"tp {tp} x cp {cp}, {name}", why) for name, why in ruled_out]
             dp = world_size // (tp * cp)
+            if tp > 1:
+                rejections.append(Rejection(f"tp {tp} x cp {cp}, MLP tiles, ddp", TILED_TP_DDP))
             for (strategy, u), ac, chunk, tile, sharding in itertools.product(
                 kept, AC_MODES, (None, loss_chunk_size), (None, mlp_tile_size), SHARDINGS
             ):
+                if tile and tp > 1 and sharding == "ddp":
+                    continue
                 plans.append(Plan(dp, cp, tp, strategy, u, "zigzag", ac, chunk, tile, sharding))
     return plans, rejections
+
+
+TILED_TP_DDP = "the tiled MLP with tensor parallelism runs under FSDP only (under DDP its norm's gradient is wrong)"
 
 
 def _per_rank_dims(dims: ModelDims, tp: int) -> ModelDims:

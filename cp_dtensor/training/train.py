@@ -312,6 +312,12 @@ def _setup(cfg: TrainConfig) -> tuple[ContextParallelGroup, torch.device]:
         raise ValueError(f"--loss-chunk-size {cfg.loss_chunk_size} must be >= 0 (tokens per tile; 0: whole logits).")
     if cfg.mlp_tile_size < 0:
         raise ValueError(f"--mlp-tile-size {cfg.mlp_tile_size} must be >= 0 (tokens per tile; 0: untiled MLP).")
+    if cfg.mlp_tile_size and cfg.tp > 1 and cfg.grad_sync == "ddp":
+        raise ValueError(
+            f"--mlp-tile-size {cfg.mlp_tile_size} with --tp {cfg.tp} needs --grad-sync fsdp: under ddp the tiled "
+            "MLP's norm gradient comes out wrong with tensor parallelism (a known fault). Use --grad-sync fsdp, "
+            "or --mlp-tile-size 0."
+        )
     if cfg.intermediate_size < 0:
         raise ValueError(f"--intermediate-size {cfg.intermediate_size} must be >= 0 (0: Llama's 8/3 hidden_size).")
     if cfg.window is not None and cfg.window < 1:
