@@ -374,4 +374,4 @@ def test_the_tiled_mlp_with_tp_under_ddp_is_never_planned_and_says_why():
     found, rejections = candidates(RUN_DIMS, seq_len=RUN_SEQ, world_size=4, gpus_per_node=4, loss_chunk_size=RUN_CHUNK,
                                    mlp_tile_size=RUN_TILE)  # fmt: skip
     assert not [p for p in found if p.mlp_tile_size and p.tp > 1 and p.param_sharding == "ddp"]
-    assert any("FSDP only" in r.reason for r in rejections), rejections
+    assert any("need fsdp" in r.reason for r in rejections), rejections

@@ -339,7 +339,7 @@ def candidates(
     return plans, rejections
 
 
-TILED_TP_DDP = "the tiled MLP with tensor parallelism runs under FSDP only (under DDP its norm's gradient is wrong)"
+TILED_TP_DDP = "MLP tiles with tp need fsdp (a wrong norm gradient under ddp)"
 
 
 def _per_rank_dims(dims: ModelDims, tp: int) -> ModelDims:
