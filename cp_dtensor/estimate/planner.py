@@ -146,12 +146,13 @@ DEVICES = {
         8.0,
         5e9,
         1e9,
-        "a laptop's few cores (~100 GFLOP/s fp32) and gloo over shared memory (~5 GB/s): measure yours "
-        "and pass --peak-tflops and --intra-node-gbps",
+        "laptop CPU, gloo via shared memory; measure: --peak-tflops, --intra-node-gbps",
         overlaps_comm=False,
     ),
 }
-"""The devices :func:`plan` knows; override any figure with :func:`dataclasses.replace`."""
+"""The devices :func:`plan` knows: H100, H200, A100, B200 and CPU, each citing its figures in
+``Device.source`` (datasheets; the CPU entry is a rough guess: pass measured figures). Override any figure
+with :func:`dataclasses.replace`."""
 
 AC_MODES = ("none", "selective", "full")
 SHARDINGS = ("ddp", "fsdp")

@@ -88,7 +88,8 @@ def tiled_mlp(
 
     See Note [Sequence-tiled MLP]. Example, a pre-norm SwiGLU block half::
 
-        y = x + tiled_mlp(lambda t: mlp(norm(t)), x, [*norm.parameters(), *mlp.parameters()], tile_size=4096)
+        params = [*norm.parameters(), *mlp.parameters()]
+        y = x + tiled_mlp(lambda t: mlp(norm(t)), x, params, tile_size=4096)
 
     Args:
         fn: A per-token function ``(C, E) -> (C, E)`` (rows are tokens; no mixing between rows).
