@@ -86,9 +86,8 @@ def execute(
         return compiled.attention(strategy, q, k, v, cp_group, common, options)
     check_call(strategy.function, cp_group, q, k, v, common, options)
     (q_l, k_l, v_l), like = to_local_checked((q, k, v), cp_group, seq_dim=2)
-    local = dataclasses.replace(common, document_ids=global_document_ids(common.document_ids, cp_group))
     sinks = local_sinks(common.sinks)
-    local = dataclasses.replace(local, sinks=sinks)
+    local = dataclasses.replace(common, document_ids=global_document_ids(common.document_ids, cp_group), sinks=sinks)
     call = resolve_call(q_l, k_l, v_l, cp_group, local, options)
     out = _Attention.apply(call.q, call.k, call.v, sinks, strategy, strategy.plan(call))
     recheck_output(

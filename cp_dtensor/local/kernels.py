@@ -33,15 +33,11 @@ from __future__ import annotations
 import torch
 
 from cp_dtensor.local.logits import BoundLogits, tiled_backward, tiled_forward
+from cp_dtensor.local.merge import accum_dtype  # defined beside the merge its accumulators feed; exported here too
 
 __all__ = ["block_forward", "block_backward", "accum_dtype"]
 
 _aten = torch.ops.aten
-
-
-def accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of outputs, log-sum-exps and gradient accumulators: fp64 for fp64 inputs, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:

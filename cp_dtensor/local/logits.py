@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from cp_dtensor.local.merge import merge_into
+from cp_dtensor.local.merge import accum_dtype, merge_into
 
 __all__ = ["DEFAULT_LOGIT_TILE", "BoundLogits", "LogitSpec", "tiled_backward", "tiled_forward"]
 
@@ -197,7 +197,7 @@ def tiled_forward(
         ``(out, lse)``: ``out`` ``(B, H, S_q, D)`` in ``q``'s dtype (0 for rows that see nothing), ``lse``
         ``(B, H, S_q)`` in the accumulation dtype (``-inf`` for those rows).
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accum_dtype(q.dtype)
     tile = DEFAULT_LOGIT_TILE if tile is None else tile
     sq, sk = q.shape[2], k.shape[2]
     out = torch.zeros(q.shape, dtype=acc, device=q.device)  # (B, H, S_q, D)
@@ -251,7 +251,7 @@ def tiled_backward(
     Returns:
         ``(dq, dk, dv)`` in the accumulation dtype, shaped like ``q``, ``k``, ``v``.
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accum_dtype(q.dtype)
     tile = DEFAULT_LOGIT_TILE if tile is None else tile
     q, k, v, dout = (t.to(acc) for t in (q, k, v, dout))
     lse = lse.nan_to_num(neginf=0.0).to(acc)  # rows that see nothing: every probability is exp(-inf) = 0

@@ -44,7 +44,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["add_sinks", "merge_into", "sink_grad"]
+__all__ = ["accum_dtype", "add_sinks", "merge_into", "sink_grad"]
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of outputs, log-sum-exps and gradient accumulators: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def merge_into(
