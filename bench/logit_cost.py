@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from bench.harness import init_rank, now, write_result
 from cp_dtensor.local.kernels import block_backward, block_forward
 from cp_dtensor.local.logits import LogitSpec
 from cp_dtensor.local.merge import add_sinks, sink_grad
@@ -62,6 +60,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    started = now()
+    init_rank()  # one thread, the load at the start (no process group: one process)
     torch.manual_seed(0)
     results = []
     for seq_len in args.seq_lens:
@@ -91,22 +91,8 @@ def main() -> None:
             }
             results.append(row)
             print(json.dumps(row))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "cp_dtensor"], capture_output=True, text=True).stdout
-    meta = {
-        "command": "OMP_NUM_THREADS=1 python -m bench.logit_cost --out " + str(args.out),
-        "commit": commit,
-        "uncommitted_library_files": bool(dirty.strip()),
-        "torch": torch.__version__,
-        "machine": platform.platform(),
-        "threads": torch.get_num_threads(),
-        "load_average": os.getloadavg(),
-        "heads": args.heads,
-        "head_dim": args.head_dim,
-        "repeats": args.repeats,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    config = {"heads": args.heads, "head_dim": args.head_dim, "repeats": args.repeats, "seq_lens": args.seq_lens}
+    write_result(args.out, {"config": config, "results": results}, started)
 
 
 if __name__ == "__main__":
