@@ -144,17 +144,30 @@ def assert_close_to_oracle(
 
 
 @contextlib.contextmanager
-def default_tile(tile: int) -> Iterator[None]:
+def _setting(module, name: str, value) -> Iterator[None]:
+    """``module.name = value`` for the duration; the library's value comes back on exit, even on error."""
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
+
+
+def default_tile(tile: int):
     """Plan masked attention with ``tile``-sized tiles inside the block (small tiles exercise the skip /
     full / masked split); the library default comes back on exit, even on error."""
     import cp_dtensor.positions.masks
 
-    before = cp_dtensor.positions.masks.DEFAULT_TILE
-    cp_dtensor.positions.masks.DEFAULT_TILE = tile
-    try:
-        yield
-    finally:
-        cp_dtensor.positions.masks.DEFAULT_TILE = before
+    return _setting(cp_dtensor.positions.masks, "DEFAULT_TILE", tile)
+
+
+def logit_tile(tile: int):
+    """Run the soft-capping / score-function kernel with ``tile x tile`` tiles (several per block); the
+    library default comes back on exit, even on error."""
+    import cp_dtensor.local.logits
+
+    return _setting(cp_dtensor.local.logits, "DEFAULT_LOGIT_TILE", tile)
 
 
 # ---- explicit coverage, then random draws --------------------------------------------------------

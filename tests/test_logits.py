@@ -11,14 +11,11 @@ mask planner run several tiles per block).
 
 from __future__ import annotations
 
-import contextlib
-
 import mp_pool
 import pytest
 import torch
-from helpers import default_tile, make_inputs, unshard
+from helpers import default_tile, logit_tile, make_inputs, unshard
 
-import cp_dtensor.local.logits
 from cp_dtensor import DocumentZigzag, context_parallel_attention
 from cp_dtensor.attention.ring import RingPlan
 from cp_dtensor.positions.layout import shard_runs
@@ -69,17 +66,6 @@ MASKS = {  # name -> (causal, mask arguments); "documents" also runs the per-doc
     "span": (False, {"mask_mod": span}),
     "halves": (False, {"mask_mod": first_half_only}),
 }
-
-
-@contextlib.contextmanager
-def logit_tile(tile: int):
-    """Small score-function tiles for the duration (the library default comes back on exit)."""
-    before = cp_dtensor.local.logits.DEFAULT_LOGIT_TILE
-    cp_dtensor.local.logits.DEFAULT_LOGIT_TILE = tile
-    try:
-        yield
-    finally:
-        cp_dtensor.local.logits.DEFAULT_LOGIT_TILE = before
 
 
 def _document_ids(batch: int, seq_len: int) -> torch.Tensor:
