@@ -4,9 +4,9 @@ Every function takes the same arguments: local shards (or sequence-sharded DTens
 ``v``, the ``cp_group``, and keyword arguments: those of
 :class:`~cp_dtensor.attention.call.AttentionOptions` (``causal``, ``scale``, ``document_ids``,
 ``window``, ``seq_len``, ``validate``, ``debug_check``), written once there, and the strategy's own
-(all-gather: ``kv_heads_per_gather``). Each runs :func:`~cp_dtensor.attention.executor.execute`.
+(all-gather: ``kv_heads_per_gather``; dispatch: ``schedule``). Each runs :func:`~cp_dtensor.attention.executor.execute`.
 
-Importing this module registers the four strategies.
+Importing this module registers the five strategies.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cp_dtensor.attention import allgather, hybrid, ring, ulysses
+from cp_dtensor.attention import allgather, dispatch, hybrid, ring, ulysses
 from cp_dtensor.attention.executor import execute
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ __all__ = [
     "STRATEGIES",
     "allgather_kv_attention",
     "context_parallel_attention",
+    "dispatch_attention",
     "get_strategy",
     "hybrid_attention",
     "ring_attention",
@@ -139,11 +140,38 @@ def hybrid_attention(
     return execute(hybrid.HYBRID.name, q, k, v, cp_group, kwargs)
 
 
+def dispatch_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: ContextParallelGroup, **kwargs: Any
+) -> torch.Tensor:
+    """Exact attention that moves only the K/V rows the mask lets the local queries see.
+
+    See :mod:`cp_dtensor.attention.dispatch`. For packed documents and sliding windows, where most
+    of the sequence is invisible to most queries; under plain causal attention it moves about what
+    all-gather moves.
+
+    Args:
+        q: Local queries ``(B, H, S_local, D)`` or a DTensor, as in :func:`ring_attention`.
+        k: Local keys ``(B, H_kv, S_local, D)``; sent un-expanded.
+        v: Local values, same shape as ``k``.
+        cp_group: The group from :func:`~cp_dtensor.init_context_parallel_group`, any layout.
+        **kwargs: The common ones of :func:`ring_attention`, and ``schedule`` and ``batched_p2p``
+            (:class:`~cp_dtensor.attention.dispatch.DispatchOptions`).
+
+    Returns:
+        The local output ``(B, H, S_local, D)``, as :func:`ring_attention`.
+
+    Raises:
+        ValueError: ``schedule`` is not ``"pairwise"`` or ``"alltoall"``, or as :func:`ring_attention`.
+    """
+    return execute(dispatch.DISPATCH.name, q, k, v, cp_group, kwargs)
+
+
 STRATEGIES: dict[str, Callable[..., torch.Tensor]] = {
     "ring": ring_attention,
     "ulysses": ulysses_attention,
     "allgather": allgather_kv_attention,
     "hybrid": hybrid_attention,  # needs init_context_parallel_group(..., ulysses_size=u)
+    "dispatch": dispatch_attention,  # moves only the K/V rows the mask needs
 }
 """Strategy name -> its attention function; every one takes the arguments of :func:`ring_attention`."""
 
@@ -187,7 +215,8 @@ def context_parallel_attention(
         k: Local keys ``(B, H_kv, S_local, D)``.
         v: Local values, same shape as ``k``.
         cp_group: The context-parallel group.
-        strategy: One of :data:`STRATEGIES`: ``"ring"``, ``"ulysses"``, ``"allgather"``, ``"hybrid"``;
+        strategy: One of :data:`STRATEGIES`: ``"ring"``, ``"ulysses"``, ``"allgather"``, ``"hybrid"``,
+            ``"dispatch"``;
             or ``"auto"``: the one the planner's model predicts fastest for these shapes, group and
             device (cached per shape; :func:`cp_dtensor.estimate.planner.auto_strategy` says which and why).
         **kwargs: As the strategy's function.

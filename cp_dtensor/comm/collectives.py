@@ -39,7 +39,7 @@ import torch.distributed as dist
 from cp_dtensor.comm.counter import record_comm
 from cp_dtensor.positions.layout import Layout, Piece, relayout_pieces
 
-__all__ = ["all_to_all", "all_gather", "reduce_scatter", "relayout", "group_size"]
+__all__ = ["all_to_all", "all_to_all_rows", "all_gather", "reduce_scatter", "relayout", "group_size"]
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -90,6 +90,39 @@ def all_to_all(x_N: torch.Tensor, group: dist.ProcessGroup | None, *, op_name: s
         ``(n, ...)``, same shape and dtype: entry ``i`` is what rank ``i`` sent to this rank.
     """
     return _AllToAll.apply(x_N, group, op_name)
+
+
+def all_to_all_rows(
+    x: torch.Tensor,
+    send_counts: list[int],
+    recv_counts: list[int],
+    group: dist.ProcessGroup | None,
+    *,
+    op_name: str = "all_to_all_rows",
+) -> torch.Tensor:
+    """An all-to-all of uneven row counts: rows for rank 0, then rank 1, ... (not differentiable).
+
+    Args:
+        x: ``(sum(send_counts), ...)``: the rows for each peer, in rank order.
+        send_counts: Rows this rank sends to each rank (its own entry included, normally 0).
+        recv_counts: Rows this rank receives from each rank; the peers' ``send_counts`` entries for it.
+        group: Process group of ``n`` ranks, or ``None`` for a group of one (returns ``x``).
+        op_name: Name the bytes are reported under; see Note [Bytes sent] (rows to oneself never count).
+
+    Returns:
+        ``(sum(recv_counts), ...)``: the rows from rank 0, then from rank 1, ...
+    """
+    n = group_size(group)
+    assert len(send_counts) == len(recv_counts) == n and x.shape[0] == sum(send_counts)
+    if n == 1:
+        return x
+    x = x.contiguous()
+    out = torch.empty(sum(recv_counts), *x.shape[1:], dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(out, x, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group)
+    me = dist.get_rank(group)
+    row_bytes = x[0:1].numel() * x.element_size() if x.dim() > 0 else 0
+    record_comm(op_name, (sum(send_counts) - send_counts[me]) * row_bytes)
+    return out
 
 
 def all_gather(x: torch.Tensor, group: dist.ProcessGroup | None, *, op_name: str = "all_gather") -> torch.Tensor:

@@ -119,7 +119,12 @@ class RingAttentionCommunicator:
     def _peer(self, offset: int) -> int:
         return dist.get_global_rank(self.group, (self.rank + offset) % self.size)
 
-    def ring_forward(self, tensors: Sequence[torch.Tensor], offset: int = 1) -> None:
+    def ring_forward(
+        self,
+        tensors: Sequence[torch.Tensor],
+        offset: int = 1,
+        shapes: Sequence[torch.Size | tuple[int, ...]] | None = None,
+    ) -> None:
         """Start sending ``tensors`` to the next rank and receiving their peers from the previous one.
 
         Set a breakpoint here to watch the ring: every rank calls this once per step with the block it
@@ -129,21 +134,32 @@ class RingAttentionCommunicator:
             tensors: Contiguous tensors to pass on; the received ones have the same shapes and dtypes.
             offset: Send to rank ``r + offset`` and receive from ``r - offset`` (1: the ring's next hop;
                 a ring that stops early sends gradients home with a longer jump).
+            shapes: Shapes of the tensors to receive when they differ from the ones sent (mask-aware
+                dispatch sends each peer its own rows); ``None``: the same shapes. An empty tensor is
+                neither sent nor received: both sides know it is empty from the same plan.
         """
         assert not self._pending, "wait() for the previous rotation first"
         assert self.size > 1, "a ring of one rank has nothing to send"
-        self._received = [torch.empty_like(t) for t in tensors]
+        if shapes is None:
+            self._received = [torch.empty_like(t) for t in tensors]
+        else:
+            self._received = [torch.empty(s, dtype=t.dtype, device=t.device) for t, s in zip(tensors, shapes)]
         self._sending = [t.contiguous() for t in tensors]  # keep alive until the sends complete
         ops = []
         for send, recv in zip(self._sending, self._received):
-            ops.append(dist.P2POp(dist.irecv, recv, self._peer(-offset), self.group))
-            ops.append(dist.P2POp(dist.isend, send, self._peer(offset), self.group))
+            if recv.numel():
+                ops.append(dist.P2POp(dist.irecv, recv, self._peer(-offset), self.group))
+            if send.numel():
+                ops.append(dist.P2POp(dist.isend, send, self._peer(offset), self.group))
         batched = self.batched if self.batched is not None else batches_p2p(self.group, self._sending[0].device)
-        if batched:  # one group, one launch: see Note [Point-to-point on NCCL]
+        if not ops:
+            self._pending = []
+        elif batched:  # one group, one launch: see Note [Point-to-point on NCCL]
             self._pending = dist.batch_isend_irecv(ops)
         else:  # lone ops, the receive first: ranks then never wait on each other to start
             self._pending = [op.op(op.tensor, op.peer, group=op.group) for op in ops]
-        record_comm(self.op_name, _nbytes(tensors))
+        if _nbytes(tensors):
+            record_comm(self.op_name, _nbytes(tensors))
 
     def wait(self) -> list[torch.Tensor]:
         """Block until the rotation started by :meth:`ring_forward` is complete; return what arrived."""
