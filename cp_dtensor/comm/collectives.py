@@ -121,7 +121,8 @@ def all_to_all_rows(
     dist.all_to_all_single(out, x, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group)
     me = dist.get_rank(group)
     row_bytes = x[0:1].numel() * x.element_size() if x.dim() > 0 else 0
-    record_comm(op_name, (sum(send_counts) - send_counts[me]) * row_bytes)
+    if sum(send_counts) > send_counts[me]:  # a rank that sends nobody anything reports nothing
+        record_comm(op_name, (sum(send_counts) - send_counts[me]) * row_bytes)
     return out
 
 

@@ -22,6 +22,12 @@ hybrid     Ulysses over ``u`` + ring over ``P/u``  Ulysses over ``u`` + ring ove
 with ``r = P / gcd(H_kv, P)`` copies of each K/V head (1 when ``P`` divides ``H_kv``). The hybrid
 ring passes the group's replicated K/V: blocks of ``r_u KV`` bytes, ``r_u = u / gcd(H_kv, u)``.
 A ring of one rank sends nothing (its gradient never leaves home).
+
+The dispatch strategy moves what the mask needs, so its bytes depend on the mask and the layout,
+not on the shapes alone, and differ by rank: :func:`dispatch_bytes` computes the same routes the
+strategy computes (:func:`cp_dtensor.positions.dispatch.routes`) and prices them. A rank sending ``n``
+rows and receiving ``m`` sends ``n`` rows of K/V (``2 B H_kv D e`` bytes each) in the forward and again
+in the backward, and the gradients of the ``m`` rows it received (``2 B H_kv D a`` each) home.
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ from dataclasses import dataclass, field
 import torch
 
 from cp_dtensor.local.kernels import accum_dtype
+from cp_dtensor.positions.dispatch import routes
+from cp_dtensor.positions.layout import Run
+from cp_dtensor.positions.masks import MaskSpec
 
-__all__ = ["CommVolume", "comm_bytes", "MODELS"]
+__all__ = ["CommVolume", "comm_bytes", "dispatch_bytes", "MODELS"]
 
 
 @dataclass(frozen=True)
@@ -147,9 +156,55 @@ def comm_bytes(
     Raises:
         ValueError: Unknown strategy, or ``"hybrid"`` without a ``ulysses_size`` dividing ``world_size``.
     """
+    if strategy == "dispatch":
+        raise ValueError(
+            "strategy 'dispatch' moves what the mask needs, which the shapes alone do not tell: use "
+            "dispatch_bytes(mask, shard_runs, rank, ...)."
+        )
     if strategy not in MODELS:
         raise ValueError(f"Invalid strategy {strategy!r}. Must be one of: {', '.join(map(repr, MODELS))}.")
     shape = _Shape(
         batch, seq_len, heads, kv_heads, head_dim, world_size, elem=dtype.itemsize, acc=accum_dtype(dtype).itemsize
     )
     return MODELS[strategy](shape, ulysses_size)
+
+
+def dispatch_bytes(
+    mask: MaskSpec,
+    shard_runs: list[list[Run]],
+    rank: int,
+    *,
+    batch: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    sharded_ids_itemsize: int = 0,
+) -> CommVolume:
+    """Bytes rank ``rank`` sends for one call of the dispatch strategy, forward and backward.
+
+    Args:
+        mask: The call's mask on global positions (``MaskSpec(causal=...)`` for plain attention).
+        shard_runs: ``shard_runs[r]``: the runs of rank ``r``'s tokens (``cp_group.runs(L, r)``).
+        rank: The rank whose bytes are wanted.
+        batch: ``B``.
+        kv_heads: ``H_kv`` (K/V move un-repeated).
+        head_dim: ``D``.
+        dtype: dtype of ``q``, ``k``, ``v``.
+        sharded_ids_itemsize: Bytes per element of ``document_ids`` when each rank passes its own
+            shard (they are gathered once, in the forward); 0 when they are passed whole.
+
+    Returns:
+        The :class:`CommVolume`, by the operation names :func:`cp_dtensor.count_comm` reports
+        (``dispatch_kv``, ``dispatch_grad``, ``mask_gather``).
+    """
+    size = len(shard_runs)
+    if size == 1:
+        return CommVolume()
+    rt = routes(mask, shard_runs, rank)
+    row = 2 * batch * kv_heads * head_dim  # K and V of one token, elements
+    kv = rt.sent() * row * dtype.itemsize
+    grads = sum(rt.recv_rows) * row * accum_dtype(dtype).itemsize
+    ids = batch * sum(n for _, n in shard_runs[rank]) * sharded_ids_itemsize * (size - 1)
+    return CommVolume(
+        forward=_nonzero(dispatch_kv=kv, mask_gather=ids), backward=_nonzero(dispatch_kv=kv, dispatch_grad=grads)
+    )
