@@ -135,20 +135,21 @@ def _arrivals(kv: torch.Tensor, plan: DispatchPlan) -> Iterator[tuple[int, torch
         recv = all_to_all_rows(send, [len(x) for x in rt.send_rows], rt.recv_rows, plan.group, op_name="dispatch_kv")
         blocks = recv.split(rt.recv_rows)
         for step in range(1, size):
-            yield (r - step) % size, blocks[(r - step) % size].permute(1, 2, 3, 0, 4)
+            # contiguous once here, rather than a copy inside every kernel call of the block
+            yield (r - step) % size, blocks[(r - step) % size].permute(1, 2, 3, 0, 4).contiguous()
         return
     comm = RingAttentionCommunicator(plan.group, "dispatch_kv", batched=plan.batched)
 
     def post(step: int) -> None:  # to r + step its rows; from r - step ours
-        send = _rows_first(kv, rt.send_rows[(r + step) % size])
-        comm.ring_forward([send], offset=step, shapes=[(rt.recv_rows[(r - step) % size], *shape[:3], shape[4])])
+        send = kv.index_select(3, rt.send_rows[(r + step) % size].to(kv.device))  # (2, B, H_kv, n, D)
+        comm.ring_forward([send], offset=step, shapes=[(*shape[:3], rt.recv_rows[(r - step) % size], shape[4])])
 
     post(1)
     for step in range(1, size):
         (block,) = comm.wait()
         if step + 1 < size:
             post(step + 1)
-        yield (r - step) % size, block.permute(1, 2, 3, 0, 4)
+        yield (r - step) % size, block
 
 
 def dispatch_forward(
@@ -194,8 +195,8 @@ def dispatch_backward(
     in_flight: int | None = None  # pairwise: the peer whose gradients for our rows are on their way
     home: dict[int, torch.Tensor] = {}  # alltoall: each peer's block gradient, rows first
 
-    def add_home(dst: int, dkv_rows: torch.Tensor) -> None:  # (n, 2, B, H_kv, D): our rows that dst attended
-        dkv.index_add_(3, rt.send_rows[dst].to(dkv.device), dkv_rows.permute(1, 2, 3, 0, 4))
+    def add_home(dst: int, dkv_rows: torch.Tensor) -> None:  # (2, B, H_kv, n, D): our rows that dst attended
+        dkv.index_add_(3, rt.send_rows[dst].to(dkv.device), dkv_rows)
 
     for step, (src, kv_blk) in enumerate(_arrivals(torch.stack([k, v]), plan)):
         dkv_blk = dkv if src == r else torch.zeros(kv_blk.shape, dtype=acc, device=k.device)  # (2, B, H_kv, n, D)
@@ -205,16 +206,15 @@ def dispatch_backward(
             backward_blocks(dout, q, kv_blk[0], kv_blk[1], out, lse, calls, plan.scale, grads, logits)
         if src == r:
             continue
-        rows_first = dkv_blk.permute(3, 0, 1, 2, 4).contiguous()  # (n, 2, B, H_kv, D)
         if plan.schedule == "alltoall":
-            home[src] = rows_first
+            home[src] = dkv_blk.permute(3, 0, 1, 2, 4)  # (n, 2, B, H_kv, D)
             continue
         # pairwise: the gradient of the block from r - step goes home; r + step's share of ours comes
         if in_flight is not None:
             add_home(in_flight, grad_comm.wait()[0])
         in_flight = (r + step) % size
-        shape = (len(rt.send_rows[in_flight]), *rows_first.shape[1:])
-        grad_comm.ring_forward([rows_first], offset=-step, shapes=[shape])
+        shape = (*dkv.shape[:3], len(rt.send_rows[in_flight]), dkv.shape[4])
+        grad_comm.ring_forward([dkv_blk], offset=-step, shapes=[shape])
     if in_flight is not None:
         add_home(in_flight, grad_comm.wait()[0])
     if plan.schedule == "alltoall" and size > 1:
@@ -223,7 +223,7 @@ def dispatch_backward(
         arrived = all_to_all_rows(send, rt.recv_rows, sent_counts, plan.group, op_name="dispatch_grad")
         for dst, rows in enumerate(arrived.split(sent_counts)):
             if len(rows):
-                add_home(dst, rows)
+                add_home(dst, rows.permute(1, 2, 3, 0, 4))
     dsinks = None if plan.sinks is None else sink_grad(dout, out, lse, plan.sinks)
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), dsinks
 
