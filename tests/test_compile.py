@@ -86,7 +86,7 @@ def attend_case(world_size: int, strategy: str, ulysses_size: int | None) -> lis
 
 @pytest.mark.parametrize(
     ("strategy", "world_size", "ulysses_size"),
-    [("ring", 2, None), ("ulysses", 2, None), ("allgather", 2, None), ("hybrid", 4, 2)],
+    [("ring", 2, None), ("ulysses", 2, None), ("allgather", 2, None), ("hybrid", 4, 2), ("dispatch", 2, None)],
 )
 def test_compiled_attention_equals_eager_without_recompiling(strategy, world_size, ulysses_size):
     for rank_errors in mp_pool.run_on_ranks(world_size, attend_case, world_size, strategy, ulysses_size, timeout=300):

@@ -23,7 +23,7 @@ from cp_dtensor.positions.masks import MaskSpec, positions
 from cp_dtensor.reference import full_attention
 from cp_dtensor.reference.masks import make_mask
 
-STRATEGIES = ("ring", "allgather", "ulysses", "hybrid")
+STRATEGIES = ("ring", "allgather", "ulysses", "hybrid", "dispatch")
 SLOPES = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
 SINKS = torch.tensor([-20.0, 0.0, 20.0, 1.3], dtype=torch.float64)
 PREFIX = 5
