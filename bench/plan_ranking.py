@@ -44,6 +44,8 @@ CONFIGS = [
     ("2 heads (no Ulysses over 4), L 2048", 128, 2, 2, 2048),
     ("GQA 16/4 heads, wide, L 1024", 512, 16, 4, 1024),
     ("MHA 4 heads, L 8192", 128, 4, 4, 8192),
+    ("MHA 16 heads, wide, L 2048", 512, 16, 16, 2048),
+    ("GQA 8/4 heads, L 4096", 256, 8, 4, 4096),
 ]
 WITHIN = 1.10  # the first choice passes within 10% of the fastest of the three
 
