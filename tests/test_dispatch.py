@@ -301,3 +301,21 @@ def refused_case() -> str:
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+def test_routes_are_made_once_per_mask_content_and_layout():
+    """Every layer passes the same mask: its routes are reused, and only while the content is the same."""
+    from cp_dtensor.positions.dispatch import cached_routes
+
+    ids = torch.tensor([[0] * 10 + [1] * 14 + [2] * 8])
+    runs = [shard_runs(32, 4, r, "zigzag") for r in range(4)]
+    first = cached_routes(MaskSpec(causal=True, document_ids=ids), runs, 1)
+    assert cached_routes(MaskSpec(causal=True, document_ids=ids.clone()), runs, 1) is first  # equal content
+    ids[0, 20:] = 3  # edited in place: new documents, new routes (and they differ)
+    edited = cached_routes(MaskSpec(causal=True, document_ids=ids), runs, 1)
+    assert edited is not first and edited.recv_rows != first.recv_rows
+    other_layout = [shard_runs(32, 4, r, "contiguous") for r in range(4)]
+    assert cached_routes(MaskSpec(causal=True, document_ids=ids), other_layout, 1) is not edited
+    plain = cached_routes(MaskSpec(causal=True), runs, 1)
+    assert cached_routes(MaskSpec(causal=True), runs, 1) is plain
+    assert cached_routes(MaskSpec(causal=False), runs, 1).recv_rows == [8, 0, 8, 8]  # no mask: every row

@@ -45,7 +45,7 @@ from cp_dtensor.local.block_loop import backward_blocks, forward_blocks
 from cp_dtensor.local.kernels import accum_dtype
 from cp_dtensor.local.logits import BoundLogits, LogitSpec
 from cp_dtensor.local.merge import add_sinks, sink_grad
-from cp_dtensor.positions.dispatch import Routes, routes
+from cp_dtensor.positions.dispatch import Routes, cached_routes
 from cp_dtensor.positions.layout import Run
 from cp_dtensor.positions.masks import MaskSpec, positions
 from cp_dtensor.positions.tiles import KernelCall, tile_planner
@@ -264,7 +264,7 @@ class Dispatch(Strategy):
         return DispatchPlan(
             group=cp_group.process_group if size > 1 else None,
             size=size,
-            routes=routes(mask, all_runs, cp_group.rank),
+            routes=cached_routes(mask, all_runs, cp_group.rank),
             causal=call.causal,
             scale=call.scale,
             mask=call.mask,

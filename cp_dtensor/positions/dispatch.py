@@ -20,19 +20,25 @@ the receiver what arrives (its sizes included) without asking: no metadata moves
 ids the call already gathers once. The backward sends the gradient of exactly the rows that came,
 back to their owner, which adds it to its own rows.
 
+Routes cost milliseconds at 64K tokens (``O(P L)`` host work), so :func:`cached_routes` keeps them
+with the mask's tile plans: every layer with the same mask shares them (Note [Reusing tile plans
+across layers] in :mod:`cp_dtensor.positions.tiles`).
+
 Legend: ``B`` batch, ``L`` global sequence length, ``S`` rows of one rank's shard, ``P`` ranks.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from cp_dtensor.positions.layout import Run
 from cp_dtensor.positions.masks import MaskSpec, positions
+from cp_dtensor.positions.tiles import tile_planner
 
-__all__ = ["Routes", "needed_rows", "runs_of", "routes"]
+__all__ = ["Routes", "cached_routes", "needed_rows", "runs_of", "routes"]
 
 _BAND = 256  # query rows per visibility band when rows are not intervals
 
@@ -128,3 +134,16 @@ def routes(mask: MaskSpec, shard_runs: list[list[Run]], rank: int) -> Routes:
         recv_runs.append(runs_of(positions(shard_runs[peer])[wanted]))
         recv_rows.append(int(wanted.sum()))
     return Routes(rank, mine, send_rows, recv_runs, recv_rows)
+
+
+@functools.lru_cache(maxsize=16)
+def _plain_routes(causal: bool, shard_runs: tuple[tuple[Run, ...], ...], rank: int) -> Routes:
+    return routes(MaskSpec(causal=causal), [list(runs) for runs in shard_runs], rank)
+
+
+def cached_routes(mask: MaskSpec, shard_runs: list[list[Run]], rank: int) -> Routes:
+    """:func:`routes`, made once per mask content and layout, and shared by every call that asks again."""
+    key = tuple(tuple(runs) for runs in shard_runs)
+    if mask.only_causal:  # plain (non-)causal attention: the layout alone decides
+        return _plain_routes(mask.causal, key, rank)
+    return tile_planner(mask).derived(("routes", key, rank), lambda: routes(mask, shard_runs, rank))

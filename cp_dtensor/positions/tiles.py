@@ -40,7 +40,8 @@ Legend: ``B`` batch, ``L`` global sequence length, ``n_q`` / ``n_k`` rows / colu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -50,6 +51,7 @@ from cp_dtensor.positions.masks import MaskSpec, positions, window_hides_block
 
 __all__ = ["KernelCall", "TilePlanner", "refine_block", "tile_edges", "tile_planner"]
 
+T = TypeVar("T")
 KernelCall = tuple[Block, "torch.Tensor | None"]  # a kernel call and its mask (None: all visible)
 
 
@@ -192,6 +194,7 @@ class TilePlanner:
         self.mask = mask
         self._ids = None if mask is None or mask.document_ids is None else mask.document_ids.clone()
         self._calls: dict[tuple, list[KernelCall]] = {}
+        self._derived: dict[tuple, object] = {}
 
     def matches(self, mask: MaskSpec | None) -> bool:
         """True when ``mask`` hides exactly the pairs this planner's mask hides (compared by content)."""
@@ -223,6 +226,16 @@ class TilePlanner:
         if key not in self._calls:
             self._calls[key] = self._plan(q_runs, kv_runs, causal)
         return self._calls[key]
+
+    def derived(self, key: tuple, make: Callable[[], T]) -> T:
+        """Another plan of this mask, made once: ``make()`` the first time ``key`` is asked for.
+
+        The dispatch routes (:mod:`cp_dtensor.positions.dispatch`) live here, so every layer with the
+        same mask shares them as it shares the tile plans.
+        """
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
 
     def _plan(self, q_runs: list[Run], kv_runs: list[Run], causal: bool) -> list[KernelCall]:
         blocks = plan_blocks(q_runs, kv_runs, causal)
