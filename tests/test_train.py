@@ -334,6 +334,10 @@ def test_packed_windowed_job_on_four_ranks_matches_one_process():
     # fp64; the same masked computation, sharded or not: only the order of sums differs.
     for step, loss in losses(single).items():
         assert loss == pytest.approx(losses(four)[step], rel=1e-10, abs=0), step
+    # The dispatch strategy (only the K/V rows the masks need move) trains the same model.
+    _, dispatched = pool_job(*flags, "--strategy", "dispatch")
+    for step, loss in losses(single).items():
+        assert loss == pytest.approx(losses(dispatched)[step], rel=1e-10, abs=0), step
     # The masks reach the attention: dropping either changes the losses (beyond rounding).
     for name, changed in (
         ("nomask", ("--packed", "2", "--window", "6", "--no-document-mask")),
