@@ -97,6 +97,9 @@ def predicted(mask: MaskSpec, all_runs: list, args, device_name: str, link: str)
         "dispatch_comm_s": disp,
         "speedup_overlap": max(compute, ring) / max(compute, disp),
         "speedup_serial": (compute + ring) / (compute + disp),
+        # attention FLOP/s per GPU the step reaches (overlap model), as MagiAttention reports its runs
+        "tflops_ring_overlap": max(flops) / max(compute, ring) / 1e12,
+        "tflops_dispatch_overlap": max(flops) / max(compute, disp) / 1e12,
     }
 
 
