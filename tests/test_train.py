@@ -11,6 +11,7 @@ from pathlib import Path
 import mp_pool
 import pytest
 import torch
+import warm_launch
 import work_limits
 
 from cp_dtensor import shift_labels
@@ -210,13 +211,25 @@ TINY = [
 JOB_CPU_S = 150
 
 
-def run_job(tmp: Path, name: str, *flags: str, nproc: int = 4) -> tuple[subprocess.CompletedProcess, dict | None]:
-    """Run the job (torchrun for nproc > 1), return the process and its JSON summary (None if none)."""
+def run_job(
+    tmp: Path, name: str, *flags: str, nproc: int = 4, real_torchrun: bool = False
+) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """Run the job (``torchrun --standalone`` for nproc > 1, else ``python``), return the process and its
+    JSON summary (None if none).
+
+    ``real_torchrun`` starts torchrun itself, its agent and its workers, where the launch is what is
+    tested; otherwise the command runs as forks of the preloaded server (tests/warm_launch.py: the
+    same command line, environment and exit status, without paying torch's import per process).
+    """
     out = tmp / f"{name}.json"
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    cmd = [sys.executable, *launcher, "-m", "cp_dtensor.training", *TINY, "--out", str(out), *flags]
+    job = ["-m", "cp_dtensor.training", *TINY, "--out", str(out), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = work_limits.run(cmd, cpu_s=JOB_CPU_S, cwd=REPO, env=env)
+    if real_torchrun:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        proc = work_limits.run([*launcher, *job], cpu_s=JOB_CPU_S, cwd=REPO, env=env)
+    else:
+        launcher = ["torchrun", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
+        proc = warm_launch.run([*launcher, *job], cpu_s=JOB_CPU_S, cwd=REPO, env=env)
     return proc, (json.loads(out.read_text()) if out.exists() else None)
 
 
@@ -253,7 +266,7 @@ def losses(summary: dict) -> dict[int, float]:
 def uninterrupted(tmp_path_factory) -> dict:
     """Four ranks (dp 2 x cp 2), six steps, a checkpoint every two."""
     tmp = tmp_path_factory.mktemp("job")
-    proc, summary = run_job(tmp, "a", "--ckpt-dir", str(tmp / "ckpt_a"), "--save-every", "2")
+    proc, summary = run_job(tmp, "a", "--ckpt-dir", str(tmp / "ckpt_a"), "--save-every", "2", real_torchrun=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (summary["dp"], summary["cp"]) == (2, 2)
     return summary
