@@ -55,14 +55,23 @@ def example_command(path: Path) -> list[str]:
     return shlex.split(cmd)
 
 
-_DIR = tempfile.TemporaryDirectory(prefix="cp_docs_examples_")  # removed when the session ends
+@cache
+def _examples_dir() -> tempfile.TemporaryDirectory:
+    """Where the examples run, made by the first run and removed as the test session ends.
+
+    Made on first use, not at import: the rank pool's workers import this module too (a task of
+    ``tests/test_strategies.py``), and a worker ends with ``os._exit``, which skips the finalizer that
+    removes a ``TemporaryDirectory``; each of them left an empty ``cp_docs_examples_*`` behind.
+    """
+    return tempfile.TemporaryDirectory(prefix="cp_docs_examples_")
 
 
 @cache
 def run_example(name: str) -> ExampleRun:
     """Run ``docs/examples/<name>`` once (later calls return the same run); see the module docstring."""
     path = EXAMPLES / name
-    cwd, out = Path(_DIR.name) / name / "cwd", Path(_DIR.name) / name / "out"
+    root = Path(_examples_dir().name)
+    cwd, out = root / name / "cwd", root / name / "out"
     cwd.mkdir(parents=True)
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

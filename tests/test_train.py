@@ -11,6 +11,7 @@ from pathlib import Path
 import mp_pool
 import pytest
 import torch
+import warm_launch
 import work_limits
 
 from cp_dtensor import shift_labels
@@ -210,13 +211,23 @@ TINY = [
 JOB_CPU_S = 150
 
 
+def job_argv(out: Path, *flags: str) -> list[str]:
+    """The job's arguments after the launcher: TINY, its JSON summary in ``out``, then ``flags``."""
+    return ["-m", "cp_dtensor.training", *TINY, "--out", str(out), *flags]
+
+
+def job_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
 def run_job(tmp: Path, name: str, *flags: str, nproc: int = 4) -> tuple[subprocess.CompletedProcess, dict | None]:
-    """Run the job (torchrun for nproc > 1), return the process and its JSON summary (None if none)."""
+    """Run the job (``torchrun --standalone`` for nproc > 1, else ``python``), return the process and its
+    JSON summary (None if none). The command runs as forks of the preloaded server (tests/warm_launch.py:
+    the same command line, environment and exit status, without paying torch's import per process);
+    :func:`torchrun_launches` starts torchrun itself, where the launch is what is tested."""
     out = tmp / f"{name}.json"
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    cmd = [sys.executable, *launcher, "-m", "cp_dtensor.training", *TINY, "--out", str(out), *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = work_limits.run(cmd, cpu_s=JOB_CPU_S, cwd=REPO, env=env)
+    launcher = ["torchrun", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
+    proc = warm_launch.run([*launcher, *job_argv(out, *flags)], cpu_s=JOB_CPU_S, cwd=REPO, env=job_env())
     return proc, (json.loads(out.read_text()) if out.exists() else None)
 
 
@@ -250,33 +261,52 @@ def losses(summary: dict) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
-    """Four ranks (dp 2 x cp 2), six steps, a checkpoint every two."""
-    tmp = tmp_path_factory.mktemp("job")
-    proc, summary = run_job(tmp, "a", "--ckpt-dir", str(tmp / "ckpt_a"), "--save-every", "2")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def torchrun_launches(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess | Exception]]:
+    """torchrun itself, its agents and their workers, where the launch is what is tested: one agent of
+    4 ranks (dp 2 x cp 2, six steps, a checkpoint every two; ``uninterrupted``) and two agents of 2
+    ranks as two nodes of the same job (the c10d rendezvous a multi-node run uses). Started side by
+    side: each launch alone leaves a core idle part of the time (rendezvous, ranks waiting on each
+    other). Returns their directory and each agent's result (its process, or the limit it hit)."""
+    tmp = tmp_path_factory.mktemp("launches")
+    # The two agents' rendezvous store, held here (as torchrun's agent on the endpoint's host would), on
+    # a port the OS picks as it binds: no window between choosing a free port and binding it.
+    store = mp_pool.serve_store()
+    one = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2"]
+    agent += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{store.port}", "--rdzv-id", "two-agents"]
+    agent += ["--rdzv-conf", "is_host=false", "--local-addr", "127.0.0.1"]  # the store is the test's
+    commands = {
+        "one agent": [*one, *job_argv(tmp / "one_agent.json", "--ckpt-dir", str(tmp / "ckpt"), "--save-every", "2")],
+        "agent a": [*agent, *job_argv(tmp / "two_agents.json")],
+        "agent b": [*agent, *job_argv(tmp / "two_agents.json")],
+    }
+    jobs = {name: work_limits.Job(argv, cpu_s=JOB_CPU_S, cwd=REPO, env=job_env()) for name, argv in commands.items()}
+    results = work_limits.wait_all(jobs)
+    del store  # held until both agents ended
+    return tmp, results
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(torchrun_launches) -> dict:
+    """Four ranks (dp 2 x cp 2) under one torchrun agent, six steps, a checkpoint every two."""
+    tmp, results = torchrun_launches
+    proc = results["one agent"]
+    assert isinstance(proc, subprocess.CompletedProcess) and proc.returncode == 0, f"one agent: {proc}"
+    summary = json.loads((tmp / "one_agent.json").read_text())
     assert (summary["dp"], summary["cp"]) == (2, 2)
     return summary
 
 
-def test_two_agents_of_two_ranks_reproduce_one_agent_of_four(uninterrupted, tmp_path):
+def test_two_agents_of_two_ranks_reproduce_one_agent_of_four(torchrun_launches, uninterrupted):
     """Two torchrun agents on this machine, as two nodes of 2 ranks, run the job of ``uninterrupted``
     (one agent of 4 ranks, dp 2 x cp 2) with the c10d rendezvous a multi-node run uses: each agent's
     ranks are consecutive global ranks, so each cp ring stays inside a "node" and the dp all-reduce
     crosses them, as docs/running.md explains."""
-    # The rendezvous store, held here (as torchrun's agent on the endpoint's host would), on a port the
-    # OS picks as it binds: no window between choosing a free port and binding it.
-    store = mp_pool.serve_store()
-    out = tmp_path / "two_agents.json"
-    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2"]
-    agent += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{store.port}", "--rdzv-id", "two-agents"]
-    agent += ["--rdzv-conf", "is_host=false", "--local-addr", "127.0.0.1"]  # the store is the test's
-    job = ["-m", "cp_dtensor.training", *TINY, "--out", out]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    nodes = {n: work_limits.Job([*agent, *job], cpu_s=JOB_CPU_S, cwd=REPO, env=env) for n in ("a", "b")}
-    for node, proc in work_limits.wait_all(nodes).items():
-        assert isinstance(proc, subprocess.CompletedProcess) and proc.returncode == 0, f"agent {node}: {proc}"
-    summary = json.loads(out.read_text())
+    tmp, results = torchrun_launches
+    for node in ("agent a", "agent b"):
+        proc = results[node]
+        assert isinstance(proc, subprocess.CompletedProcess) and proc.returncode == 0, f"{node}: {proc}"
+    summary = json.loads((tmp / "two_agents.json").read_text())
     assert (summary["world_size"], summary["dp"], summary["cp"]) == (4, 2, 2)
     # Bitwise: the same global ranks on the same mesh do the same sums in the same order; which agent
     # a rank runs under changes nothing it computes.

@@ -22,8 +22,8 @@ A ``python [-P] script|-m module ...`` command is one such process without torch
 with its own exit status.
 
 What the agent itself does (rendezvous across agents, restarts, signal handling) is not replayed
-here: the tests that launch ``torchrun`` for real check it (``tests/test_train.py``: one and two
-agents, a kill mid-save; ``tests/test_compile.py``'s training job; ``tests/test_package.py``).
+here: the tests that launch ``torchrun`` for real check it (``tests/test_train.py``: one agent of
+four ranks, two agents of two ranks).
 """
 
 from __future__ import annotations
